@@ -1,0 +1,55 @@
+"""circuits: watch a network grok, and see why.
+
+A mechanistic-interpretability toolkit for grokking on modular arithmetic (Nanda et al. 2023;
+Varma et al. 2023). Import cost is kept low: heavy modules load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RunConfig",
+    "TaskConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "preset",
+    "train",
+    "load_run",
+    "Run",
+    "Transformer",
+    "make_model",
+    "make_task",
+]
+
+_LAZY = {
+    "RunConfig": "circuits.config",
+    "TaskConfig": "circuits.config",
+    "ModelConfig": "circuits.config",
+    "TrainConfig": "circuits.config",
+    "preset": "circuits.config",
+    "train": "circuits.run",
+    "load_run": "circuits.run",
+    "Run": "circuits.run",
+    "Transformer": "circuits.model",
+    "make_model": "circuits.model",
+    "make_task": "circuits.tasks",
+}
+
+if TYPE_CHECKING:
+    from circuits.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, preset
+    from circuits.model import Transformer, make_model
+    from circuits.run import Run, load_run, train
+    from circuits.tasks import make_task
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy imports keep `import circuits` (and the CLI's --help) free of torch's import time.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'circuits' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,308 @@
+"""The ``circuits`` command line: thin wrappers over the library (design.md, principle 1).
+
+Heavy imports (torch, TransformerLens) happen inside the commands, so ``circuits --help`` and
+flag errors answer at once. Every user error is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import importlib
+
+import typer
+
+from circuits.config import (
+    FIELD_OWNER,
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    field_doc,
+    field_type,
+    preset,
+)
+
+app = typer.Typer(
+    name="circuits",
+    help="Watch a network grok, and see why.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_config(
+    preset_name: str, config_file: Path | None, overrides: dict[str, Any]
+) -> RunConfig:
+    """Resolve a preset (or a JSON config file) plus flag overrides into a RunConfig."""
+    if config_file is not None:
+        try:
+            text = config_file.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read --config {config_file}: {e.strerror}") from None
+        data = json.loads(text) if text.strip() else {}
+        # Accept a run folder's config.json (which wraps the config with versions) too.
+        if isinstance(data, dict) and "config" in data and "format" in data:
+            data = data["config"]
+        base = RunConfig.from_dict(data)
+    else:
+        base = preset(preset_name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "frac" in given and "train_size" in given:
+        raise UserError("--frac and --train-size exclude each other; give one")
+    return base.replace(**given)
+
+
+def _train(**kwargs: Any) -> None:
+    preset_name = kwargs.pop("preset")
+    out = kwargs.pop("out")
+    force = kwargs.pop("force")
+    config_file = kwargs.pop("config")
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    config = build_config(preset_name, config_file, kwargs)
+
+    from circuits.run import default_run_dir, train
+    from circuits.trainer import TrainingInterrupted
+
+    path = Path(out) if out is not None else default_run_dir(config)
+    progress = _TrainProgress(config, path)
+    try:
+        with progress:
+            run = train(config, out=path, force=force, on_step=progress.update)
+    except TrainingInterrupted as e:
+        typer.echo(
+            f"interrupted at epoch {e.epoch}; state saved in {path}. "
+            "Rerun the same command to resume.",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    metrics = run.metrics
+    last = metrics.iloc[-1] if len(metrics) else None
+    typer.echo(f"run: {run.path}  ({len(run.epochs)} checkpoints)")
+    if last is not None:
+        typer.echo(
+            f"epoch {int(last.epoch)}: train loss {last.train_loss:.3g} acc {last.train_acc:.3f}"
+            f" | test loss {last.test_loss:.3g} acc {last.test_acc:.3f}"
+        )
+    if progress.steps:
+        typer.echo(f"{progress.ms_per_step:.1f} ms per epoch, {progress.elapsed:.1f} s in all")
+
+
+class _TrainProgress:
+    """A rich progress bar with live train/test loss and accuracy and an ETA."""
+
+    def __init__(self, config: RunConfig, path: Path) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.config = config
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task_id = self.progress.add_task(
+            f"train {path.name}", total=config.train.epochs, stats=""
+        )
+        self.t0 = time.perf_counter()
+        self.first_epoch: int | None = None
+        self.steps = 0
+
+    def __enter__(self) -> _TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, info: Any) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = info.epoch
+            self.t0 = time.perf_counter()
+        else:
+            self.steps = info.epoch - self.first_epoch
+        fields: dict[str, Any] = {}
+        if info.metrics is not None:
+            m = info.metrics
+            fields["stats"] = (
+                f"train {m['train_loss']:.2e} ({m['train_acc']:.0%}) "
+                f"test {m['test_loss']:.2e} ({m['test_acc']:.0%})"
+            )
+        self.progress.update(self.task_id, completed=info.epoch, **fields)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.elapsed / max(self.steps, 1)
+
+
+def _train_signature() -> None:
+    params = [
+        inspect.Parameter(
+            "preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+            default=typer.Option("quick", "--preset", help=f"Starting config: {', '.join(PRESETS)}."),
+        ),
+        inspect.Parameter(
+            "out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            default=typer.Option(
+                None, "--out", help="Run folder (default: checkpoints/<preset>-<config hash>)."
+            ),
+        ),
+        inspect.Parameter(
+            "force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            default=typer.Option(
+                False, "--force", help="Delete a run with a different config in --out first."
+            ),
+        ),
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            default=typer.Option(
+                None, "--config", help="JSON run config (or a run's config.json) instead of a preset."
+            ),
+        ),
+    ]
+    for name, owner in FIELD_OWNER.items():
+        base = field_type(owner, name)
+        decls = [_flag(name)]
+        if base is bool:
+            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
+                default=typer.Option(None, *decls, help=field_doc(owner, name), show_default=False),
+            )
+        )
+    _train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    _train.__annotations__ = {p.name: p.annotation for p in params}
+    _train.__doc__ = (
+        "Train a model on modular arithmetic with full-batch AdamW, saving dense checkpoints.\n\n"
+        "Every config field is a flag; rerunning the same command resumes a killed run."
+    )
+
+
+_train_signature()
+app.command("train")(_train)
+
+
+@app.command("info")
+def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Print a run's config, checkpoints and final metrics."""
+    from circuits.run import load_run
+
+    run = load_run(run_dir)
+    cfg = run.config
+    typer.echo(f"run       {run.path}")
+    typer.echo(f"preset    {cfg.preset}   hash {cfg.short_hash()}   engine {cfg.train.engine}")
+    for section, values in cfg.science_dict.items():
+        typer.echo(f"{section:<9} " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    epochs = run.epochs
+    size = sum(f.stat().st_size for f in run.store.checkpoint_dir.glob("*.safetensors"))
+    status = "complete" if run.is_complete else "in progress / stopped"
+    if epochs:
+        typer.echo(
+            f"checkpoints {len(epochs)} (epochs {epochs[0]}..{epochs[-1]} of "
+            f"{cfg.train.epochs}, {status}), {size / 2**20:.1f} MiB"
+        )
+    else:
+        typer.echo("checkpoints none yet")
+    damaged = run.verify()
+    for err in damaged:
+        typer.echo(f"DAMAGED   {err.path.name}: {err.problem}")
+    metrics = run.metrics
+    if len(metrics):
+        last = metrics.iloc[-1]
+        typer.echo(
+            f"epoch {int(last.epoch)}: train loss {last.train_loss:.3g} acc {last.train_acc:.3f}"
+            f" | test loss {last.test_loss:.3g} acc {last.test_acc:.3f}"
+        )
+        for threshold in (1.0,):
+            hit = metrics[metrics.train_acc >= threshold]
+            typer.echo(
+                "train acc 100% at epoch "
+                + (str(int(hit.epoch.iloc[0])) if len(hit) else "(not yet)")
+            )
+        hit = metrics[metrics.test_acc >= 0.99]
+        typer.echo(
+            "test acc >= 99% at epoch " + (str(int(hit.epoch.iloc[0])) if len(hit) else "(not yet)")
+        )
+    if damaged:
+        raise typer.Exit(1)
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, exits, aborts) of whichever click typer runs on (vendored since 0.2x)."""
+    usage: list[type] = []
+    exits: list[type] = [typer.Exit]
+    aborts: list[type] = [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        for attr, bucket in (("Exit", exits), ("Abort", aborts)):
+            if hasattr(mod, attr):
+                bucket.append(getattr(mod, attr))
+    return tuple(usage), tuple(exits), tuple(aborts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    from circuits.store import RunFolderError
+
+    usage_errors, exits, aborts = _click_exceptions()
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    try:
+        result = command.main(args=args, prog_name="circuits", standalone_mode=False)
+    except (UserError, ConfigError, RunFolderError) as e:
+        typer.echo(f"circuits: error: {e}", err=True)
+        return 2
+    except exits as e:
+        return int(e.exit_code)
+    except aborts:
+        typer.echo("circuits: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("circuits: interrupted", err=True)
+        return 130
+    except usage_errors as e:
+        message = e.format_message().strip().splitlines()  # type: ignore[attr-defined]
+        typer.echo(f"circuits: error: {message[0] if message else e}", err=True)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Frozen run configuration: task, model, training; presets; strict JSON round trips.
+
+Nothing here imports torch, so the CLI can validate flags before paying for the import.
+A run is fully described by one :class:`RunConfig`; derived values (``d_vocab``, ``d_head``,
+the checkpoint schedule) are properties so they can never go stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+__all__ = [
+    "ConfigError",
+    "TaskConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "RunConfig",
+    "PRESETS",
+    "preset",
+    "is_prime",
+]
+
+OPS = (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "mix1",
+    "x2_y2",
+    "x2_xy_y2",
+    "x2_xy_y2_x",
+    "x3_xy",
+    "x3_xy2_y",
+)
+ACT_FNS = ("relu", "gelu")
+INITS = ("gpt2", "fan")
+ENGINES = ("fused", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def is_prime(n: int) -> bool:
+    """True when ``n`` is a prime number (trial division; p is small here)."""
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A binary operation table over Z_p with a seeded train/test split (Power et al. 2022)."""
+
+    p: int = 113
+    """Modulus; a prime >= 3 (the Fourier measures need odd p, division needs a prime)."""
+    op: str = "add"
+    """Operation: add, sub, mul, div, mix1, x2_y2, x2_xy_y2, x2_xy_y2_x, x3_xy, x3_xy2_y."""
+    frac: float | None = 0.3
+    """Training fraction of the valid pairs, in (0, 1]; excludes train_size."""
+    train_size: int | None = None
+    """Absolute number of training pairs; excludes frac."""
+    data_seed: int = 598
+    """Seed of the torch permutation that draws the split (598: the TransformerLens demo)."""
+    random_labels: bool = False
+    """Replace each label by a seeded uniform one, the same for (a, b) and (b, a) (Varma et al.)."""
+
+    def __post_init__(self) -> None:
+        _check_int("p", self.p)
+        if self.p < 3 or not is_prime(self.p):
+            raise ConfigError(f"p must be a prime >= 3, got {self.p} (try 59, 97 or 113)")
+        if self.op not in OPS:
+            raise ConfigError(f"op must be one of {', '.join(OPS)}; got {self.op!r}")
+        if (self.frac is None) == (self.train_size is None):
+            raise ConfigError("give exactly one of frac and train_size (--frac or --train-size)")
+        if self.frac is not None:
+            _check_float("frac", self.frac)
+            if not 0.0 < self.frac <= 1.0:
+                raise ConfigError(f"frac must lie in (0, 1], got {self.frac}")
+        if self.train_size is not None:
+            _check_int("train_size", self.train_size, 1)
+            if self.train_size > self.n_pairs:
+                raise ConfigError(
+                    f"train_size {self.train_size} exceeds the {self.n_pairs} pairs of op "
+                    f"{self.op!r} at p={self.p}; use at most {self.n_pairs}"
+                )
+        _check_int("data_seed", self.data_seed, 0)
+        if not isinstance(self.random_labels, bool):
+            raise ConfigError(f"random_labels must be true or false, got {self.random_labels!r}")
+
+    @property
+    def n_pairs(self) -> int:
+        """Number of valid (a, b) pairs: p^2, or p(p-1) when b = 0 is excluded (division)."""
+        return self.p * (self.p - 1) if self.op == "div" else self.p * self.p
+
+    @property
+    def n_train(self) -> int:
+        """Number of training pairs (int(frac * n_pairs), as the TransformerLens demo)."""
+        if self.train_size is not None:
+            return self.train_size
+        assert self.frac is not None
+        return max(1, int(self.n_pairs * self.frac))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A HookedTransformer-shaped model (Nanda et al. 2023 defaults: 1 layer, no LayerNorm)."""
+
+    n_layers: int = 1
+    """Number of transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 4
+    """Attention heads per block; d_head = d_model // n_heads."""
+    d_mlp: int = 512
+    """MLP hidden width."""
+    act_fn: str = "relu"
+    """MLP activation: relu or gelu."""
+    init: str = "gpt2"
+    """gpt2: every W_ ~ N(0, (0.8/sqrt(d_model))^2) (TransformerLens); fan: 1/sqrt(fan) (official code)."""
+    seed: int = 999
+    """Seed of the weight initialisation (999: the TransformerLens demo)."""
+    train_biases: bool = False
+    """Train the biases (official code trains the MLP biases); else all biases stay frozen at 0."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
+            _check_int(name, getattr(self, name), 1)
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.act_fn not in ACT_FNS:
+            raise ConfigError(f"act_fn must be one of {', '.join(ACT_FNS)}; got {self.act_fn!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.train_biases, bool):
+            raise ConfigError(f"train_biases must be true or false, got {self.train_biases!r}")
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Full-batch AdamW with weight decay (Nanda et al. 2023, TransformerLens demo regime)."""
+
+    epochs: int = 40_000
+    """Number of full-batch updates."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1.0
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up: update s uses lr * min(s / warmup_steps, 1) (official code: 10)."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many epochs."""
+    checkpoint_early_every: int = 20
+    """Denser checkpoints early in training, every this many epochs ..."""
+    checkpoint_early_until: int = 1000
+    """... up to this epoch (0 turns the early checkpoints off)."""
+    log_every: int = 10
+    """Evaluate train/test loss and accuracy every this many epochs (and at every checkpoint)."""
+    engine: str = "fused"
+    """Training engine: fused (last-position tables, 1 layer) or reference (the hooked model)."""
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        for name in ("lr", "weight_decay", "beta1", "beta2", "eps"):
+            _check_float(name, getattr(self, name))
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        _check_int("warmup_steps", self.warmup_steps, 0)
+        _check_int("checkpoint_every", self.checkpoint_every, 1)
+        _check_int("checkpoint_early_every", self.checkpoint_early_every, 1)
+        _check_int("checkpoint_early_until", self.checkpoint_early_until, 0)
+        _check_int("log_every", self.log_every, 1)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+
+    def is_checkpoint(self, epoch: int) -> bool:
+        """Whether the weights after ``epoch`` updates are saved (epoch 0 = initialisation)."""
+        if epoch == 0 or epoch == self.epochs or epoch % self.checkpoint_every == 0:
+            return True
+        return epoch <= self.checkpoint_early_until and epoch % self.checkpoint_early_every == 0
+
+    @property
+    def checkpoint_epochs(self) -> list[int]:
+        """Every checkpoint epoch of the schedule, ascending."""
+        return [e for e in range(self.epochs + 1) if self.is_checkpoint(e)]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run: same RunConfig, same weights (on one machine)."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"
+    """Name of the preset the run started from (only used to name its folder)."""
+
+    def __post_init__(self) -> None:
+        for name, cls in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}")
+        if not isinstance(self.preset, str) or not self.preset:
+            raise ConfigError("preset must be a non-empty string")
+        if self.train.engine == "fused" and self.model.n_layers != 1:
+            raise ConfigError(
+                f"engine fused supports n_layers = 1, got {self.model.n_layers}; "
+                "use --engine reference"
+            )
+
+    # Derived values: never stored, so they cannot disagree with p.
+    @property
+    def d_vocab(self) -> int:
+        """Input vocabulary: the p residues plus the '=' token (index p)."""
+        return self.task.p + 1
+
+    @property
+    def d_vocab_out(self) -> int:
+        """Output classes: the p residues (the TransformerLens demo's choice)."""
+        return self.task.p
+
+    @property
+    def n_ctx(self) -> int:
+        """Sequence length of ``[a, b, =]``."""
+        return 3
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Human-readable JSON with sorted keys."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def science_dict(self) -> dict[str, Any]:
+        """The fields that change the weights (everything but the preset's name)."""
+        d = self.to_dict()
+        d.pop("preset")
+        return d
+
+    def short_hash(self) -> str:
+        """Eight hex digits identifying the scientific content of the config."""
+        blob = json.dumps(self.science_dict, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Strict inverse of :meth:`to_dict`: unknown keys and wrong types raise ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError("a run config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(sorted(unknown))}")
+        kwargs: dict[str, Any] = {}
+        for name, sub in (("task", TaskConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            if name in data:
+                kwargs[name] = _sub_from_dict(sub, data[name], name)
+        if "preset" in data:
+            kwargs["preset"] = data["preset"]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """Parse :meth:`to_json` output."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """A copy with flat field overrides (``p=59, weight_decay=0.5``), validated.
+
+        Field names are unique across task, model and train, so a flat name is unambiguous.
+        Setting ``train_size`` clears ``frac`` and vice versa unless both are given.
+        """
+        groups: dict[str, dict[str, Any]] = {"task": {}, "model": {}, "train": {}}
+        top: dict[str, Any] = {}
+        for key, value in overrides.items():
+            owner = FIELD_OWNER.get(key)
+            if owner is None:
+                if key == "preset":
+                    top[key] = value
+                    continue
+                raise ConfigError(f"unknown config field {key!r}")
+            groups[owner][key] = _coerce(owner, key, value)
+        task = groups["task"]
+        if "train_size" in task and task["train_size"] is not None and "frac" not in task:
+            task["frac"] = None
+        if "frac" in task and task["frac"] is not None and "train_size" not in task:
+            task["train_size"] = None
+        return RunConfig(
+            task=dataclasses.replace(self.task, **task),
+            model=dataclasses.replace(self.model, **groups["model"]),
+            train=dataclasses.replace(self.train, **groups["train"]),
+            preset=top.get("preset", self.preset),
+        )
+
+
+_SUBCONFIGS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
+FIELD_OWNER: dict[str, str] = {
+    f.name: owner for owner, cls in _SUBCONFIGS.items() for f in fields(cls)
+}
+
+
+def field_type(owner: str, name: str) -> type:
+    """The base Python type of a config field (``int | None`` -> ``int``)."""
+    hints = typing.get_type_hints(_SUBCONFIGS[owner])
+    hint = hints[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0]
+    return hint
+
+
+def field_doc(owner: str, name: str) -> str:
+    """The attribute docstring of a config field (used as CLI help)."""
+    return _FIELD_DOCS.get((owner, name), "")
+
+
+def _coerce(owner: str, name: str, value: Any) -> Any:
+    """Accept ints for float fields (JSON writes 1.0 as 1 sometimes)."""
+    if value is None:
+        return None
+    if field_type(owner, name) is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _sub_from_dict(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {where!r} must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+    kwargs = {k: _coerce(where, k, v) for k, v in data.items()}
+    for k, v in kwargs.items():
+        if v is None:
+            continue
+        expected = field_type(where, k)
+        ok = isinstance(v, expected) and not (expected is not bool and isinstance(v, bool))
+        if not ok:
+            raise ConfigError(
+                f"{where}.{k} must be of type {expected.__name__}, got {type(v).__name__}"
+            )
+    return cls(**kwargs)
+
+
+def _attribute_docs() -> dict[tuple[str, str], str]:
+    """Read the string literal after each dataclass field (PEP 257 attribute docstrings)."""
+    import ast
+    import inspect
+
+    docs: dict[tuple[str, str], str] = {}
+    for owner, cls in _SUBCONFIGS.items():
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[(owner, node.target.id)] = nxt.value.value.strip()
+    return docs
+
+
+_FIELD_DOCS = _attribute_docs()
+
+PresetName = Literal["nanda", "quick"]
+
+
+def preset(name: str) -> RunConfig:
+    """A named starting configuration.
+
+    ``nanda``: Nanda et al. (2023) in the TransformerLens demo regime (seeds 999/598, init
+    N(0, 0.8^2/d_model), frozen zero biases, no warm-up, p = 113, 30% data, 40k epochs).
+    ``quick``: the same widths and seeds at p = 59 with 40% data; groks within ~2k epochs.
+    """
+    if name == "nanda":
+        return RunConfig(preset="nanda")
+    if name == "quick":
+        return RunConfig(
+            task=TaskConfig(p=59, frac=0.4),
+            train=TrainConfig(
+                epochs=3000, checkpoint_every=50, checkpoint_early_every=10,
+                checkpoint_early_until=300,
+            ),
+            preset="quick",
+        )
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
+PRESETS = ("nanda", "quick")

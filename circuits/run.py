@@ -1,0 +1,162 @@
+"""A run as a notebook sees it: ``load_run(path)`` and ``train(config)`` return a :class:`Run`.
+
+>>> run = circuits.load_run("checkpoints/quick-ceea010d")
+>>> run.metrics.tail()                   # pandas DataFrame
+>>> model = run.model(1500)              # nearest checkpoint's weights in a hooked model
+>>> logits, cache = model.run_with_cache(run.task.tokens)
+"""
+
+from __future__ import annotations
+
+import bisect
+import shutil
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from circuits.config import RunConfig
+from circuits.store import CheckpointError, RunFolderError, RunStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import Tensor
+
+    from circuits.model import Transformer
+    from circuits.tasks import Task
+    from circuits.trainer import StepInfo
+
+__all__ = ["Run", "load_run", "train", "default_run_dir", "DEFAULT_RUNS_DIR"]
+
+DEFAULT_RUNS_DIR = Path("checkpoints")
+
+
+class Run:
+    """One run folder: its config, task and split, checkpoints and metrics."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.store = RunStore(Path(path))
+        self.config: RunConfig = self.store.read_config()
+
+    def __repr__(self) -> str:
+        epochs = self.epochs
+        last = epochs[-1] if epochs else None
+        return (
+            f"Run({str(self.path)!r}, p={self.config.task.p}, op={self.config.task.op!r}, "
+            f"checkpoints={len(epochs)}, last_epoch={last})"
+        )
+
+    @property
+    def path(self) -> Path:
+        """The run folder."""
+        return self.store.root
+
+    @property
+    def name(self) -> str:
+        """The folder's name."""
+        return self.path.name
+
+    @cached_property
+    def task(self) -> Task:
+        """The task with the split saved in the run (never re-derived)."""
+        from circuits.tasks import make_task
+
+        train_idx, test_idx = self.store.read_split()
+        return make_task(self.config.task, train_idx, test_idx)
+
+    @property
+    def epochs(self) -> list[int]:
+        """Epochs that have a checkpoint, ascending (re-read: a run may still be training)."""
+        return self.store.checkpoint_epochs()
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Train/test loss and accuracy per logged epoch."""
+        import pandas as pd
+
+        from circuits.store import METRIC_COLUMNS
+
+        return pd.DataFrame(self.store.read_metrics_rows(), columns=list(METRIC_COLUMNS))
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether training reached its last epoch."""
+        epochs = self.epochs
+        return bool(epochs) and epochs[-1] == self.config.train.epochs
+
+    def nearest_epoch(self, epoch: int) -> int:
+        """The checkpoint epoch closest to ``epoch`` (the earlier one on a tie)."""
+        epochs = self.epochs
+        if not epochs:
+            raise RunFolderError(f"{self.path} has no checkpoints yet")
+        i = bisect.bisect_left(epochs, epoch)
+        candidates = epochs[max(0, i - 1) : i + 1]
+        return min(candidates, key=lambda e: (abs(e - epoch), e))
+
+    def state_dict(self, epoch: int) -> dict[str, Tensor]:
+        """Weights (float32, classic TransformerLens names) after exactly ``epoch`` updates."""
+        return self.store.read_checkpoint(epoch)
+
+    def model(self, epoch: int | None = None, exact: bool = False) -> Transformer:
+        """The hooked model at ``epoch`` (default: the last checkpoint).
+
+        Without ``exact``, the nearest checkpoint is used; with it, an epoch that has no
+        checkpoint raises ``KeyError`` naming the nearest ones.
+        """
+        from circuits.model import make_model
+
+        if epoch is None:
+            epochs = self.epochs
+            if not epochs:
+                raise RunFolderError(f"{self.path} has no checkpoints yet")
+            epoch = epochs[-1]
+        elif exact:
+            if epoch not in set(self.epochs):
+                near = self.nearest_epoch(epoch)
+                raise KeyError(
+                    f"no checkpoint at epoch {epoch} in {self.path}; nearest is {near} "
+                    "(call model(epoch) without exact=True to use it)"
+                )
+        else:
+            epoch = self.nearest_epoch(epoch)
+        model = make_model(self.config)
+        model.load_state_dict(self.state_dict(epoch), strict=False)
+        model.eval()
+        return model
+
+    def verify(self) -> list[CheckpointError]:
+        """Every damaged checkpoint of the run (empty when all are intact)."""
+        return self.store.verify()
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run folder written by ``circuits train`` or :func:`train`."""
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"run folder {path} does not exist")
+    return Run(path)
+
+
+def default_run_dir(config: RunConfig, root: Path = DEFAULT_RUNS_DIR) -> Path:
+    """``checkpoints/<preset>-<config hash>``: the same command finds the same run again."""
+    return Path(root) / f"{config.preset}-{config.short_hash()}"
+
+
+def train(
+    config: RunConfig,
+    out: str | Path | None = None,
+    force: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> Run:
+    """Train ``config`` (or resume it) into a run folder and return the :class:`Run`.
+
+    ``out`` defaults to :func:`default_run_dir`. A folder holding a different config is
+    refused (:class:`~circuits.trainer.RunExistsError`) unless ``force``, which deletes it first.
+    """
+    from circuits.trainer import train_run
+
+    path = Path(out) if out is not None else default_run_dir(config)
+    if force and path.exists():
+        shutil.rmtree(path)
+    train_run(config, RunStore(path), on_step=on_step)
+    return Run(path)

@@ -1,0 +1,348 @@
+"""The run folder: atomic writes, checkpoints, manifest, metrics, resume state.
+
+Layout (a contract read by notebooks, analyses and dashboards)::
+
+    RUN_DIR/config.json              resolved RunConfig + versions
+    RUN_DIR/split.safetensors        int64 ``train`` / ``test`` canonical indices (a*p + b)
+    RUN_DIR/metrics.csv              append-only: epoch, train/test loss and accuracy
+    RUN_DIR/checkpoints/epoch_{:09d}.safetensors   float32 weights after ``epoch`` updates
+    RUN_DIR/manifest.json            checkpoint file -> sha256 and size
+    RUN_DIR/resume.safetensors       weights, optimizer moments, RNG state (replaced atomically)
+    RUN_DIR/resume.json              epoch, step, engine of the resume point
+
+Every file is written to a temporary name, fsynced and renamed, so a kill at any moment
+leaves either the old or the new file, never half of one. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from circuits.config import ConfigError, RunConfig
+
+__all__ = [
+    "CONFIG_FILE",
+    "SPLIT_FILE",
+    "METRICS_FILE",
+    "MANIFEST_FILE",
+    "RESUME_FILE",
+    "RESUME_META_FILE",
+    "CHECKPOINT_DIR",
+    "METRIC_COLUMNS",
+    "CheckpointError",
+    "RunFolderError",
+    "RunStore",
+    "atomic_write_bytes",
+    "checkpoint_name",
+]
+
+CONFIG_FILE = "config.json"
+SPLIT_FILE = "split.safetensors"
+METRICS_FILE = "metrics.csv"
+MANIFEST_FILE = "manifest.json"
+RESUME_FILE = "resume.safetensors"
+RESUME_META_FILE = "resume.json"
+CHECKPOINT_DIR = "checkpoints"
+METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
+FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder is missing, incomplete or holds something else; the message says which."""
+
+
+class CheckpointError(RunFolderError):
+    """A checkpoint file is missing, truncated or corrupted; ``path`` names it."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"damaged checkpoint {self.path}: {problem}")
+
+
+def checkpoint_name(epoch: int) -> str:
+    """File name of the checkpoint after ``epoch`` updates (zero-padded, sorts by epoch)."""
+    return f"epoch_{epoch:09d}.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old file or the new one, whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself must reach the disk, or a power cut can undo it.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _versions() -> dict[str, str]:
+    from circuits import __version__
+
+    return {
+        "circuits": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class RunStore:
+    """Reads and writes one run folder. Only this module knows the file names."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    # ---- paths -------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Folder of the checkpoint files."""
+        return self.root / CHECKPOINT_DIR
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        """Path of the checkpoint after ``epoch`` updates."""
+        return self.checkpoint_dir / checkpoint_name(epoch)
+
+    def exists(self) -> bool:
+        """Whether this folder holds a run (its config file)."""
+        return (self.root / CONFIG_FILE).is_file()
+
+    # ---- config and split --------------------------------------------------------------
+    def write_config(self, config: RunConfig) -> None:
+        """Write ``config.json``: the resolved config plus the versions that made the run."""
+        doc = {"format": FORMAT_VERSION, "config": config.to_dict(), "versions": _versions()}
+        atomic_write_bytes(self.root / CONFIG_FILE, json.dumps(doc, indent=2).encode() + b"\n")
+
+    def read_config(self) -> RunConfig:
+        """The run's config; RunFolderError when the folder holds no readable run."""
+        path = self.root / CONFIG_FILE
+        if not path.is_file():
+            raise RunFolderError(f"{self.root} is not a run folder: {CONFIG_FILE} is missing")
+        try:
+            doc = json.loads(path.read_text())
+            return RunConfig.from_dict(doc["config"])
+        except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+            raise RunFolderError(f"{path} is damaged or not a circuits config: {e}") from None
+
+    def read_versions(self) -> dict[str, str]:
+        """The library versions recorded when the run was created."""
+        return json.loads((self.root / CONFIG_FILE).read_text()).get("versions", {})
+
+    def write_split(self, train_idx: Tensor, test_idx: Tensor) -> None:
+        """Save the exact train/test canonical indices."""
+        data = st_save({"train": train_idx.to(torch.int64), "test": test_idx.to(torch.int64)})
+        atomic_write_bytes(self.root / SPLIT_FILE, data)
+
+    def read_split(self) -> tuple[Tensor, Tensor]:
+        """The saved ``(train_idx, test_idx)``."""
+        path = self.root / SPLIT_FILE
+        tensors = _read_safetensors(path, kind="split file")
+        if set(tensors) != {"train", "test"}:
+            raise RunFolderError(f"{path} is damaged: expected tensors 'train' and 'test'")
+        return tensors["train"], tensors["test"]
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, dict[str, Any]]:
+        """Checkpoint file name -> {"sha256", "bytes", "epoch"}."""
+        path = self.root / MANIFEST_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())["checkpoints"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise RunFolderError(f"{path} is damaged: {e}") from None
+
+    def write_checkpoint(self, epoch: int, state_dict: Mapping[str, Tensor]) -> Path:
+        """Save float32 weights after ``epoch`` updates and record their checksum."""
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+        data = st_save(tensors, metadata={"epoch": str(epoch)})
+        path = self.checkpoint_path(epoch)
+        atomic_write_bytes(path, data)
+        manifest = self.read_manifest()
+        manifest[path.name] = {
+            "epoch": epoch,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+        self._write_manifest(manifest)
+        return path
+
+    def _write_manifest(self, manifest: dict[str, dict[str, Any]]) -> None:
+        ordered = dict(sorted(manifest.items()))
+        doc = {"format": FORMAT_VERSION, "checkpoints": ordered}
+        atomic_write_bytes(self.root / MANIFEST_FILE, json.dumps(doc, indent=1).encode())
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs of the checkpoints the manifest records, ascending."""
+        return sorted(entry["epoch"] for entry in self.read_manifest().values())
+
+    def read_checkpoint(self, epoch: int, verify: bool = True) -> dict[str, Tensor]:
+        """Load the weights after ``epoch`` updates; CheckpointError names a damaged file."""
+        path = self.checkpoint_path(epoch)
+        manifest = self.read_manifest()
+        entry = manifest.get(path.name)
+        if entry is None:
+            if path.is_file():
+                raise CheckpointError(path, "not recorded in the manifest (write interrupted?)")
+            raise RunFolderError(f"no checkpoint at epoch {epoch} in {self.root}")
+        if not path.is_file():
+            raise CheckpointError(path, "file is missing")
+        data = path.read_bytes()
+        if len(data) != entry["bytes"]:
+            raise CheckpointError(
+                path, f"truncated or extended: {len(data)} bytes, expected {entry['bytes']}"
+            )
+        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise CheckpointError(path, "checksum mismatch (file corrupted)")
+        try:
+            return st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise CheckpointError(path, f"unreadable safetensors data ({e})") from None
+
+    def verify(self) -> list[CheckpointError]:
+        """Check every checkpoint against the manifest; returns the problems found."""
+        problems = []
+        for epoch in self.checkpoint_epochs():
+            try:
+                self.read_checkpoint(epoch)
+            except CheckpointError as e:
+                problems.append(e)
+        return problems
+
+    # ---- metrics -----------------------------------------------------------------------
+    def append_metrics(self, rows: Iterable[Mapping[str, float]]) -> None:
+        """Append rows (epoch, train/test loss and accuracy) and fsync them."""
+        rows = list(rows)
+        if not rows:
+            return
+        path = self.root / METRICS_FILE
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics_rows(self) -> list[dict[str, float]]:
+        """The metrics table as a list of dicts (a partial last line, from a kill, is dropped)."""
+        path = self.root / METRICS_FILE
+        if not path.is_file():
+            return []
+        rows = []
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    rows.append({k: float(row[k]) for k in METRIC_COLUMNS})
+                except (TypeError, ValueError, KeyError):
+                    continue
+        for row in rows:
+            row["epoch"] = int(row["epoch"])
+        return rows
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop rows after ``last_epoch`` (they belong to work lost in a kill, to be redone)."""
+        rows = [r for r in self.read_metrics_rows() if r["epoch"] <= last_epoch]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
+        atomic_write_bytes(self.root / METRICS_FILE, buf.getvalue().encode())
+
+    # ---- resume state ------------------------------------------------------------------
+    def write_resume(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Replace the resume point with one atomic file; ``resume.json`` mirrors its metadata.
+
+        The safetensors header carries the metadata, so the resume point is a single file that
+        a kill leaves old or new, never a mix; the JSON copy is for people and tools.
+        """
+        str_meta = {k: json.dumps(v) for k, v in meta.items()}
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str_meta)
+        atomic_write_bytes(self.root / RESUME_FILE, data)
+        atomic_write_bytes(self.root / RESUME_META_FILE, json.dumps(dict(meta), indent=1).encode())
+
+    def read_resume(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+        """The resume point ``(tensors, meta)``, or None when the run has none yet."""
+        path = self.root / RESUME_FILE
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        try:
+            tensors = st_load(data)
+            meta = {k: json.loads(v) for k, v in _safetensors_metadata(data).items()}
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise RunFolderError(
+                f"resume file {path} is damaged ({e}); delete it to restart from scratch, "
+                "or use --force"
+            ) from None
+        return tensors, meta
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    # The header is an 8-byte little-endian length followed by JSON; metadata lives under
+    # "__metadata__". Reading it here avoids a second parse of the tensors.
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__", {})
+
+
+def _fmt(value: float) -> str:
+    # repr round-trips floats exactly, so metrics read back equal what was computed.
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def _read_safetensors(path: Path, kind: str) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise RunFolderError(f"{kind} {path} is missing")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise RunFolderError(f"{kind} {path} is damaged ({e})") from None

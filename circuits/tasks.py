@@ -1,0 +1,145 @@
+"""Binary-operation tables over Z_p with the token layout ``[a, b, =]`` (Power et al. 2022).
+
+Everything is indexed on the canonical grid: pair (a, b) has index ``a * p + b`` (a slowest),
+as in Nanda et al. (2023), so a length-p^2 vector reshapes to an (a, b) image. Operations
+that exclude some pairs (division by 0) mark them invalid; the split only draws valid pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from circuits.config import ConfigError, TaskConfig
+
+__all__ = ["Task", "make_task", "OPERATIONS"]
+
+
+def _inverse(b: Tensor, p: int) -> Tensor:
+    # Fermat: b^(p-2) is the inverse of b mod prime p (b = 0 maps to 0; such pairs are invalid).
+    result = torch.ones_like(b)
+    base = b.clone()
+    e = p - 2
+    while e:
+        if e & 1:
+            result = result * base % p
+        base = base * base % p
+        e >>= 1
+    return result
+
+
+# Each operation maps int64 grids a, b (values in 0..p-1) to c in 0..p-1. Intermediate values stay
+# below p^3 < 2^63 for any p we accept, so int64 arithmetic is exact.
+OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "add": lambda a, b, p: (a + b) % p,
+    "sub": lambda a, b, p: (a - b) % p,
+    "mul": lambda a, b, p: (a * b) % p,
+    "div": lambda a, b, p: (a * _inverse(b, p)) % p,
+    # Power et al.: x / y if y is odd, else x - y.
+    "mix1": lambda a, b, p: torch.where(b % 2 == 1, a * _inverse(b, p) % p, (a - b) % p),
+    "x2_y2": lambda a, b, p: (a * a + b * b) % p,
+    "x2_xy_y2": lambda a, b, p: (a * a + a * b + b * b) % p,
+    "x2_xy_y2_x": lambda a, b, p: (a * a + a * b + b * b + a) % p,
+    "x3_xy": lambda a, b, p: (a * a % p * a + a * b) % p,
+    "x3_xy2_y": lambda a, b, p: (a * a % p * a + a * (b * b % p) + b) % p,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A binary operation over Z_p on the full (a, b) grid, with its train/test split.
+
+    Attributes:
+        config: the TaskConfig it was made from.
+        tokens: ``[p*p, 3]`` int64 inputs ``[a, b, p]`` in canonical order.
+        labels: ``[p*p]`` int64 targets (for invalid pairs: 0, never used).
+        valid: ``[p*p]`` bool, False where the operation is undefined (b = 0 for division).
+        train_idx, test_idx: canonical indices (``a*p + b``) of the training and test pairs.
+    """
+
+    config: TaskConfig
+    tokens: Int[Tensor, "pair 3"]
+    labels: Int[Tensor, " pair"]
+    valid: Bool[Tensor, " pair"]
+    train_idx: Int[Tensor, " train"]
+    test_idx: Int[Tensor, " test"]
+
+    @property
+    def p(self) -> int:
+        """The modulus."""
+        return self.config.p
+
+    @property
+    def eq_token(self) -> int:
+        """Index of the '=' token."""
+        return self.config.p
+
+    def is_train(self) -> Bool[Tensor, " pair"]:
+        """Boolean mask over the canonical grid: True on training pairs."""
+        mask = torch.zeros(self.p * self.p, dtype=torch.bool)
+        mask[self.train_idx] = True
+        return mask
+
+    def train_data(self) -> tuple[Int[Tensor, "train 3"], Int[Tensor, " train"]]:
+        """Training inputs and labels, in split order."""
+        return self.tokens[self.train_idx], self.labels[self.train_idx]
+
+    def test_data(self) -> tuple[Int[Tensor, "test 3"], Int[Tensor, " test"]]:
+        """Test inputs and labels, in split order."""
+        return self.tokens[self.test_idx], self.labels[self.test_idx]
+
+
+def make_grid(config: TaskConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens, labels and validity over the canonical p^2 grid (no split)."""
+    p = config.p
+    a = torch.arange(p).repeat_interleave(p)
+    b = torch.arange(p).repeat(p)
+    tokens = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    valid = torch.ones(p * p, dtype=torch.bool)
+    if config.op == "div":
+        valid = b != 0
+    labels = OPERATIONS[config.op](a, b, p)
+    labels = torch.where(valid, labels, torch.zeros_like(labels))
+    if config.random_labels:
+        labels = _random_labels(p, config.data_seed)
+    return tokens, labels, valid
+
+
+def _random_labels(p: int, seed: int) -> Tensor:
+    # Varma et al. / Huang et al.: (a, b) and (b, a) share one uniform label, so the table
+    # stays commutative and a symmetric model is not forced to memorise two answers per pair.
+    g = torch.Generator().manual_seed(seed + 1)
+    table = torch.randint(0, p, (p, p), generator=g)
+    sym = torch.triu(table) + torch.triu(table, diagonal=1).T
+    return sym.reshape(-1)
+
+
+def make_split(config: TaskConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Seeded split over the valid pairs: a torch permutation, first ``n_train`` are train.
+
+    Matches the TransformerLens demo: ``torch.manual_seed(598); torch.randperm(p*p)`` with the
+    first ``int(0.3 * p*p)`` as training pairs.
+    """
+    pool = torch.nonzero(valid).squeeze(1)
+    n_train = config.n_train
+    if n_train > len(pool):
+        raise ConfigError(f"train_size {n_train} exceeds the {len(pool)} valid pairs")
+    g = torch.Generator().manual_seed(config.data_seed)
+    perm = pool[torch.randperm(len(pool), generator=g)]
+    return perm[:n_train].clone(), perm[n_train:].clone()
+
+
+def make_task(
+    config: TaskConfig,
+    train_idx: Tensor | None = None,
+    test_idx: Tensor | None = None,
+) -> Task:
+    """Build the task; pass saved split indices to reuse them rather than re-derive them."""
+    tokens, labels, valid = make_grid(config)
+    if train_idx is None or test_idx is None:
+        train_idx, test_idx = make_split(config, valid)
+    return Task(config, tokens, labels, valid, train_idx, test_idx)

@@ -1,0 +1,265 @@
+"""The training loop: full-batch AdamW with weight decay (Nanda et al. 2023).
+
+It takes a config, a store and an ``on_step`` callback and prints nothing; the CLI owns the
+terminal. (The module is ``trainer`` rather than ``train`` so that ``circuits.train``, the
+library function, is never shadowed by a submodule of the same name.)
+
+Determinism: no randomness is drawn after initialisation (full batch, no dropout), AdamW runs
+its single-tensor path, and the resume point holds the weights, both moments and the step
+count, so an interrupted run resumed on the same machine ends bitwise equal to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuits.config import RunConfig
+from circuits.engine import fused
+from circuits.model import Transformer, make_model
+from circuits.store import RunFolderError, RunStore
+from circuits.tasks import Task, make_task
+
+__all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn"]
+
+
+class RunExistsError(RunFolderError):
+    """The output folder already holds a run with a different config."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped training after the state was saved; rerun to resume."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        super().__init__(f"interrupted at epoch {epoch}; state saved")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``on_step`` receives after each update: the epoch reached and fresh metrics, if any."""
+
+    epoch: int
+    epochs: int
+    metrics: dict[str, float] | None
+    start_epoch: int
+
+
+def loss_fn(
+    logits: Float[Tensor, "batch d_vocab_out"], labels: Int[Tensor, " batch"]
+) -> Float[Tensor, ""]:
+    """Mean cross-entropy with the log-softmax in float64.
+
+    Float32 log-softmax cannot represent losses below ~1e-7 and quantises them, which causes
+    loss spikes late in grokking (Nanda et al. 2023, ``cross_entropy_high_precision``).
+    """
+    return F.cross_entropy(logits.to(torch.float64), labels)
+
+
+def last_position_logits(
+    model: Transformer, tokens: Int[Tensor, "batch pos"], engine: str = "fused"
+) -> Float[Tensor, "batch d_vocab_out"]:
+    """Last-position logits by the chosen engine (both compute the same function)."""
+    if engine == "fused" and fused.supports(model):
+        return fused.last_logits(model, tokens)
+    return model(tokens)[:, -1]
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, task: Task, engine: str = "fused") -> dict[str, float]:
+    """Train/test loss (float64) and accuracy of the model on the full grid."""
+    logits = last_position_logits(model, task.tokens, engine)
+    out: dict[str, float] = {}
+    for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+        if len(idx) == 0:
+            out[f"{split}_loss"], out[f"{split}_acc"] = float("nan"), float("nan")
+            continue
+        lg, y = logits[idx], task.labels[idx]
+        out[f"{split}_loss"] = loss_fn(lg, y).item()
+        out[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
+    return out
+
+
+def _make_optimizer(model: Transformer, config: RunConfig) -> torch.optim.AdamW:
+    t = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    # foreach=False: one fixed kernel path, so the same run gives the same bits every time.
+    return torch.optim.AdamW(
+        params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
+        foreach=False,
+    )
+
+
+def lr_at(config: RunConfig, update: int) -> float:
+    """Learning rate of update number ``update`` (0-based): linear warm-up, then constant.
+
+    As the official code's ``LambdaLR(min(step / warmup, 1))``: the first update has lr 0.
+    """
+    t = config.train
+    if t.warmup_steps == 0:
+        return t.lr
+    return t.lr * min(update / t.warmup_steps, 1.0)
+
+
+def _resume_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not _is_buffer(model, k)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if not state:
+                continue
+            name = names[id(p)]
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                tensors[f"opt.{name}.{key}"] = torch.as_tensor(state[key])
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors
+
+
+def _is_buffer(model: Transformer, key: str) -> bool:
+    return key.endswith(".mask") or key.endswith(".IGNORE")
+
+
+def _load_resume(model: Transformer, opt: torch.optim.AdamW, tensors: dict[str, Tensor]) -> None:
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if f"opt.{name}.exp_avg" in tensors:
+            opt.state[p] = {
+                "step": tensors[f"opt.{name}.step"].clone(),
+                "exp_avg": tensors[f"opt.{name}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
+            }
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+@contextmanager
+def _sigint_flag() -> Iterator[list[bool]]:
+    """Turn Ctrl-C into a flag checked between epochs, so the saved state is never half-updated."""
+    flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        flag[0] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare_store(config: RunConfig, store: RunStore) -> Task:
+    """Create the run folder (config, split) or check that it holds this same config."""
+    if store.exists():
+        existing = store.read_config()
+        if existing.science_dict != config.science_dict:
+            diff = _config_diff(existing, config)
+            raise RunExistsError(
+                f"{store.root} holds a run with a different config ({diff}); "
+                "use another --out, or --force to overwrite it"
+            )
+        train_idx, test_idx = store.read_split()
+        return make_task(config.task, train_idx, test_idx)
+    store.root.mkdir(parents=True, exist_ok=True)
+    task = make_task(config.task)
+    store.write_split(task.train_idx, task.test_idx)
+    # The config is written last: a folder with config.json is a run with a split.
+    store.write_config(config)
+    return task
+
+
+def _config_diff(a: RunConfig, b: RunConfig) -> str:
+    da, db = a.science_dict, b.science_dict
+    diffs = []
+    for section in da:
+        for key in da[section]:
+            if da[section][key] != db[section][key]:
+                diffs.append(f"{key}: {da[section][key]!r} there, {db[section][key]!r} here")
+    return "; ".join(diffs) or "different"
+
+
+def train_run(
+    config: RunConfig,
+    store: RunStore,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> Transformer:
+    """Train ``config`` into ``store``, resuming from its last resume point if it has one.
+
+    Saves a checkpoint (float32 safetensors) at every epoch of the schedule, logs metrics every
+    ``log_every`` epochs and at every checkpoint, and replaces the resume point at each
+    checkpoint. Ctrl-C saves the current state and raises :class:`TrainingInterrupted`.
+    Returns the model after the last epoch.
+    """
+    task = prepare_store(config, store)
+    model = make_model(config)
+    opt = _make_optimizer(model, config)
+    start = 0
+    resume = store.read_resume()
+    if resume is not None:
+        tensors, meta = resume
+        _load_resume(model, opt, tensors)
+        start = int(meta["epoch"])
+        store.truncate_metrics(start)
+    else:
+        store.truncate_metrics(-1)
+    t = config.train
+    x_train, y_train = task.train_data()
+    pending: list[dict[str, float]] = []
+
+    def save(epoch: int, checkpoint: bool) -> None:
+        if checkpoint:
+            store.write_checkpoint(epoch, _weights(model))
+        store.append_metrics(pending)
+        pending.clear()
+        store.write_resume(
+            _resume_tensors(model, opt),
+            {"epoch": epoch, "step": epoch, "engine": t.engine},
+        )
+
+    if start == 0:
+        row = {"epoch": 0, **evaluate(model, task, t.engine)}
+        pending.append(row)
+        save(0, checkpoint=True)
+        if on_step:
+            on_step(StepInfo(0, t.epochs, row, 0))
+
+    with _sigint_flag() as interrupted:
+        for epoch in range(start + 1, t.epochs + 1):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(config, epoch - 1)
+            loss = loss_fn(last_position_logits(model, x_train, t.engine), y_train)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            is_ckpt = t.is_checkpoint(epoch)
+            row = None
+            if is_ckpt or epoch % t.log_every == 0:
+                row = {"epoch": epoch, **evaluate(model, task, t.engine)}
+                pending.append(row)
+            if is_ckpt:
+                save(epoch, checkpoint=True)
+            if on_step:
+                on_step(StepInfo(epoch, t.epochs, row, start))
+            if interrupted[0]:
+                if not is_ckpt:
+                    save(epoch, checkpoint=False)
+                raise TrainingInterrupted(epoch)
+    return model
+
+
+def _weights(model: Transformer) -> dict[str, Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not _is_buffer(model, k)}
