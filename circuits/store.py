@@ -253,7 +253,7 @@ class RunStore:
         return problems
 
     # ---- metrics -----------------------------------------------------------------------
-    def append_metrics(self, rows: Iterable[Mapping[str, float]]) -> None:
+    def append_metrics(self, rows: Iterable[Mapping[str, float | int]]) -> None:
         """Append rows (epoch, train/test loss and accuracy) and fsync them."""
         rows = list(rows)
         if not rows:
@@ -269,7 +269,7 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics_rows(self) -> list[dict[str, float]]:
+    def read_metrics_rows(self) -> list[dict[str, float | int]]:
         """The metrics table as a list of dicts (a partial last line, from a kill, is dropped)."""
         path = self.root / METRICS_FILE
         if not path.is_file():
@@ -332,7 +332,7 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__", {})
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | int) -> str:
     # repr round-trips floats exactly, so metrics read back equal what was computed.
     if isinstance(value, int):
         return str(value)

@@ -50,7 +50,7 @@ class StepInfo:
 
     epoch: int
     epochs: int
-    metrics: dict[str, float] | None
+    metrics: dict[str, float | int] | None
     start_epoch: int
 
 
@@ -218,7 +218,7 @@ def train_run(
         store.truncate_metrics(-1)
     t = config.train
     x_train, y_train = task.train_data()
-    pending: list[dict[str, float]] = []
+    pending: list[dict[str, float | int]] = []
 
     def save(epoch: int, checkpoint: bool) -> None:
         if checkpoint:

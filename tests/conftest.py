@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny config, one trained tiny run, and one `quick` run that groks.
+
+Real small computation, no mocks (design.md): the tiny run takes about a second; the quick run
+(p = 59, ~3k epochs) takes a few minutes and is shared by every science test of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.config import RunConfig, preset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides: object) -> RunConfig:
+    """A small run: p = 11, narrow widths, lr 1e-2, 60 epochs (memorises), checkpoints every 10."""
+    base = preset("quick").replace(
+        p=11, frac=0.5, d_model=32, n_heads=4, d_mlp=64, epochs=60, checkpoint_every=10,
+        checkpoint_early_every=5, checkpoint_early_until=20, log_every=5, lr=1e-2, preset="tiny",
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    # Tests that draw random weights do so from a known state.
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> circuits.Run:
+    """One trained tiny run shared by the read-only tests."""
+    return circuits.train(tiny_config(), out=tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> circuits.Run:
+    """The `quick` preset trained to the end: a real grokking run (a few minutes on 2 cores)."""
+    return circuits.train(preset("quick"), out=tmp_path_factory.mktemp("runs") / "quick")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``circuits ARGS`` in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "circuits.cli", *args], capture_output=True, text=True,
+        cwd=cwd or REPO, env=env, timeout=timeout,
+    )

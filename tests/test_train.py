@@ -1,0 +1,183 @@
+"""Training: determinism, crash-safe resume (SIGKILL, Ctrl-C), refusal of a different config."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.config import preset
+from circuits.store import RunStore
+from circuits.trainer import RunExistsError, lr_at
+from tests.conftest import REPO, tiny_config
+
+
+def _assert_same_checkpoints(a: circuits.Run, b: circuits.Run) -> None:
+    assert a.epochs == b.epochs
+    for epoch in a.epochs:
+        sa, sb = a.state_dict(epoch), b.state_dict(epoch)
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (epoch, k)
+
+
+def test_same_config_and_seed_give_bitwise_identical_weights(tmp_path: Path) -> None:
+    a = circuits.train(tiny_config(), out=tmp_path / "a")
+    b = circuits.train(tiny_config(), out=tmp_path / "b")
+    _assert_same_checkpoints(a, b)
+    assert a.metrics.equals(b.metrics)
+    c = circuits.train(tiny_config(seed=1), out=tmp_path / "c")
+    assert not torch.equal(c.state_dict(60)["embed.W_E"], a.state_dict(60)["embed.W_E"])
+
+
+def test_training_learns_and_logs_every_checkpoint(tiny_run: circuits.Run) -> None:
+    m = tiny_run.metrics
+    assert list(m.columns) == ["epoch", "train_loss", "test_loss", "train_acc", "test_acc"]
+    assert set(tiny_run.epochs) <= set(m.epoch)
+    assert m.epoch.is_monotonic_increasing and m.epoch.is_unique
+    assert m.train_loss.iloc[-1] < 0.5 * m.train_loss.iloc[0]
+    assert tiny_run.is_complete
+
+
+def test_frozen_biases_stay_zero_and_trained_ones_move(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    final = tiny_run.state_dict(tiny_run.epochs[-1])
+    assert all(torch.all(v == 0) for k, v in final.items() if k.split(".")[-1].startswith("b_"))
+    run = circuits.train(tiny_config(train_biases=True, epochs=10), out=tmp_path / "b")
+    assert torch.any(run.state_dict(10)["blocks.0.mlp.b_in"] != 0)
+
+
+def test_warmup_schedule_matches_official_lambda() -> None:
+    cfg = preset("quick").replace(warmup_steps=10)
+    assert [lr_at(cfg, s) for s in (0, 1, 5, 10, 50)] == [0.0, 1e-4, 5e-4, 1e-3, 1e-3]
+    assert lr_at(preset("quick"), 0) == 1e-3
+
+
+def test_engines_compute_the_same_training_in_float64() -> None:
+    # The fused path changes the execution, not the math: in float64, 200 full-batch AdamW
+    # epochs on both paths end at the same weights to ~1e-12 (in float32 the two drift apart
+    # by rounding amplified through training, like any change in the order of operations).
+    from circuits.engine.fused import last_logits
+    from circuits.model import make_model
+    from circuits.tasks import make_task
+    from circuits.trainer import loss_fn
+
+    cfg = tiny_config(lr=1e-3)
+    x, y = make_task(cfg.task).train_data()
+    finals = []
+    for forward in (lambda m: last_logits(m, x), lambda m: m(x)[:, -1]):
+        model = make_model(cfg).double()
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.98),
+            weight_decay=1.0, foreach=False,
+        )
+        for _ in range(200):
+            loss_fn(forward(model), y).backward()
+            opt.step()
+            opt.zero_grad()
+        finals.append(dict(model.named_parameters()))
+    for k, b in finals[1].items():
+        torch.testing.assert_close(finals[0][k], b, rtol=1e-9, atol=1e-10, msg=k)
+
+
+def test_engines_agree_over_200_float32_epochs(tmp_path: Path) -> None:
+    cfg = tiny_config(epochs=200, checkpoint_every=200, lr=1e-3)
+    fused = circuits.train(cfg, out=tmp_path / "f")
+    ref = circuits.train(cfg.replace(engine="reference"), out=tmp_path / "r")
+    mf, mr = fused.metrics, ref.metrics
+    assert mf.epoch.tolist() == mr.epoch.tolist()
+    for col in ("train_loss", "test_loss"):
+        torch.testing.assert_close(
+            torch.tensor(mf[col].values), torch.tensor(mr[col].values), rtol=0.02, atol=1e-4
+        )
+    assert fused.config.train.engine == "fused" and ref.config.train.engine == "reference"
+
+
+def test_different_config_is_refused_and_force_overwrites(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    circuits.train(tiny_config(epochs=5), out=out)
+    with pytest.raises(RunExistsError, match="weight_decay"):
+        circuits.train(tiny_config(epochs=5, weight_decay=0.5), out=out)
+    run = circuits.train(tiny_config(epochs=5, weight_decay=0.5), out=out, force=True)
+    assert run.config.train.weight_decay == 0.5
+
+
+def test_in_process_resume_extends_a_run_bitwise(tmp_path: Path) -> None:
+    # Stopping after any epoch and resuming equals never stopping: resume from a mid-run point.
+    full = circuits.train(tiny_config(), out=tmp_path / "full")
+    part = tmp_path / "part"
+    circuits.train(tiny_config(), out=part)
+    store = RunStore(part)
+    # Roll the folder back to its epoch-20 state, as if killed right after that save.
+    resume_src = circuits.train(tiny_config(epochs=20), out=tmp_path / "e20").store
+    (part / "resume.safetensors").write_bytes((resume_src.root / "resume.safetensors").read_bytes())
+    for epoch in store.checkpoint_epochs():
+        if epoch > 20:
+            store.checkpoint_path(epoch).unlink()
+    resumed = circuits.train(tiny_config(), out=part)
+    _assert_same_checkpoints(full, resumed)
+    assert resumed.metrics.equals(full.metrics)
+
+
+def _cli_train_cmd(out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "circuits.cli", "train", "--preset", "quick", "--p", "23",
+        "--frac", "0.5", "--d-model", "32", "--n-heads", "2", "--d-mlp", "64",
+        "--epochs", "1500", "--checkpoint-every", "10", "--checkpoint-early-until", "0",
+        "--log-every", "5", "--out", str(out),
+    ]
+
+
+def _wait_for(path: Path, timeout: float = 60) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if time.time() - t0 > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+
+
+def test_sigkill_at_a_random_moment_then_resume_is_bitwise(tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    rng = random.Random(os.getpid())
+    proc = subprocess.Popen(_cli_train_cmd(out), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _wait_for(out / "resume.json")
+    time.sleep(rng.uniform(0.05, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = RunStore(out).read_resume()[1]["epoch"]
+    assert killed_at < 1500, "the run finished before the kill; make it longer"
+    done = subprocess.run(_cli_train_cmd(out), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    resumed = circuits.load_run(out)
+    cfg = resumed.config
+    reference = circuits.train(cfg, out=tmp_path / "straight")
+    _assert_same_checkpoints(reference, resumed)
+    assert resumed.metrics.equals(reference.metrics)
+
+
+def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(_cli_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "resume.json")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Rerun the same command to resume" in err and "Traceback" not in err
+    saved = RunStore(out).read_resume()[1]["epoch"]
+    assert 0 < saved < 1500
+    metrics = circuits.load_run(out).metrics
+    assert metrics.epoch.max() <= saved
+    done = subprocess.run(_cli_train_cmd(out), cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reference = circuits.train(circuits.load_run(out).config, out=tmp_path / "straight")
+    _assert_same_checkpoints(reference, circuits.load_run(out))
