@@ -41,6 +41,16 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """Answer a wrong path at once, before torch is imported."""
+    from circuits.errors import RunFolderError
+
+    if not run_dir.exists():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
+    if not (run_dir / "config.json").is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder: config.json is missing")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -216,6 +226,7 @@ app.command("train")(_train)
 @app.command("info")
 def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Print a run's config, checkpoints and final metrics."""
+    _check_run_dir(run_dir)
     from circuits.run import load_run
 
     run = load_run(run_dir)
@@ -277,7 +288,7 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
-    from circuits.store import RunFolderError
+    from circuits.errors import RunFolderError
 
     usage_errors, exits, aborts = _click_exceptions()
     command = typer.main.get_command(app)

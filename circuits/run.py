@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuits.config import RunConfig
-from circuits.store import CheckpointError, RunFolderError, RunStore
+from circuits.errors import CheckpointError, RunFolderError
+from circuits.store import RunStore
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -36,6 +36,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 from circuits.config import ConfigError, RunConfig
+from circuits.errors import CheckpointError, RunFolderError
 
 __all__ = [
     "CONFIG_FILE",
@@ -63,19 +64,6 @@ CHECKPOINT_DIR = "checkpoints"
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
-
-
-class RunFolderError(RuntimeError):
-    """A run folder is missing, incomplete or holds something else; the message says which."""
-
-
-class CheckpointError(RunFolderError):
-    """A checkpoint file is missing, truncated or corrupted; ``path`` names it."""
-
-    def __init__(self, path: Path, problem: str) -> None:
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"damaged checkpoint {self.path}: {problem}")
 
 
 def checkpoint_name(epoch: int) -> str:
