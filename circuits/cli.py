@@ -269,6 +269,44 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
         raise typer.Exit(1)
 
 
+@app.command("analyze")
+def analyze_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder (it may still be training)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Analysis folder (default: analyses/<run path under checkpoints/>)."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Checkpoints per batch."),
+) -> None:
+    """Run every progress measure over every checkpoint (incremental; damaged files skipped)."""
+    _check_run_dir(run_dir)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from circuits.analysis import analyze
+
+    with Progress(
+        TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as bar:
+        task_id = bar.add_task("analyze", total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+
+        result = analyze(run_dir, out=out, batch_size=batch_size, on_progress=on_progress)
+    s = result.summary
+    typer.echo(f"analysis: {result.path}  ({s['n_checkpoints']} checkpoints)")
+    typer.echo(
+        f"key frequencies: {s['key_frequencies']} (from epoch {s['key_frequencies_epoch']})"
+    )
+    if s["phases"]:
+        ph = s["phases"]
+        typer.echo(
+            f"phases: memorisation ends {ph['memorisation_end']}, circuit formation ends "
+            f"{ph['circuit_formation_end']}, cleanup ends {ph['cleanup_end']}"
+        )
+    for message in result.damaged:
+        typer.echo(f"skipped {message}", err=True)
+
+
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits, aborts) of whichever click typer runs on (vendored since 0.2x)."""
     usage: list[type] = []

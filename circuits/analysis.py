@@ -1,0 +1,381 @@
+"""``analyze(run)``: every progress measure over every checkpoint, batched, incremental.
+
+Writes (by default to ``analyses/<run path relative to checkpoints/>/``):
+
+* ``measures.csv``: one row per checkpoint (columns in :data:`MEASURE_COLUMNS` plus
+  ``norm_sq.<parameter>`` for each parameter);
+* ``arrays.safetensors``: the array-valued measures, all with a leading checkpoint axis matching
+  the tensor ``epochs`` (see :data:`ARRAY_DOCS`);
+* ``summary.json``: key frequencies (and the checkpoint they came from), neuron cluster sizes,
+  phase boundaries, final metrics, the measure variants used, and any damaged checkpoints.
+
+A second call computes only checkpoints it has not seen, unless the key frequencies of the
+newest checkpoint differ from the stored ones, in which case every row is recomputed with the
+new set (science.md, Decisions). A damaged checkpoint is named and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.errors import CheckpointError
+from circuits.fourier import fft1d
+from circuits.measures.frequencies import (
+    CLUSTER_THRESHOLD,
+    key_frequencies,
+    neuron_clusters,
+    neuron_frequency_fractions,
+)
+from circuits.measures.losses import (
+    accuracy,
+    cross_entropy,
+    excluded_loss,
+    key_logit_fraction,
+    restricted_loss,
+)
+from circuits.measures.phases import phase_boundaries
+from circuits.measures.sparsity import gini
+from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
+from circuits.store import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "Analysis",
+    "analyze",
+    "load_analysis",
+    "default_analysis_dir",
+    "MEASURE_COLUMNS",
+    "ARRAY_DOCS",
+    "DEFAULT_ANALYSES_DIR",
+]
+
+DEFAULT_ANALYSES_DIR = Path("analyses")
+MEASURES_FILE = "measures.csv"
+ARRAYS_FILE = "arrays.safetensors"
+SUMMARY_FILE = "summary.json"
+
+MEASURE_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "test_loss",
+    "train_acc",
+    "test_acc",
+    "restricted_loss",
+    "excluded_loss",
+    "restricted_acc",
+    "excluded_acc",
+    "gini_embed",
+    "gini_neuron_logit",
+    "weight_norm_sq",
+    "key_logit_frac",
+    "neuron_key_frac",
+    "n_clustered_neurons",
+)
+
+ARRAY_DOCS = {
+    "epochs": "int64 [ckpt]: the checkpoint epoch of each row of every other array",
+    "embed_fourier_norms": "float32 [ckpt, p]: ‖(F W_E[:p])_i‖ per Fourier component i (Const, cos 1, sin 1, ...)",
+    "neuron_logit_fourier_norms": "float32 [ckpt, p]: Fourier norms of W_L = W_out W_U along the logit axis",
+    "neuron_cluster": "int64 [ckpt, d_mlp]: each neuron's frequency k, or -1 below the 0.85 threshold",
+    "neuron_best_frac": "float32 [ckpt, d_mlp]: fraction of the neuron's variance in its best frequency's 3x3 block",
+    "neuron_key_frac": "float32 [ckpt, d_mlp]: fraction of the neuron's variance in the key frequencies' blocks",
+}
+
+VARIANTS = {
+    "restricted_loss": "logit level: P_S(L) + per-class mean, scored on all valid pairs",
+    "excluded_loss": "logit level: L - P_S(L), scored on the training pairs",
+    "gini": "over the p - 1 non-constant Fourier components (cos and sin separate)",
+    "key_frequencies": (
+        f"neurons vote for their best k when its 3x3 block explains >= {CLUSTER_THRESHOLD} of "
+        "the centred variance; k is key with >= max(3, d_mlp // 100) votes; newest checkpoint"
+    ),
+    "phases": "circuits.measures.phases.phase_boundaries (frac 0.1, cleanup_frac 0.25, window 3)",
+}
+
+
+def default_analysis_dir(run: Run, root: Path = DEFAULT_ANALYSES_DIR) -> Path:
+    """``analyses/<run path relative to checkpoints/>``, or ``analyses/<run name>`` elsewhere."""
+    path = run.path.resolve()
+    base = DEFAULT_RUNS_DIR.resolve()
+    try:
+        rel = path.relative_to(base)
+    except ValueError:
+        rel = Path(path.name)
+    return Path(root) / rel
+
+
+@dataclass
+class Analysis:
+    """The tables of one analysed run, as pandas DataFrames and tensors."""
+
+    path: Path
+    measures: pd.DataFrame
+    arrays: dict[str, torch.Tensor]
+    summary: dict[str, Any]
+    damaged: list[str] = field(default_factory=list)
+
+    @property
+    def key_frequencies(self) -> list[int]:
+        """The key frequencies used for the restricted and excluded losses."""
+        return list(self.summary["key_frequencies"])
+
+    def frequency_table(self) -> pd.DataFrame:
+        """Long table: epoch, frequency k, embedding norm and neuron-logit norm of k (cos, sin merged)."""
+        import pandas as pd
+
+        from circuits.fourier import frequency_norms
+
+        epochs = self.arrays["epochs"].tolist()
+        emb = frequency_norms(self.arrays["embed_fourier_norms"])
+        nl = frequency_norms(self.arrays["neuron_logit_fourier_norms"])
+        rows = [
+            {"epoch": e, "freq": k + 1, "embed_norm": float(emb[i, k]), "neuron_logit_norm": float(nl[i, k])}
+            for i, e in enumerate(epochs)
+            for k in range(emb.shape[1])
+        ]
+        return pd.DataFrame(rows)
+
+    def clusters(self, epoch: int | None = None) -> pd.DataFrame:
+        """Neuron table at ``epoch`` (default: last): neuron, cluster (k or -1), best fraction."""
+        import pandas as pd
+
+        epochs = self.arrays["epochs"].tolist()
+        i = len(epochs) - 1 if epoch is None else epochs.index(epoch)
+        return pd.DataFrame({
+            "neuron": range(self.arrays["neuron_cluster"].shape[1]),
+            "cluster": self.arrays["neuron_cluster"][i].tolist(),
+            "best_frac": self.arrays["neuron_best_frac"][i].tolist(),
+            "key_frac": self.arrays["neuron_key_frac"][i].tolist(),
+        })
+
+
+def _key_set(run: Run, epoch: int) -> list[int]:
+    params = stack_state_dicts([run.state_dict(epoch)])
+    with torch.no_grad():
+        _, post = grid_forward(params, run.config.task.p, run.config.model.act_fn)
+    fractions = neuron_frequency_fractions(post[0], run.config.task.p)
+    return key_frequencies(fractions)
+
+
+def _measure_chunk(
+    run: Run, params: dict[str, torch.Tensor], key: list[int]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Scalar columns and arrays for a stack of checkpoints."""
+    task, p = run.task, run.config.task.p
+    labels = task.labels
+    valid = torch.nonzero(task.valid).squeeze(1)
+    with torch.no_grad():
+        logits, post = grid_forward(params, p, run.config.model.act_fn)
+        cols: dict[str, torch.Tensor] = {}
+        for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+            lg = logits[:, idx]
+            cols[f"{split}_loss"] = cross_entropy(lg, labels[idx])
+            cols[f"{split}_acc"] = accuracy(lg, labels[idx])
+        from circuits.measures.losses import excluded_logits, restricted_logits
+
+        cols["restricted_loss"] = restricted_loss(logits, labels, p, key, idx=valid)
+        cols["excluded_loss"] = excluded_loss(logits, labels, p, key, idx=task.train_idx)
+        cols["restricted_acc"] = accuracy(restricted_logits(logits, p, key)[:, valid], labels[valid])
+        cols["excluded_acc"] = accuracy(
+            excluded_logits(logits, p, key)[:, task.train_idx], labels[task.train_idx]
+        )
+        cols["key_logit_frac"] = key_logit_fraction(logits, p, key)
+        W_E = params["embed.W_E"][:, :p].to(torch.float64)  # [ckpt, p, d]
+        emb = fft1d(W_E.transpose(-1, -2)).norm(dim=-2)  # [ckpt, p]
+        W_L = params["blocks.0.mlp.W_out"].double() @ params["unembed.W_U"].double()
+        nl = fft1d(W_L).norm(dim=-2)
+        cols["gini_embed"] = gini(emb[:, 1:])
+        cols["gini_neuron_logit"] = gini(nl[:, 1:])
+        total = torch.zeros(logits.shape[0], dtype=torch.float64)
+        for name, value in params.items():
+            sq = value.double().pow(2).flatten(1).sum(1)
+            cols[f"norm_sq.{name}"] = sq
+            total += sq
+        cols["weight_norm_sq"] = total
+        fractions = neuron_frequency_fractions(post, p)
+        cluster, best = neuron_clusters(fractions)
+        kidx = torch.tensor([k - 1 for k in key], dtype=torch.long)
+        nkf = fractions[..., kidx].sum(-1) if len(key) else torch.zeros_like(best)
+        cols["neuron_key_frac"] = nkf.double().mean(-1)
+        cols["n_clustered_neurons"] = (cluster > 0).sum(-1).double()
+    arrays = {
+        "embed_fourier_norms": emb.float(),
+        "neuron_logit_fourier_norms": nl.float(),
+        "neuron_cluster": cluster.to(torch.int64),
+        "neuron_best_frac": best.float(),
+        "neuron_key_frac": nkf.float(),
+    }
+    return cols, arrays
+
+
+def analyze(
+    run: Run | str | Path,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+    key_freqs: list[int] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    write: bool = True,
+) -> Analysis:
+    """Run every progress measure over every checkpoint of ``run`` (Nanda et al. 2023).
+
+    ``key_freqs`` overrides the automatic key-frequency detection. ``on_progress(done, total)``
+    is called after each batch. With ``write`` (default) the tables are saved to ``out``
+    (default :func:`default_analysis_dir`) and reused by the next call.
+    """
+    import pandas as pd
+
+    if not isinstance(run, Run):
+        run = load_run(run)
+    out_dir = Path(out) if out is not None else default_analysis_dir(run)
+    epochs = run.epochs
+    damaged: dict[int, str] = {}
+    # Key frequencies from the newest intact checkpoint.
+    key = key_freqs
+    key_epoch = None
+    for e in reversed(epochs):
+        try:
+            if key is None:
+                key = _key_set(run, e)
+            key_epoch = e
+            break
+        except CheckpointError as err:
+            damaged[e] = str(err)
+    if key is None:
+        key = []
+    previous = load_analysis(out_dir) if write and (out_dir / SUMMARY_FILE).exists() else None
+    done_rows: pd.DataFrame | None = None
+    done_arrays: dict[str, torch.Tensor] | None = None
+    if previous is not None and previous.key_frequencies == key:
+        done_rows, done_arrays = previous.measures, previous.arrays
+        known = set(done_rows.epoch.astype(int).tolist())
+        todo = [e for e in epochs if e not in known and e not in damaged]
+    else:
+        todo = [e for e in epochs if e not in damaged]
+    new_cols: list[dict[str, torch.Tensor]] = []
+    new_arrays: list[dict[str, torch.Tensor]] = []
+    new_epochs: list[int] = []
+    total = len(todo)
+    for start in range(0, total, batch_size):
+        chunk = todo[start : start + batch_size]
+        sds, good = [], []
+        for e in chunk:
+            try:
+                sds.append(run.state_dict(e))
+                good.append(e)
+            except CheckpointError as err:
+                damaged[e] = str(err)
+        if sds:
+            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key)
+            new_cols.append(cols)
+            new_arrays.append(arrs)
+            new_epochs += good
+        if on_progress:
+            on_progress(min(start + batch_size, total), total)
+    frames = []
+    if done_rows is not None and len(done_rows):
+        frames.append(done_rows)
+    if new_epochs:
+        data: dict[str, list[float]] = {"epoch": new_epochs}
+        for name in new_cols[0]:
+            data[name] = torch.cat([c[name] for c in new_cols]).tolist()
+        frames.append(pd.DataFrame(data))
+    measures = (
+        pd.concat(frames, ignore_index=True).sort_values("epoch").reset_index(drop=True)
+        if frames else pd.DataFrame(columns=list(MEASURE_COLUMNS))
+    )
+    measures["epoch"] = measures["epoch"].astype(int)
+    ordered = [c for c in MEASURE_COLUMNS if c in measures] + sorted(
+        c for c in measures if c not in MEASURE_COLUMNS
+    )
+    measures = measures[ordered]
+    arrays = _merge_arrays(done_arrays, new_arrays, new_epochs)
+    summary = _summary(run, measures, arrays, key, key_epoch, key_freqs is not None, damaged)
+    analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])
+    if write:
+        _write(analysis)
+    return analysis
+
+
+def _merge_arrays(
+    done: dict[str, torch.Tensor] | None, new: list[dict[str, torch.Tensor]], new_epochs: list[int]
+) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    if done is not None and len(done.get("epochs", [])):
+        for k, v in done.items():
+            parts.setdefault(k, []).append(v)
+    if new_epochs:
+        parts.setdefault("epochs", []).append(torch.tensor(new_epochs, dtype=torch.int64))
+        for k in new[0]:
+            parts.setdefault(k, []).append(torch.cat([a[k] for a in new]))
+    if not parts:
+        return {"epochs": torch.zeros(0, dtype=torch.int64)}
+    merged = {k: torch.cat(v) for k, v in parts.items()}
+    order = torch.argsort(merged["epochs"])
+    return {k: v[order].contiguous() for k, v in merged.items()}
+
+
+def _summary(
+    run: Run,
+    measures: pd.DataFrame,
+    arrays: dict[str, torch.Tensor],
+    key: list[int],
+    key_epoch: int | None,
+    key_given: bool,
+    damaged: dict[int, str],
+) -> dict[str, Any]:
+    from circuits import __version__
+
+    phases = phase_boundaries(
+        measures.epoch.to_numpy(), measures.test_loss.to_numpy(), measures.weight_norm_sq.to_numpy()
+    ) if len(measures) else None
+    final = measures.iloc[-1].to_dict() if len(measures) else {}
+    sizes: dict[str, int] = {}
+    if "neuron_cluster" in arrays and len(arrays["neuron_cluster"]):
+        last = arrays["neuron_cluster"][-1]
+        for k in sorted(set(last.tolist())):
+            sizes["unassigned" if k == -1 else str(k)] = int((last == k).sum())
+    return {
+        "run": str(run.path),
+        "circuits_version": __version__,
+        "n_checkpoints": int(len(measures)),
+        "key_frequencies": [int(k) for k in key],
+        "key_frequencies_epoch": key_epoch,
+        "key_frequencies_source": "given" if key_given else "detected",
+        "neuron_cluster_sizes": sizes,
+        "phases": phases.to_dict() if phases else None,
+        "final": {k: (int(v) if k == "epoch" else float(v)) for k, v in final.items()},
+        "variants": VARIANTS,
+        "arrays": ARRAY_DOCS,
+        "damaged_checkpoints": {str(e): msg for e, msg in sorted(damaged.items())},
+    }
+
+
+def _write(analysis: Analysis) -> None:
+    out = analysis.path
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / MEASURES_FILE, analysis.measures.to_csv(index=False, float_format="%.10g").encode())
+    atomic_write_bytes(out / ARRAYS_FILE, st_save(analysis.arrays))
+    atomic_write_bytes(out / SUMMARY_FILE, json.dumps(analysis.summary, indent=2).encode())
+
+
+def load_analysis(path: str | Path) -> Analysis:
+    """Read an analysis folder written by :func:`analyze` (``circuits analyze``)."""
+    import pandas as pd
+
+    path = Path(path)
+    summary = json.loads((path / SUMMARY_FILE).read_text())
+    measures = pd.read_csv(path / MEASURES_FILE)
+    arrays = st_load((path / ARRAYS_FILE).read_bytes())
+    damaged = list(summary.get("damaged_checkpoints", {}).values())
+    return Analysis(path, measures, arrays, summary, damaged)

@@ -1,0 +1,50 @@
+"""Progress measures as pure functions on tensors (Nanda et al. 2023 and the papers it cites).
+
+One module per family: ``losses`` (train/test, restricted, excluded), ``frequencies`` (key
+frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
+weights), ``phases`` (phase boundaries). ``circuits.analysis`` runs them over a whole run.
+"""
+
+from circuits.measures.frequencies import (
+    CLUSTER_THRESHOLD,
+    embed_fourier_norms,
+    embed_key_frequencies,
+    key_frequencies,
+    neuron_clusters,
+    neuron_frequency_fractions,
+    neuron_logit_fourier_norms,
+)
+from circuits.measures.losses import (
+    accuracy,
+    cross_entropy,
+    excluded_logits,
+    excluded_loss,
+    key_logit_fraction,
+    restricted_logits,
+    restricted_loss,
+)
+from circuits.measures.norms import weight_norm_sq, weight_norms_sq
+from circuits.measures.phases import Phases, phase_boundaries
+from circuits.measures.sparsity import gini
+
+__all__ = [
+    "CLUSTER_THRESHOLD",
+    "Phases",
+    "accuracy",
+    "cross_entropy",
+    "embed_fourier_norms",
+    "embed_key_frequencies",
+    "excluded_logits",
+    "excluded_loss",
+    "gini",
+    "key_frequencies",
+    "key_logit_fraction",
+    "neuron_clusters",
+    "neuron_frequency_fractions",
+    "neuron_logit_fourier_norms",
+    "phase_boundaries",
+    "restricted_logits",
+    "restricted_loss",
+    "weight_norm_sq",
+    "weight_norms_sq",
+]
