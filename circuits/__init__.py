@@ -22,6 +22,9 @@ __all__ = [
     "Transformer",
     "make_model",
     "make_task",
+    "analyze",
+    "load_analysis",
+    "Analysis",
 ]
 
 _LAZY = {
@@ -36,9 +39,13 @@ _LAZY = {
     "Transformer": "circuits.model",
     "make_model": "circuits.model",
     "make_task": "circuits.tasks",
+    "analyze": "circuits.analysis",
+    "load_analysis": "circuits.analysis",
+    "Analysis": "circuits.analysis",
 }
 
 if TYPE_CHECKING:
+    from circuits.analysis import Analysis, analyze, load_analysis
     from circuits.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, preset
     from circuits.model import Transformer, make_model
     from circuits.run import Run, load_run, train

@@ -1,0 +1,99 @@
+"""Time ``circuits analyze`` on 500 checkpoints of the nanda configuration vs a plain loop.
+
+The checkpoints are nanda-sized weights (p = 113, d_model 128, d_mlp 512): the initialisation
+plus seeded perturbations, written through the run store, so the work per checkpoint is that of
+a real run. Our path is :func:`circuits.analysis.analyze` (batched grid forward). The baseline
+is what a notebook does: for each checkpoint, load the hooked model, ``run_with_cache`` on all
+p² inputs, and compute the same measures with the same functions, one checkpoint at a time.
+The baseline is timed on ``--baseline-ckpts`` checkpoints and scaled to the full count.
+
+    python benchmarks/analyze.py                 # 500 checkpoints, baseline on 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from circuits.analysis import analyze
+from circuits.config import preset
+from circuits.measures import (
+    accuracy,
+    cross_entropy,
+    embed_fourier_norms,
+    excluded_loss,
+    gini,
+    key_logit_fraction,
+    neuron_clusters,
+    neuron_frequency_fractions,
+    neuron_logit_fourier_norms,
+    restricted_loss,
+    weight_norm_sq,
+)
+from circuits.model import make_model
+from circuits.run import Run
+from circuits.store import RunStore
+from circuits.trainer import prepare_store
+
+
+def make_fake_run(root: Path, n: int) -> Run:
+    cfg = preset("nanda").replace(epochs=100 * (n - 1), checkpoint_early_until=0)
+    store = RunStore(root)
+    prepare_store(cfg, store)
+    base = {k: v for k, v in make_model(cfg).state_dict().items() if "W_" in k or "b_" in k}
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        sd = {k: v + 0.02 * torch.randn(v.shape, generator=g) if "W_" in k else v for k, v in base.items()}
+        store.write_checkpoint(100 * i, sd)
+    return Run(root)
+
+
+def baseline(run: Run, epochs: list[int], key: list[int]) -> float:
+    task, p = run.task, run.config.task.p
+    t0 = time.perf_counter()
+    for e in epochs:
+        model = run.model(e, exact=True)
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(task.tokens)
+        lg = logits[:, -1]
+        post = cache["blocks.0.mlp.hook_post"][:, -1]
+        for idx in (task.train_idx, task.test_idx):
+            cross_entropy(lg[idx], task.labels[idx])
+            accuracy(lg[idx], task.labels[idx])
+        restricted_loss(lg, task.labels, p, key)
+        excluded_loss(lg, task.labels, p, key, task.train_idx)
+        key_logit_fraction(lg, p, key)
+        gini(embed_fourier_norms(model.W_E.detach(), p)[1:])
+        gini(neuron_logit_fourier_norms(model.blocks[0].mlp.W_out.detach(), model.W_U.detach())[1:])
+        weight_norm_sq(model.state_dict())
+        neuron_clusters(neuron_frequency_fractions(post, p))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ckpts", type=int, default=500)
+    parser.add_argument("--baseline-ckpts", type=int, default=25)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        run = make_fake_run(Path(tmp) / "nanda", args.ckpts)
+        t0 = time.perf_counter()
+        result = analyze(run, out=Path(tmp) / "analysis")
+        ours = time.perf_counter() - t0
+        key = result.key_frequencies or [14, 35, 41, 42, 52]
+        sample = run.epochs[: args.baseline_ckpts]
+        base = baseline(run, sample, key) * args.ckpts / len(sample)
+    print(f"circuits analyze: {args.ckpts} checkpoints in {ours:.1f} s "
+          f"({1000 * ours / args.ckpts:.0f} ms each)")
+    print(f"plain per-checkpoint loop: {base:.1f} s (timed on {len(sample)}, scaled)")
+    print(f"speed-up: {base / ours:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""analyze(): every measure over every checkpoint; incremental; damage-tolerant; the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.analysis import MEASURE_COLUMNS, _key_set, analyze, load_analysis
+from circuits.store import RunStore
+from tests.conftest import run_cli
+
+
+def _copy(run: circuits.Run, tmp_path: Path, name: str = "run") -> Path:
+    dest = tmp_path / name
+    shutil.copytree(run.path, dest)
+    return dest
+
+
+def test_tables_cover_every_checkpoint_and_agree_with_training_metrics(
+    tiny_run: circuits.Run, tmp_path: Path
+) -> None:
+    result = analyze(tiny_run, out=tmp_path / "a")
+    m = result.measures
+    assert set(MEASURE_COLUMNS) <= set(m.columns)
+    assert any(c.startswith("norm_sq.blocks.0.mlp.W_in") for c in m.columns)
+    assert m.epoch.tolist() == tiny_run.epochs
+    # Independent paths: the trainer's fused evaluation vs the analysis grid forward.
+    logged = tiny_run.metrics.set_index("epoch").loc[m.epoch]
+    for col in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        torch.testing.assert_close(
+            torch.tensor(m[col].values), torch.tensor(logged[col].values), rtol=1e-4, atol=1e-6
+        )
+    a = result.arrays
+    n, p, d_mlp = len(m), tiny_run.config.task.p, tiny_run.config.model.d_mlp
+    assert a["epochs"].tolist() == m.epoch.tolist()
+    assert a["embed_fourier_norms"].shape == (n, p)
+    assert a["neuron_cluster"].shape == (n, d_mlp)
+    back = load_analysis(tmp_path / "a")
+    assert back.measures.epoch.tolist() == m.epoch.tolist()
+    torch.testing.assert_close(
+        torch.tensor(back.measures.weight_norm_sq.values), torch.tensor(m.weight_norm_sq.values)
+    )
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["n_checkpoints"] == n and "restricted_loss" in summary["variants"]
+    assert len(result.frequency_table()) == n * (p - 1) // 2
+    assert len(result.clusters()) == d_mlp
+
+
+def test_second_call_only_computes_new_checkpoints(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    root = _copy(tiny_run, tmp_path)
+    store = RunStore(root)
+    full_manifest = store.read_manifest()
+    # Pretend the run is still training: only the first checkpoints exist yet.
+    early = dict(list(sorted(full_manifest.items()))[:5])
+    store._write_manifest(early)
+    first = analyze(root, out=tmp_path / "a", key_freqs=[1, 2])
+    assert len(first.measures) == 5
+    store._write_manifest(full_manifest)
+    calls: list[tuple[int, int]] = []
+    second = analyze(root, out=tmp_path / "a", key_freqs=[1, 2], on_progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1][1] == len(full_manifest) - 5
+    fresh = analyze(root, out=tmp_path / "b", key_freqs=[1, 2])
+    assert second.measures.epoch.tolist() == fresh.measures.epoch.tolist()
+    for col in ("restricted_loss", "excluded_loss", "gini_embed", "weight_norm_sq"):
+        torch.testing.assert_close(
+            torch.tensor(second.measures[col].values), torch.tensor(fresh.measures[col].values)
+        )
+    # A different key set (as when a later checkpoint changes it) recomputes every row.
+    calls.clear()
+    analyze(root, out=tmp_path / "a", key_freqs=[3], on_progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1][1] == len(full_manifest)
+
+
+def test_damaged_checkpoint_is_named_and_skipped(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    root = _copy(tiny_run, tmp_path)
+    victim = RunStore(root).checkpoint_path(tiny_run.epochs[2])
+    victim.write_bytes(victim.read_bytes()[:50])
+    result = analyze(root, out=tmp_path / "a")
+    assert tiny_run.epochs[2] not in result.measures.epoch.tolist()
+    assert len(result.measures) == len(tiny_run.epochs) - 1
+    assert len(result.damaged) == 1 and victim.name in result.damaged[0]
+    assert victim.name in json.dumps(result.summary["damaged_checkpoints"])
+    cli = run_cli("analyze", str(root), "--out", str(tmp_path / "c"))
+    assert cli.returncode == 0 and victim.name in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_cli_analyze(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    result = run_cli("analyze", str(tiny_run.path), "--out", str(tmp_path / "a"))
+    assert result.returncode == 0, result.stderr
+    assert "key frequencies:" in result.stdout and "analysis:" in result.stdout
+    assert (tmp_path / "a" / "measures.csv").is_file()
+    bad = run_cli("analyze", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---- science on the real quick run --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_analysis(quick_run: circuits.Run, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    return analyze(quick_run, out=tmp_path_factory.mktemp("analyses") / "quick")
+
+
+def _first(m, col: str, below: float) -> int:  # noqa: ANN001
+    return int(m.epoch[m[col] < below].iloc[0])
+
+
+def test_key_frequencies_are_few_and_stable(quick_run: circuits.Run, quick_analysis) -> None:  # noqa: ANN001
+    key = quick_analysis.key_frequencies
+    assert 1 <= len(key) <= 8
+    for epoch in quick_run.epochs[-4:]:
+        assert _key_set(quick_run, epoch) == key
+    sizes = quick_analysis.summary["neuron_cluster_sizes"]
+    assert sum(v for k, v in sizes.items() if k != "unassigned") > quick_run.config.model.d_mlp // 2
+
+
+def test_restricted_loss_falls_well_before_test_loss(quick_analysis) -> None:  # noqa: ANN001
+    m = quick_analysis.measures
+    for level in (1.0, 0.1, 0.01):
+        assert _first(m, "restricted_loss", level) < _first(m, "test_loss", level) - 100
+
+
+def test_phases_are_ordered_and_match_the_curves(quick_analysis) -> None:  # noqa: ANN001
+    m = quick_analysis.measures.set_index("epoch")
+    ph = quick_analysis.summary["phases"]
+    mem, form, clean = ph["memorisation_end"], ph["circuit_formation_end"], ph["cleanup_end"]
+    assert mem is not None and form is not None and clean is not None
+    assert mem < form < clean
+    # Memorisation: train accuracy perfect, test loss at its peak.
+    assert m.loc[mem, "train_acc"] == 1.0 or m.loc[mem, "train_loss"] < 0.05
+    assert m.loc[mem, "test_loss"] == m.test_loss.max()
+    # Circuit formation: the excluded loss rises while the test loss stays high.
+    assert m.loc[form, "excluded_loss"] > 1.5 * m.loc[mem, "excluded_loss"]
+    assert m.loc[form, "test_loss"] > 1.0
+    # Cleanup: the weight norm falls, the test loss collapses, sparsity rises.
+    assert m.loc[clean, "weight_norm_sq"] < 0.8 * m.loc[form, "weight_norm_sq"]
+    assert m.loc[clean, "test_loss"] < 1e-3
+    assert m.loc[clean, "gini_embed"] > m.loc[form, "gini_embed"]
