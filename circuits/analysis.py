@@ -38,9 +38,9 @@ from circuits.measures.frequencies import (
 from circuits.measures.losses import (
     accuracy,
     cross_entropy,
-    excluded_loss,
+    excluded_logits,
     key_logit_fraction,
-    restricted_loss,
+    restricted_logits,
 )
 from circuits.measures.phases import phase_boundaries
 from circuits.measures.sparsity import gini
@@ -182,14 +182,15 @@ def _measure_chunk(
             lg = logits[:, idx]
             cols[f"{split}_loss"] = cross_entropy(lg, labels[idx])
             cols[f"{split}_acc"] = accuracy(lg, labels[idx])
-        from circuits.measures.losses import excluded_logits, restricted_logits
-
-        cols["restricted_loss"] = restricted_loss(logits, labels, p, key, idx=valid)
-        cols["excluded_loss"] = excluded_loss(logits, labels, p, key, idx=task.train_idx)
-        cols["restricted_acc"] = accuracy(restricted_logits(logits, p, key)[:, valid], labels[valid])
-        cols["excluded_acc"] = accuracy(
-            excluded_logits(logits, p, key)[:, task.train_idx], labels[task.train_idx]
-        )
+        # Restricted and excluded logits once each, for both their loss and their accuracy.
+        restricted = restricted_logits(logits, p, key)
+        cols["restricted_loss"] = cross_entropy(restricted[:, valid], labels[valid])
+        cols["restricted_acc"] = accuracy(restricted[:, valid], labels[valid])
+        del restricted
+        excluded = excluded_logits(logits, p, key)[:, task.train_idx]
+        cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
+        cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx])
+        del excluded
         cols["key_logit_frac"] = key_logit_fraction(logits, p, key)
         W_E = params["embed.W_E"][:, :p].to(torch.float64)  # [ckpt, p, d]
         emb = fft1d(W_E.transpose(-1, -2)).norm(dim=-2)  # [ckpt, p]

@@ -36,40 +36,29 @@ def neuron_frequency_fractions(
 ) -> Float[Tensor, "*ckpt neuron freq"]:
     """Fraction of each neuron's centred variance in each frequency's 3x3 Fourier block.
 
-    ``acts`` are activations over the p^2 inputs in canonical order. Only the coefficients of
-    the blocks are formed (the constant row and column, and the 2x2 diagonal blocks), which
-    halves the work of a full 2D transform.
+    ``acts`` are activations over the p^2 inputs in canonical order. The 2D transform is two
+    batched matmuls with the real basis (an FFT is slower here: p is prime), and the block of
+    frequency k is read off as the 8 coefficients {0, cos k, sin k}^2 minus (0, 0) (zero after
+    centring).
     """
-    # Float32 is ample for fractions (and twice as fast as float64 on a CPU); sums are exact
-    # enough that every fraction is within ~1e-6 of its float64 value.
+    # Float32 is ample for fractions (within ~1e-6 of float64) and twice as fast on a CPU.
     x = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
     x = x - x.mean(dim=-2, keepdim=True)
     *lead, pp, n = x.shape
-    grid = x.reshape(*lead, p, p, n)
+    c = 1
+    for d in lead:
+        c *= d
     basis = _basis(p, x.dtype).to(x.device)
-    total = grid.pow(2).sum(dim=(-3, -2))  # Parseval: energy of the centred neuron
-    # Transform along a: g[i, b] = Σ_a F_i(a) x[a, b].
-    g = torch.einsum("ia,...abn->...ibn", basis, grid)
-    # Row i=0 against every j (const in a), and column j=0 for every i (const in b).
-    row0 = torch.einsum("jb,...bn->...jn", basis, g[..., 0, :, :])  # [..., j, n]
-    col0 = g.sum(dim=-2) * basis[0, 0]  # [..., i, n]; F_0 is constant
-    k = n_frequencies(p)
-    cos_i = torch.arange(1, 2 * k, 2, device=x.device)
-    sin_i = cos_i + 1
-    # The 2x2 diagonal block of frequency k: i, j in {cos k, sin k}.
-    gc, gs = g[..., cos_i, :, :], g[..., sin_i, :, :]  # [..., k, b, n]
-    fc, fs = basis[cos_i], basis[sin_i]  # [k, b]
-    cc = torch.einsum("...kbn,kb->...kn", gc, fc)
-    cs = torch.einsum("...kbn,kb->...kn", gc, fs)
-    sc = torch.einsum("...kbn,kb->...kn", gs, fc)
-    ss = torch.einsum("...kbn,kb->...kn", gs, fs)
-    block = (
-        row0[..., cos_i, :].pow(2) + row0[..., sin_i, :].pow(2)
-        + col0[..., cos_i, :].pow(2) + col0[..., sin_i, :].pow(2)
-        + cc.pow(2) + cs.pow(2) + sc.pow(2) + ss.pow(2)
-    )  # [..., k, n]; the (0, 0) entry is 0 after centring
-    frac = block / total.unsqueeze(-2).clamp_min(1e-30)
-    return frac.transpose(-1, -2)
+    total = x.pow(2).sum(dim=-2).reshape(c, n)  # Parseval: the centred neuron's energy
+    g = torch.matmul(basis, x.reshape(c, p, p * n))  # along a: [c, i, (b n)]
+    coeffs = torch.matmul(basis, g.reshape(c * p, p, n)).reshape(c, p, p, n)  # along b
+    k = torch.arange(1, n_frequencies(p) + 1, device=x.device)
+    zero, cos_k, sin_k = torch.zeros_like(k), 2 * k - 1, 2 * k
+    rows = torch.stack([zero, zero, cos_k, sin_k, cos_k, cos_k, sin_k, sin_k], dim=1)
+    cols = torch.stack([cos_k, sin_k, zero, zero, cos_k, sin_k, cos_k, sin_k], dim=1)
+    block = coeffs[:, rows, cols, :].pow(2).sum(dim=2)  # [c, k, n]
+    frac = block / total.unsqueeze(1).clamp_min(1e-30)
+    return frac.transpose(1, 2).reshape(*lead, n, len(k))
 
 
 def neuron_clusters(
