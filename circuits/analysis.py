@@ -223,7 +223,7 @@ def _measure_chunk(
 def analyze(
     run: Run | str | Path,
     out: str | Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = 4,
     key_freqs: list[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     write: bool = True,

@@ -131,3 +131,24 @@ def test_phase_rule_on_synthetic_curves() -> None:
     # Not grokked: only memorisation ends.
     flat = phase_boundaries(epochs, np.where(epochs < 1000, 5 + epochs / 100, 15.0 - epochs / 1e4), norm)
     assert flat.memorisation_end is not None and flat.circuit_formation_end is None
+
+
+@pytest.mark.parametrize("overrides", [{}, {"train_biases": True, "act_fn": "gelu", "n_heads": 2}])
+def test_grid_forward_matches_hooked_model(overrides: dict) -> None:
+    p = 13
+    cfg = preset("quick").replace(p=p, d_model=64, d_mlp=96, **overrides)
+    models = []
+    for seed in range(3):
+        model = make_model(cfg.replace(seed=seed))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.add_(0.1 * torch.randn(prm.shape, generator=g))
+        models.append(model)
+    tokens = make_task(cfg.task).tokens
+    with torch.no_grad():
+        logits, post = grid_forward(stack_state_dicts([m.state_dict() for m in models]), p, cfg.model.act_fn)
+        for i, model in enumerate(models):
+            ref, cache = model.run_with_cache(tokens)
+            torch.testing.assert_close(logits[i], ref[:, -1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(post[i], cache["blocks.0.mlp.hook_post"][:, -1], rtol=1e-5, atol=1e-5)
