@@ -28,20 +28,14 @@ from safetensors.torch import save as st_save
 
 from circuits.engine.grid import grid_forward, stack_state_dicts
 from circuits.errors import CheckpointError
-from circuits.fourier import fft1d
+from circuits.fourier import fft1d, sum_directions
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
     key_frequencies,
     neuron_clusters,
     neuron_frequency_fractions,
 )
-from circuits.measures.losses import (
-    accuracy,
-    cross_entropy,
-    excluded_logits,
-    key_logit_fraction,
-    restricted_logits,
-)
+from circuits.measures.losses import accuracy, cross_entropy
 from circuits.measures.phases import phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
@@ -182,16 +176,25 @@ def _measure_chunk(
             lg = logits[:, idx]
             cols[f"{split}_loss"] = cross_entropy(lg, labels[idx])
             cols[f"{split}_acc"] = accuracy(lg, labels[idx])
-        # Restricted and excluded logits once each, for both their loss and their accuracy.
-        restricted = restricted_logits(logits, p, key)
-        cols["restricted_loss"] = cross_entropy(restricted[:, valid], labels[valid])
-        cols["restricted_acc"] = accuracy(restricted[:, valid], labels[valid])
+        # One projection serves the restricted and excluded logits and the key share: the
+        # sum directions are orthonormal and have zero mean over the grid, so P_S(L - mean)
+        # = P_S(L) and its squared norm is that of the coefficients.
+        x = logits.to(torch.float64)
+        dirs = sum_directions(p, key, torch.float64)
+        coeffs = torch.einsum("dq,kqc->kdc", dirs, x)
+        projected = torch.einsum("dq,kdc->kqc", dirs, coeffs)
+        mean = x.mean(dim=1, keepdim=True)
+        restricted = (projected + mean)[:, valid]
+        cols["restricted_loss"] = cross_entropy(restricted, labels[valid])
+        cols["restricted_acc"] = accuracy(restricted, labels[valid])
         del restricted
-        excluded = excluded_logits(logits, p, key)[:, task.train_idx]
+        excluded = (x - projected)[:, task.train_idx]
         cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
         cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx])
-        del excluded
-        cols["key_logit_frac"] = key_logit_fraction(logits, p, key)
+        del excluded, projected
+        centred_sq = (x - mean).pow(2).sum((1, 2))
+        cols["key_logit_frac"] = coeffs.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)
+        del x
         W_E = params["embed.W_E"][:, :p].to(torch.float64)  # [ckpt, p, d]
         emb = fft1d(W_E.transpose(-1, -2)).norm(dim=-2)  # [ckpt, p]
         W_L = params["blocks.0.mlp.W_out"].double() @ params["unembed.W_U"].double()

@@ -153,3 +153,24 @@ def test_phases_are_ordered_and_match_the_curves(quick_analysis) -> None:  # noq
         rate = -np.diff(np.log(m.weight_norm_sq.to_numpy())) / np.diff(e)
         after = rate[e[:-1] >= form]
         assert after[-3:].mean() > 0.25 * after.max() * 0.9
+
+
+def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, tmp_path: Path) -> None:
+    # analyze() shares one projection between several columns; each must still equal the
+    # public function a notebook would call.
+    from circuits.engine.grid import grid_forward, stack_state_dicts
+    from circuits.measures import excluded_loss, key_logit_fraction, restricted_loss
+
+    key = [1, 3]
+    result = analyze(tiny_run, out=tmp_path / "a", key_freqs=key)
+    m = result.measures.set_index("epoch")
+    p, task = tiny_run.config.task.p, tiny_run.task
+    for epoch in tiny_run.epochs[::3]:
+        logits, _ = grid_forward(stack_state_dicts([tiny_run.state_dict(epoch)]), p)
+        expected = {
+            "restricted_loss": restricted_loss(logits[0], task.labels, p, key),
+            "excluded_loss": excluded_loss(logits[0], task.labels, p, key, task.train_idx),
+            "key_logit_frac": key_logit_fraction(logits[0], p, key),
+        }
+        for col, value in expected.items():
+            assert m.loc[epoch, col] == pytest.approx(value.item(), rel=1e-6, abs=1e-9), (epoch, col)
