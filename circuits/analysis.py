@@ -28,14 +28,16 @@ from safetensors.torch import save as st_save
 
 from circuits.engine.grid import grid_forward, stack_state_dicts
 from circuits.errors import CheckpointError
-from circuits.fourier import fft1d, sum_directions
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
+    embed_fourier_norms,
     key_frequencies,
     neuron_clusters,
     neuron_frequency_fractions,
+    neuron_logit_fourier_norms,
 )
-from circuits.measures.losses import accuracy, cross_entropy
+from circuits.measures.losses import accuracy, cross_entropy, project_sum_directions
+from circuits.measures.norms import stacked_weight_norms_sq
 from circuits.measures.phases import phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
@@ -177,12 +179,9 @@ def _measure_chunk(
             cols[f"{split}_loss"] = cross_entropy(lg, labels[idx])
             cols[f"{split}_acc"] = accuracy(lg, labels[idx])
         # One projection serves the restricted and excluded logits and the key share: the
-        # sum directions are orthonormal and have zero mean over the grid, so P_S(L - mean)
-        # = P_S(L) and its squared norm is that of the coefficients.
+        # sum directions have zero mean over the grid, so P_S(L - mean) = P_S(L).
         x = logits.to(torch.float64)
-        dirs = sum_directions(p, key, torch.float64)
-        coeffs = torch.einsum("dq,kqc->kdc", dirs, x)
-        projected = torch.einsum("dq,kdc->kqc", dirs, coeffs)
+        projected = project_sum_directions(x, p, key)
         mean = x.mean(dim=1, keepdim=True)
         restricted = (projected + mean)[:, valid]
         cols["restricted_loss"] = cross_entropy(restricted, labels[valid])
@@ -191,22 +190,17 @@ def _measure_chunk(
         excluded = (x - projected)[:, task.train_idx]
         cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
         cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx])
-        del excluded, projected
+        del excluded
         centred_sq = (x - mean).pow(2).sum((1, 2))
-        cols["key_logit_frac"] = coeffs.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)
-        del x
-        W_E = params["embed.W_E"][:, :p].to(torch.float64)  # [ckpt, p, d]
-        emb = fft1d(W_E.transpose(-1, -2)).norm(dim=-2)  # [ckpt, p]
-        W_L = params["blocks.0.mlp.W_out"].double() @ params["unembed.W_U"].double()
-        nl = fft1d(W_L).norm(dim=-2)
+        cols["key_logit_frac"] = projected.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)
+        del x, projected
+        emb = embed_fourier_norms(params["embed.W_E"], p)  # [ckpt, p]
+        nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
         cols["gini_embed"] = gini(emb[:, 1:])
         cols["gini_neuron_logit"] = gini(nl[:, 1:])
-        total = torch.zeros(logits.shape[0], dtype=torch.float64)
-        for name, value in params.items():
-            sq = value.double().pow(2).flatten(1).sum(1)
-            cols[f"norm_sq.{name}"] = sq
-            total += sq
-        cols["weight_norm_sq"] = total
+        norms = stacked_weight_norms_sq(params)
+        cols.update({f"norm_sq.{name}": sq for name, sq in norms.items()})
+        cols["weight_norm_sq"] = torch.stack(list(norms.values())).sum(0)
         fractions = neuron_frequency_fractions(post, p)
         cluster, best = neuron_clusters(fractions)
         kidx = torch.tensor([k - 1 for k in key], dtype=torch.long)

@@ -66,6 +66,17 @@ FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
 
 
+BUFFER_SUFFIXES = (".mask", ".IGNORE")
+
+
+def is_buffer_key(key: str) -> bool:
+    """Whether a state-dict key is a model buffer (attention mask, IGNORE), not a parameter.
+
+    Checkpoints hold parameters only; buffers are rebuilt by the model's constructor.
+    """
+    return key.endswith(BUFFER_SUFFIXES)
+
+
 def checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint after ``epoch`` updates (zero-padded, sorts by epoch)."""
     return f"epoch_{epoch:09d}.safetensors"

@@ -26,7 +26,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.model import Transformer, make_model
-from circuits.store import RunFolderError, RunStore
+from circuits.store import RunFolderError, RunStore, is_buffer_key
 from circuits.tasks import Task, make_task
 
 __all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn"]
@@ -111,7 +111,7 @@ def lr_at(config: RunConfig, update: int) -> float:
 
 
 def _resume_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, Tensor]:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items() if not _is_buffer(model, k)}
+    tensors = {f"model.{k}": v for k, v in _weights(model).items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -123,10 +123,6 @@ def _resume_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, Ten
                 tensors[f"opt.{name}.{key}"] = torch.as_tensor(state[key])
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
-
-
-def _is_buffer(model: Transformer, key: str) -> bool:
-    return key.endswith(".mask") or key.endswith(".IGNORE")
 
 
 def _load_resume(model: Transformer, opt: torch.optim.AdamW, tensors: dict[str, Tensor]) -> None:
@@ -287,4 +283,4 @@ def _train_run(
 
 
 def _weights(model: Transformer) -> dict[str, Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not _is_buffer(model, k)}
+    return {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}

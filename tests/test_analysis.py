@@ -159,15 +159,25 @@ def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, 
     # analyze() shares one projection between several columns; each must still equal the
     # public function a notebook would call.
     from circuits.engine.grid import grid_forward, stack_state_dicts
-    from circuits.measures import excluded_loss, key_logit_fraction, restricted_loss
+    from circuits.measures import (
+        embed_fourier_norms,
+        excluded_loss,
+        gini,
+        key_logit_fraction,
+        restricted_loss,
+        weight_norm_sq,
+    )
 
     key = [1, 3]
     result = analyze(tiny_run, out=tmp_path / "a", key_freqs=key)
     m = result.measures.set_index("epoch")
     p, task = tiny_run.config.task.p, tiny_run.task
     for epoch in tiny_run.epochs[::3]:
-        logits, _ = grid_forward(stack_state_dicts([tiny_run.state_dict(epoch)]), p)
+        sd = tiny_run.state_dict(epoch)
+        logits, _ = grid_forward(stack_state_dicts([sd]), p)
         expected = {
+            "weight_norm_sq": torch.tensor(weight_norm_sq(sd)),
+            "gini_embed": gini(embed_fourier_norms(sd["embed.W_E"], p)[1:]),
             "restricted_loss": restricted_loss(logits[0], task.labels, p, key),
             "excluded_loss": excluded_loss(logits[0], task.labels, p, key, task.train_idx),
             "key_logit_frac": key_logit_fraction(logits[0], p, key),

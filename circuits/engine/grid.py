@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from circuits.store import is_buffer_key
+
 __all__ = ["grid_forward", "grid_resid_mid", "stack_state_dicts"]
 
 
 def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """Stack checkpoints' weights along a new leading ``ckpt`` axis."""
-    keys = [k for k in state_dicts[0] if not k.endswith((".mask", ".IGNORE"))]
+    keys = [k for k in state_dicts[0] if not is_buffer_key(k)]
     return {k: torch.stack([sd[k] for sd in state_dicts]) for k in keys}
 
 

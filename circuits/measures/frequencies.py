@@ -87,17 +87,19 @@ def key_frequencies(
     return [k for k in range(1, fractions.shape[-1] + 1) if counts[k] >= min_neurons]
 
 
-def embed_fourier_norms(W_E: Float[Tensor, "d_vocab d_model"], p: int) -> Float[Tensor, " p"]:
+def embed_fourier_norms(
+    W_E: Float[Tensor, "*ckpt d_vocab d_model"], p: int
+) -> Float[Tensor, "*ckpt p"]:
     """Norm of each Fourier component of the embedding, '=' row dropped: ``‖(F @ W_E[:p])_i‖``."""
-    return fft1d(W_E[:p].T.to(torch.float64)).norm(dim=0)
+    return fft1d(W_E[..., :p, :].transpose(-1, -2).to(torch.float64)).norm(dim=-2)
 
 
 def neuron_logit_fourier_norms(
-    W_out: Float[Tensor, "d_mlp d_model"], W_U: Float[Tensor, "d_model p"]
-) -> Float[Tensor, " p"]:
+    W_out: Float[Tensor, "*ckpt d_mlp d_model"], W_U: Float[Tensor, "*ckpt d_model p"]
+) -> Float[Tensor, "*ckpt p"]:
     """Fourier norms of the neuron-logit map W_L = W_out @ W_U along its output axis."""
     W_L = W_out.to(torch.float64) @ W_U.to(torch.float64)
-    return fft1d(W_L).norm(dim=0)
+    return fft1d(W_L).norm(dim=-2)
 
 
 def embed_key_frequencies(W_E: Float[Tensor, "d_vocab d_model"], p: int, ratio: float = 0.25) -> list[int]:

@@ -5,23 +5,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["weight_norms_sq", "weight_norm_sq"]
+from circuits.store import is_buffer_key
+
+__all__ = ["stacked_weight_norms_sq", "weight_norms_sq", "weight_norm_sq"]
+
+
+def stacked_weight_norms_sq(params: Mapping[str, Tensor]) -> dict[str, Float[Tensor, " ckpt"]]:
+    """Sum of squares of each parameter for stacked checkpoints (leading ``ckpt`` axis).
+
+    Buffers such as the attention mask are skipped; sums are float64.
+    """
+    return {
+        name: value.to(torch.float64).pow(2).flatten(1).sum(1)
+        for name, value in params.items()
+        if not is_buffer_key(name)
+    }
 
 
 def weight_norms_sq(state_dict: Mapping[str, Tensor]) -> dict[str, float]:
-    """Sum of squares of each parameter (buffers such as the attention mask are skipped).
-
-    Accepts a state dict or a stacked one with a leading checkpoint axis, in which case each
-    value is a list over checkpoints (as floats).
-    """
-    out: dict[str, float] = {}
-    for name, value in state_dict.items():
-        if name.endswith((".mask", ".IGNORE")):
-            continue
-        out[name] = float(value.to(torch.float64).pow(2).sum())
-    return out
+    """Sum of squares of each parameter of one state dict (buffers skipped)."""
+    stacked = stacked_weight_norms_sq({k: v[None] for k, v in state_dict.items()})
+    return {name: float(value[0]) for name, value in stacked.items()}
 
 
 def weight_norm_sq(state_dict: Mapping[str, Tensor]) -> float:
