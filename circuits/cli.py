@@ -26,6 +26,7 @@ from circuits.config import (
     field_type,
     preset,
 )
+from circuits.errors import require_run_dir
 
 app = typer.Typer(
     name="circuits",
@@ -39,16 +40,6 @@ app = typer.Typer(
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """Answer a wrong path at once, before torch is imported."""
-    from circuits.errors import RunFolderError
-
-    if not run_dir.exists():
-        raise RunFolderError(f"run folder {run_dir} does not exist")
-    if not (run_dir / "config.json").is_file():
-        raise RunFolderError(f"{run_dir} is not a run folder: config.json is missing")
 
 
 def _flag(name: str) -> str:
@@ -226,7 +217,7 @@ app.command("train")(_train)
 @app.command("info")
 def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     """Print a run's config, checkpoints and final metrics."""
-    _check_run_dir(run_dir)
+    require_run_dir(run_dir)
     from circuits.run import load_run
 
     run = load_run(run_dir)
@@ -278,7 +269,7 @@ def analyze_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1, help="Checkpoints per batch."),
 ) -> None:
     """Run every progress measure over every checkpoint (incremental; damaged files skipped)."""
-    _check_run_dir(run_dir)
+    require_run_dir(run_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from circuits.analysis import analyze

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError"]
+__all__ = ["RunFolderError", "CheckpointError", "require_run_dir"]
 
 
 class RunFolderError(RuntimeError):
@@ -18,3 +18,15 @@ class CheckpointError(RunFolderError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"damaged checkpoint {self.path}: {problem}")
+
+
+def require_run_dir(path: Path) -> None:
+    """Raise RunFolderError unless ``path`` is a folder with a run config (no torch needed).
+
+    ``config.json`` is written last when a run is created, so its presence marks a run folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"run folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise RunFolderError(f"{path} is not a run folder: config.json is missing")

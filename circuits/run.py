@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuits.config import RunConfig
-from circuits.errors import CheckpointError, RunFolderError
+from circuits.errors import CheckpointError, RunFolderError, require_run_dir
 from circuits.store import RunStore
 
 if TYPE_CHECKING:
@@ -133,8 +133,7 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Open a run folder written by ``circuits train`` or :func:`train`."""
     path = Path(path)
-    if not path.exists():
-        raise RunFolderError(f"run folder {path} does not exist")
+    require_run_dir(path)
     return Run(path)
 
 
