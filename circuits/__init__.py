@@ -17,6 +17,7 @@ __all__ = [
     "TrainConfig",
     "preset",
     "train",
+    "train_ensemble",
     "load_run",
     "Run",
     "Transformer",
@@ -34,6 +35,7 @@ _LAZY = {
     "TrainConfig": "circuits.config",
     "preset": "circuits.config",
     "train": "circuits.run",
+    "train_ensemble": "circuits.run",
     "load_run": "circuits.run",
     "Run": "circuits.run",
     "Transformer": "circuits.model",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from circuits.analysis import Analysis, analyze, load_analysis
     from circuits.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, preset
     from circuits.model import Transformer, make_model
-    from circuits.run import Run, load_run, train
+    from circuits.run import Run, load_run, train, train_ensemble
     from circuits.tasks import make_task
 
 

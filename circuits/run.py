@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from circuits.tasks import Task
     from circuits.trainer import StepInfo
 
-__all__ = ["Run", "load_run", "train", "default_run_dir", "DEFAULT_RUNS_DIR"]
+__all__ = ["Run", "load_run", "train", "train_ensemble", "default_run_dir", "DEFAULT_RUNS_DIR"]
 
 DEFAULT_RUNS_DIR = Path("checkpoints")
 
@@ -160,3 +160,32 @@ def train(
         shutil.rmtree(path)
     train_run(config, RunStore(path), on_step=on_step)
     return Run(path)
+
+
+def train_ensemble(
+    configs: Sequence[RunConfig],
+    outs: Sequence[str | Path] | None = None,
+    force: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> list[Run]:
+    """Train several runs as one stacked computation (or resume them); one run folder each.
+
+    The members must share p, the model widths and the schedule; seeds, splits, training-set
+    sizes, learning rates, weight decays and the rest may differ (see
+    :mod:`circuits.engine.ensemble`). ``outs`` defaults to :func:`default_run_dir` per member.
+    Each folder is an ordinary run: :func:`load_run`, ``circuits analyze`` and the dashboards
+    read it as they read a single run.
+    """
+    from circuits.engine.ensemble import train_ensemble as _train
+
+    configs = list(configs)
+    paths = [Path(o) for o in outs] if outs is not None else [default_run_dir(c) for c in configs]
+    if len(paths) != len(configs):
+        raise ValueError(f"{len(configs)} configs but {len(paths)} output folders")
+    if force:
+        for path in paths:
+            if path.exists():
+                shutil.rmtree(path)
+    _train(configs, [RunStore(p) for p in paths], on_step=on_step)
+    return [Run(p) for p in paths]
+

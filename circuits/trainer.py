@@ -52,6 +52,8 @@ class StepInfo:
     epochs: int
     metrics: dict[str, float | int] | None
     start_epoch: int
+    member_metrics: tuple[dict[str, float | int], ...] | None = None
+    """In an ensemble: every member's fresh metrics (``metrics`` is the first member's)."""
 
 
 def loss_fn(
@@ -159,7 +161,7 @@ def deterministic() -> Iterator[None]:
 
 
 @contextmanager
-def _sigint_flag() -> Iterator[list[bool]]:
+def sigint_flag() -> Iterator[list[bool]]:
     """Turn Ctrl-C into a flag checked between epochs, so the saved state is never half-updated."""
     flag = [False]
     if threading.current_thread() is not threading.main_thread():
@@ -218,6 +220,11 @@ def train_run(
     checkpoint. Ctrl-C saves the current state and raises :class:`TrainingInterrupted`.
     Returns the model after the last epoch.
     """
+    if config.train.engine == "fused":
+        # A fused run is an ensemble of one (circuits.engine.ensemble): one code path.
+        from circuits.engine.ensemble import train_ensemble
+
+        return train_ensemble([config], [store], on_step)[0]
     with deterministic():
         return _train_run(config, store, on_step)
 
@@ -258,7 +265,7 @@ def _train_run(
         if on_step:
             on_step(StepInfo(0, t.epochs, row, 0))
 
-    with _sigint_flag() as interrupted:
+    with sigint_flag() as interrupted:
         for epoch in range(start + 1, t.epochs + 1):
             for group in opt.param_groups:
                 group["lr"] = lr_at(config, epoch - 1)

@@ -1,11 +1,18 @@
-"""Fused last-position forward for training (same math as the hooked model, less work).
+"""Fused last-position forward for training, over a stack of models (same math, less work).
 
-The loss only reads the logits at the last position, and the residual stream at each position
-takes one of only ``n_ctx * d_vocab`` values. So: queries come from a per-token table for the
-last position only, keys and values from per-(position, token) tables gathered per example, and
-the MLP and unembedding run on one row per example instead of ``n_ctx``. This cuts the largest
-matmuls by ``n_ctx`` (3x) while computing the same function as
-:class:`circuits.model.Transformer` up to float32 rounding (parity is tested).
+The loss reads only the logits at the last position, and before the block the residual stream
+at each position takes one of only ``n_ctx * d_vocab`` values. So, for one model or for a stack
+of ``model`` models with the same shapes (an ensemble):
+
+* queries, keys and values come from small per-(position, token) tables;
+* attention scores come from a table over (query token, key position, key token, head), so the
+  per-example work is a gather of ``pos * head`` scalars instead of a batched dot product;
+* the value mix is an elementwise weighted sum, then one matmul with ``W_O`` over all heads;
+* the MLP and unembedding run on one row per example instead of ``n_ctx``.
+
+Every matmul over the batch is a batched matmul over the model axis, so an ensemble of E
+members is one computation. It computes the same function as :class:`circuits.model.Transformer`
+up to float32 rounding (parity is tested, forward and gradients).
 
 Nanda et al. (2023) architecture: one block, no LayerNorm.
 """
@@ -13,6 +20,7 @@ Nanda et al. (2023) architecture: one block, no LayerNorm.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import einops
 import torch
@@ -22,12 +30,17 @@ from torch import Tensor
 
 from circuits.model import Transformer
 
-__all__ = ["last_logits", "supports"]
+__all__ = ["last_logits", "stacked_last_logits", "supports", "model_params"]
 
 
 def supports(model: Transformer) -> bool:
     """Whether the fused path implements this model (one block)."""
     return model.cfg.n_layers == 1
+
+
+def model_params(model: Transformer) -> dict[str, Tensor]:
+    """The model's parameters with a leading model axis of size 1 (views: gradients flow back)."""
+    return {name: p.unsqueeze(0) for name, p in model.named_parameters()}
 
 
 def last_logits(
@@ -36,25 +49,109 @@ def last_logits(
     """Logits at the last position, differentiable w.r.t. the model's parameters."""
     if not supports(model):
         raise ValueError("the fused engine supports n_layers = 1; use engine='reference'")
-    blk = model.blocks[0]
-    attn, mlp = blk.attn, blk.mlp
-    n_pos = tokens.shape[1]
-    # Residual stream before the block, for every (position, token): [pos, vocab, d_model].
-    resid_table = model.embed.W_E[None, :, :] + model.pos_embed.W_pos[:n_pos, None, :]
-    k_table = einops.einsum(resid_table, attn.W_K, "pos v d, h d dh -> pos v h dh") + attn.b_K
-    v_table = einops.einsum(resid_table, attn.W_V, "pos v d, h d dh -> pos v h dh") + attn.b_V
+    act_fn = model.cfg.act_fn
+    return stacked_last_logits(model_params(model), tokens.unsqueeze(0), act_fn)[0]
+
+
+def stacked_last_logits(
+    params: Mapping[str, Tensor], tokens: Int[Tensor, "model batch pos"], act_fn: str = "relu"
+) -> Float[Tensor, "model batch d_vocab_out"]:
+    """Last-position logits of a stack of one-block models.
+
+    ``params`` maps the classic parameter names (``embed.W_E``, ``blocks.0.attn.W_Q``, ...) to
+    tensors with a leading ``model`` axis; ``tokens`` holds each model's own batch (padding rows
+    are fine: each row is computed independently); ``act_fn`` is the MLP's ``relu`` or ``gelu``.
+    """
+    W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
+    a = "blocks.0.attn."
+    W_Q, W_K, W_V, W_O = (params[a + n] for n in ("W_Q", "W_K", "W_V", "W_O"))
+    b_Q, b_K, b_V, b_O = (params[a + n] for n in ("b_Q", "b_K", "b_V", "b_O"))
+    m = "blocks.0.mlp."
+    W_in, b_in, W_out, b_out = (params[m + n] for n in ("W_in", "b_in", "W_out", "b_out"))
+    W_U, b_U = params["unembed.W_U"], params["unembed.b_U"]
+
+    n_models, batch, n_pos = tokens.shape
+    d_vocab = W_E.shape[1]
+    n_heads, d_head = W_Q.shape[1], W_Q.shape[3]
     last = n_pos - 1
-    q_table = einops.einsum(resid_table[last], attn.W_Q, "v d, h d dh -> v h dh") + attn.b_Q
+    # Residual stream before the block for every (position, token): [model, pos, vocab, d_model].
+    resid_table = W_E[:, None] + W_pos[:, :n_pos, None]
+    q_table = einops.einsum(resid_table[:, last], W_Q, "e v d, e h d k -> e v h k") + b_Q[:, None]
+    k_table = einops.einsum(resid_table, W_K, "e p v d, e h d k -> e p v h k") + b_K[:, None, None]
+    v_table = einops.einsum(resid_table, W_V, "e p v d, e h d k -> e p v h k") + b_V[:, None, None]
+    score_table = einops.einsum(
+        q_table, k_table, "e vq h k, e p vk h k -> e vq p vk h"
+    ) / math.sqrt(d_head)
+
+    # Flat row indices into the tables: (model, position, token) and (model, query token, ...).
+    model_idx = torch.arange(n_models, device=tokens.device)[:, None, None]
     pos_idx = torch.arange(n_pos, device=tokens.device)
-    q = q_table[tokens[:, last]]  # [batch, h, dh]
-    k = k_table[pos_idx, tokens]  # [batch, pos, h, dh]
-    v = v_table[pos_idx, tokens]
-    scores = einops.einsum(q, k, "b h dh, b k h dh -> b h k") / math.sqrt(attn.W_Q.shape[-1])
+    pos_tok = (model_idx * n_pos + pos_idx) * d_vocab + tokens  # [model, batch, pos]
+    score_idx = (
+        (model_idx * d_vocab + tokens[..., last:]) * n_pos + pos_idx
+    ) * d_vocab + tokens
+    # F.embedding: its backward is a deterministic row accumulation on CPU and CUDA.
+    scores = F.embedding(score_idx, score_table.reshape(-1, n_heads))  # [model, batch, pos, head]
     # The last query sees every key under the causal mask, so no masking is needed.
-    pattern = F.softmax(scores, dim=-1)
-    z = einops.einsum(pattern, v, "b h k, b k h dh -> b h dh")
-    attn_out = einops.einsum(z, attn.W_O, "b h dh, h dh d -> b d") + attn.b_O
-    resid_mid = resid_table[last][tokens[:, last]] + attn_out
-    post = mlp.act(resid_mid @ mlp.W_in + mlp.b_in)
-    resid_post = resid_mid + post @ mlp.W_out + mlp.b_out
-    return resid_post @ model.unembed.W_U + model.unembed.b_U
+    pattern = scores.softmax(dim=2)
+    v = F.embedding(pos_tok, v_table.reshape(-1, n_heads * d_head))
+    v = v.view(n_models, batch, n_pos, n_heads, d_head)
+    z = (pattern[..., None] * v).sum(dim=2)  # [model, batch, head, d_head]
+    attn_out = torch.baddbmm(
+        b_O[:, None], z.reshape(n_models, batch, n_heads * d_head),
+        W_O.reshape(n_models, n_heads * d_head, -1),
+    )
+    resid_last = F.embedding(
+        model_idx[:, :, 0] * d_vocab + tokens[..., last], resid_table[:, last].reshape(-1, W_E.shape[2])
+    )
+    resid_mid = resid_last + attn_out
+    if act_fn == "relu":
+        return _ReluMLPUnembed.apply(resid_mid, W_in, b_in, W_out, b_out, W_U, b_U)
+    post = F.gelu(torch.baddbmm(b_in[:, None], resid_mid, W_in))
+    resid_post = resid_mid + torch.baddbmm(b_out[:, None], post, W_out)
+    return torch.baddbmm(b_U[:, None], resid_post, W_U)
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(1, 2)
+
+
+class _ReluMLPUnembed(torch.autograd.Function):
+    """``(resid_mid + relu(resid_mid W_in + b_in) W_out + b_out) W_U + b_U``, hand-differentiated.
+
+    The same products autograd would form, but activations are updated in place and only
+    ``post`` is kept for the ReLU mask (post > 0 exactly where pre > 0), which saves a few
+    full-size passes over the largest activation per step (measured in benchmarks/train_step.py).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        resid_mid: Tensor, W_in: Tensor, b_in: Tensor, W_out: Tensor, b_out: Tensor,
+        W_U: Tensor, b_U: Tensor,
+    ) -> Tensor:
+        post = torch.bmm(resid_mid, W_in).add_(b_in[:, None]).relu_()
+        resid_post = torch.baddbmm(resid_mid, post, W_out).add_(b_out[:, None])
+        logits = torch.bmm(resid_post, W_U).add_(b_U[:, None])
+        ctx.save_for_backward(resid_mid, post, resid_post, W_in, W_out, W_U)
+        return logits
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g_logits: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        resid_mid, post, resid_post, W_in, W_out, W_U = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_resid_post = torch.bmm(g_logits, _t(W_U))
+        g_post = torch.bmm(g_resid_post, _t(W_out))
+        g_pre = torch.ops.aten.threshold_backward(g_post, post, 0)
+        del g_post
+        return (
+            torch.baddbmm(g_resid_post, g_pre, _t(W_in)) if need[0] else None,
+            torch.bmm(_t(resid_mid), g_pre) if need[1] else None,
+            g_pre.sum(1) if need[2] else None,
+            torch.bmm(_t(post), g_resid_post) if need[3] else None,
+            g_resid_post.sum(1) if need[4] else None,
+            torch.bmm(_t(resid_post), g_logits) if need[5] else None,
+            g_logits.sum(1) if need[6] else None,
+        )

@@ -1,0 +1,228 @@
+"""Train many runs as one stacked computation; each member writes its own ordinary run folder.
+
+Members share shapes (p and the model widths) and the schedule (epochs, checkpoints, logging)
+and may differ in everything else: seeds, split, training-set size, operation, random labels,
+learning rate, weight decay, betas, warm-up. Each member's batch is padded to the largest
+training set with zero-weight rows, and its loss is its own mean cross-entropy (float64
+log-softmax), so no member's gradient depends on another's. A single fused run is an
+ensemble of one: ``circuits train`` goes through this same loop.
+
+Crash safety is the single run's: each member's folder gets its checkpoint, metrics and resume
+point at every checkpoint epoch. A kill between two members' writes leaves them one checkpoint
+apart; on resume the members that lag train alone until they catch up, then all go on together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuits.config import RunConfig
+from circuits.engine.fused import stacked_last_logits
+from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
+from circuits.model import Transformer, make_model
+from circuits.store import RunStore, is_buffer_key
+from circuits.tasks import Task
+from circuits.trainer import (
+    StepInfo,
+    TrainingInterrupted,
+    deterministic,
+    loss_fn,
+    prepare_store,
+    sigint_flag,
+)
+
+__all__ = ["train_ensemble", "stacked_loss", "evaluate_stack"]
+
+#: Bytes of MLP activations one evaluation chunk may hold; members are evaluated in chunks.
+EVAL_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class _Member:
+    config: RunConfig
+    store: RunStore
+    task: Task
+    model: Transformer
+    opt_tensors: dict[str, Tensor]
+    epoch: int
+
+
+def stacked_loss(
+    logits: Float[Tensor, "model batch d_vocab_out"],
+    labels: Int[Tensor, "model batch"],
+    weights: Float[Tensor, "model batch"],
+) -> Float[Tensor, ""]:
+    """Sum over members of each member's weighted cross-entropy (float64 log-softmax).
+
+    With ``weights`` = 1/n on a member's n real rows and 0 on padding, each member's term is its
+    own mean loss, so the gradient of the sum w.r.t. one member's weights is that member's alone.
+    """
+    ce = F.cross_entropy(logits.flatten(0, 1).to(torch.float64), labels.flatten(), reduction="none")
+    return (ce.view_as(weights) * weights).sum()
+
+
+@torch.no_grad()
+def evaluate_stack(
+    params: dict[str, Tensor], tasks: Sequence[Task], act_fn: str
+) -> list[dict[str, float]]:
+    """Each member's train/test loss (float64) and accuracy over its own split of the full grid."""
+    grid = tasks[0].tokens
+    d_mlp = params["blocks.0.mlp.W_in"].shape[-1]
+    chunk = max(1, EVAL_CHUNK_BYTES // (grid.shape[0] * d_mlp * 4))
+    out: list[dict[str, float]] = []
+    for lo in range(0, len(tasks), chunk):
+        sub = {k: v[lo : lo + chunk] for k, v in params.items()}
+        n = next(iter(sub.values())).shape[0]
+        logits = stacked_last_logits(sub, grid.expand(n, -1, -1), act_fn)
+        for i in range(n):
+            task = tasks[lo + i]
+            row: dict[str, float] = {}
+            for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+                if len(idx) == 0:
+                    row[f"{split}_loss"], row[f"{split}_acc"] = float("nan"), float("nan")
+                    continue
+                lg, y = logits[i, idx], task.labels[idx]
+                row[f"{split}_loss"] = loss_fn(lg, y).item()
+                row[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
+            out.append(row)
+    return out
+
+
+def train_ensemble(
+    configs: Sequence[RunConfig],
+    stores: Sequence[RunStore],
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> list[Transformer]:
+    """Train (or resume) every config into its store as one stacked computation.
+
+    Returns the members' models after the last epoch. ``on_step`` gets a :class:`StepInfo` after
+    each update whose ``metrics`` are the first member's and ``member_metrics`` everyone's.
+    """
+    if len(configs) != len(stores):
+        raise ValueError(f"{len(configs)} configs but {len(stores)} run folders")
+    check_stackable(configs)
+    if len({s.root.resolve() for s in stores}) != len(stores):
+        raise ValueError("two members share one run folder; give each member its own")
+    with deterministic():
+        members = [_open_member(c, s) for c, s in zip(configs, stores)]
+        epochs = configs[0].train.epochs
+        with sigint_flag() as interrupted:
+            while True:
+                todo = [m for m in members if m.epoch < epochs]
+                if not todo:
+                    break
+                lo = min(m.epoch for m in todo)
+                group = [m for m in todo if m.epoch == lo]
+                ahead = [m.epoch for m in todo if m.epoch > lo]
+                _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted)
+    return [m.model for m in members]
+
+
+def _open_member(config: RunConfig, store: RunStore) -> _Member:
+    task = prepare_store(config, store)
+    model = make_model(config)
+    resume = store.read_resume()
+    epoch, opt_tensors = 0, {}
+    if resume is not None:
+        tensors, meta = resume
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(weights, strict=False)
+        opt_tensors = {k: v for k, v in tensors.items() if k.startswith("opt.")}
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        epoch = int(meta["epoch"])
+        store.truncate_metrics(epoch)
+    else:
+        store.truncate_metrics(-1)
+    return _Member(config, store, task, model, opt_tensors, epoch)
+
+
+def _batches(members: Sequence[_Member]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stacked training inputs, labels and loss weights, padded to the largest training set."""
+    n_max = max(len(m.task.train_idx) for m in members)
+    xs, ys, ws = [], [], []
+    for m in members:
+        x, y = m.task.train_data()
+        pad = n_max - len(y)
+        xs.append(torch.cat([x, x[:1].expand(pad, -1)]))
+        ys.append(torch.cat([y, y[:1].expand(pad)]))
+        w = torch.full((n_max,), 1.0 / len(y), dtype=torch.float64)
+        w[len(y) :] = 0.0
+        ws.append(w)
+    return torch.stack(xs), torch.stack(ys), torch.stack(ws)
+
+
+def _train_segment(
+    members: list[_Member],
+    start: int,
+    stop: int,
+    on_step: Callable[[StepInfo], None] | None,
+    interrupted: list[bool],
+) -> None:
+    configs = [m.config for m in members]
+    act_fn = configs[0].model.act_fn
+    train = configs[0].train
+    params = stack_models([m.model for m in members])
+    opt = StackedAdamW(params, configs)
+    for i, m in enumerate(members):
+        opt.load_member(i, m.opt_tensors)
+    x, y, w = _batches(members)
+    tasks = [m.task for m in members]
+    pending: list[list[dict[str, float | int]]] = [[] for _ in members]
+
+    def save(epoch: int, checkpoint: bool) -> None:
+        for i, m in enumerate(members):
+            weights = member_state(params, i)
+            if checkpoint:
+                m.store.write_checkpoint(epoch, weights)
+            m.store.append_metrics(pending[i])
+            pending[i].clear()
+            resume = {f"model.{k}": v for k, v in weights.items() if not is_buffer_key(k)}
+            resume.update(opt.member_tensors(i))
+            resume["rng.torch"] = torch.get_rng_state()
+            m.store.write_resume(resume, {"epoch": epoch, "step": epoch, "engine": "fused"})
+            m.epoch = epoch
+
+    def sync_back(epoch: int) -> None:
+        for i, m in enumerate(members):
+            m.model.load_state_dict(member_state(params, i), strict=False)
+            m.opt_tensors = opt.member_tensors(i)
+            m.epoch = epoch
+
+    def log(epoch: int) -> list[dict[str, float | int]]:
+        rows = [{"epoch": epoch, **r} for r in evaluate_stack(params, tasks, act_fn)]
+        for i, row in enumerate(rows):
+            pending[i].append(row)
+        return rows
+
+    if start == 0:
+        rows = log(0)
+        save(0, checkpoint=True)
+        if on_step:
+            on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows)))
+
+    for epoch in range(start + 1, stop + 1):
+        stacked_loss(stacked_last_logits(params, x, act_fn), y, w).backward()
+        opt.step()
+        opt.zero_grad()
+        is_ckpt = train.is_checkpoint(epoch)
+        rows = None
+        if is_ckpt or epoch % train.log_every == 0:
+            rows = log(epoch)
+        if is_ckpt:
+            save(epoch, checkpoint=True)
+        if on_step:
+            on_step(StepInfo(epoch, train.epochs, rows[0] if rows else None, start,
+                             tuple(rows) if rows else None))
+        if interrupted[0]:
+            if not is_ckpt:
+                save(epoch, checkpoint=False)
+            sync_back(epoch)
+            raise TrainingInterrupted(epoch)
+    sync_back(stop)

@@ -1,0 +1,151 @@
+"""A stack of same-shaped models as one set of tensors, and AdamW over the stack.
+
+Each member keeps its own hyperparameters (learning rate, weight decay, betas, epsilon, warm-up):
+they become per-member tensors broadcast over the leading ``model`` axis, so an ensemble of
+E members is one elementwise update. The update is PyTorch's AdamW (decoupled weight decay,
+Loshchilov & Hutter 2019) written out, in the same order of operations as its single-tensor
+path, so one member of a stack follows the same trajectory as that member trained alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from circuits.config import RunConfig
+from circuits.model import Transformer
+
+__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable"]
+
+#: Training fields that must agree across an ensemble: they set the shared loop and schedule.
+SHARED_TRAIN_FIELDS = (
+    "epochs", "checkpoint_every", "checkpoint_early_every", "checkpoint_early_until", "log_every",
+)
+
+
+def check_stackable(configs: Sequence[RunConfig]) -> None:
+    """Raise ``ValueError`` naming the first field that keeps these runs out of one stack."""
+    if not configs:
+        raise ValueError("an ensemble needs at least one run config")
+    first = configs[0]
+    shape = dict(dataclasses.asdict(first.model), p=first.task.p)
+    shape.pop("seed")
+    for i, cfg in enumerate(configs[1:], start=1):
+        other = dict(dataclasses.asdict(cfg.model), p=cfg.task.p)
+        other.pop("seed")
+        for key, value in shape.items():
+            if other[key] != value:
+                raise ValueError(
+                    f"member {i} has {key}={other[key]!r} but member 0 has {value!r}: members "
+                    "of one ensemble share shapes; put it in a separate ensemble"
+                )
+        for key in SHARED_TRAIN_FIELDS:
+            if getattr(cfg.train, key) != getattr(first.train, key):
+                raise ValueError(
+                    f"member {i} has {key}={getattr(cfg.train, key)!r} but member 0 has "
+                    f"{getattr(first.train, key)!r}: members of one ensemble share the schedule"
+                )
+        if cfg.train.engine != "fused":
+            raise ValueError(f"member {i} uses engine {cfg.train.engine!r}; ensembles are fused")
+
+
+def stack_models(models: Sequence[Transformer]) -> dict[str, Tensor]:
+    """Copy the members' parameters into stacked leaf tensors ``[model, ...]`` (same names)."""
+    stacked = {}
+    for name, p in models[0].named_parameters():
+        t = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).clone()
+        stacked[name] = t.requires_grad_(p.requires_grad)
+    return stacked
+
+
+def member_state(stacked: dict[str, Tensor], i: int) -> dict[str, Tensor]:
+    """Member ``i``'s parameters as a plain state dict (contiguous copies)."""
+    return {name: t[i].detach().clone() for name, t in stacked.items()}
+
+
+class StackedAdamW:
+    """AdamW over stacked parameters, with per-member hyperparameters and warm-up.
+
+    ``state[name]`` holds ``exp_avg`` and ``exp_avg_sq`` with the parameter's stacked shape;
+    ``step`` is the per-member count of updates taken (a float64 tensor ``[model]``).
+    """
+
+    def __init__(self, params: dict[str, Tensor], configs: Sequence[RunConfig]) -> None:
+        self.params = {n: p for n, p in params.items() if p.requires_grad}
+        self.configs = list(configs)
+        n = len(configs)
+        tr = [c.train for c in configs]
+        f64 = torch.float64
+        self.lr = torch.tensor([t.lr for t in tr], dtype=f64)
+        self.weight_decay = torch.tensor([t.weight_decay for t in tr], dtype=f64)
+        self.beta1 = torch.tensor([t.beta1 for t in tr], dtype=f64)
+        self.beta2 = torch.tensor([t.beta2 for t in tr], dtype=f64)
+        self.eps = torch.tensor([t.eps for t in tr], dtype=f64)
+        self.warmup = torch.tensor([t.warmup_steps for t in tr], dtype=f64)
+        self.step_count = torch.zeros(n, dtype=f64)
+        self.state = {
+            name: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            for name, p in self.params.items()
+        }
+
+    def lr_at(self, update: Tensor) -> Tensor:
+        """Per-member learning rate of 0-based update ``update``: linear warm-up, then constant."""
+        ramp = torch.where(self.warmup > 0, update / self.warmup.clamp(min=1), 1.0)
+        return self.lr * ramp.clamp(max=1.0)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One AdamW update of every member (PyTorch's single-tensor order of operations)."""
+        lr = self.lr_at(self.step_count)
+        self.step_count += 1
+        # Scalars per member, computed in float64 as PyTorch does in Python, then cast once.
+        bc1 = 1 - self.beta1**self.step_count
+        bc2_sqrt = (1 - self.beta2**self.step_count).sqrt()
+        decay = 1 - lr * self.weight_decay
+        step_size = lr / bc1
+        for name, p in self.params.items():
+            grad = p.grad
+            if grad is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+
+            def per(x: Tensor) -> Tensor:
+                return x.to(p.dtype).view(shape)
+
+            st = self.state[name]
+            exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
+            p.mul_(per(decay))
+            exp_avg.lerp_(grad, per(1 - self.beta1))
+            exp_avg_sq.mul_(per(self.beta2)).addcmul_(grad * per(1 - self.beta2), grad)
+            denom = (exp_avg_sq.sqrt() / per(bc2_sqrt)).add_(per(self.eps))
+            p.sub_(per(step_size) * exp_avg / denom)
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (set to None, as ``Optimizer.zero_grad`` does by default)."""
+        for p in self.params.values():
+            p.grad = None
+
+    def member_tensors(self, i: int) -> dict[str, Tensor]:
+        """Member ``i``'s optimizer state in the run folder's resume layout."""
+        out = {}
+        for name in self.params:
+            st = self.state[name]
+            if float(self.step_count[i]) == 0:
+                continue
+            out[f"opt.{name}.exp_avg"] = st["exp_avg"][i].clone()
+            out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"][i].clone()
+            out[f"opt.{name}.step"] = self.step_count[i].to(torch.float32).clone()
+        return out
+
+    def load_member(self, i: int, tensors: dict[str, Tensor]) -> None:
+        """Restore member ``i``'s optimizer state from a resume point (absent: no steps yet)."""
+        for name in self.params:
+            key = f"opt.{name}.exp_avg"
+            if key not in tensors:
+                continue
+            self.state[name]["exp_avg"][i] = tensors[key]
+            self.state[name]["exp_avg_sq"][i] = tensors[f"opt.{name}.exp_avg_sq"]
+            self.step_count[i] = float(tensors[f"opt.{name}.step"])

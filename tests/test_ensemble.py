@@ -1,0 +1,120 @@
+"""Stacked ensembles: each member equals its run trained alone, folders are ordinary runs."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.config import RunConfig
+from circuits.engine.stacked import StackedAdamW, check_stackable
+from circuits.trainer import StepInfo, TrainingInterrupted
+from tests.conftest import tiny_config
+
+
+def _members() -> list[RunConfig]:
+    # Different seeds, split sizes, weight decays, learning rates and a warm-up: same shapes.
+    return [
+        tiny_config(seed=1),
+        tiny_config(seed=2, data_seed=7, train_size=40),
+        tiny_config(seed=3, weight_decay=0.3, lr=3e-3, warmup_steps=10),
+    ]
+
+
+def _assert_close_runs(a: circuits.Run, b: circuits.Run, rtol: float = 1e-4) -> None:
+    assert a.epochs == b.epochs
+    for epoch in (a.epochs[1], a.epochs[-1]):
+        sa, sb = a.state_dict(epoch), b.state_dict(epoch)
+        for k in sa:
+            scale = sb[k].abs().max().item() + 1e-12
+            torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=rtol * scale, msg=k)
+
+
+def test_each_member_matches_its_run_trained_alone(tmp_path: Path) -> None:
+    configs = _members()
+    runs = circuits.train_ensemble(configs, [tmp_path / f"e{i}" for i in range(len(configs))])
+    for i, (cfg, run) in enumerate(zip(configs, runs)):
+        alone = circuits.train(cfg, out=tmp_path / f"alone{i}")
+        _assert_close_runs(run, alone)
+        # The folder is an ordinary run: same config, same split, same logged epochs.
+        assert run.config == cfg and run.is_complete
+        assert torch.equal(run.task.train_idx, alone.task.train_idx)
+        assert list(run.metrics.epoch) == list(alone.metrics.epoch)
+        assert (run.metrics.train_loss - alone.metrics.train_loss).abs().max() < 1e-4
+    # Members really differ (the stack does not tie them together).
+    w = [r.state_dict(60)["embed.W_E"] for r in runs]
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_stacked_adamw_matches_torch_adamw_per_member() -> None:
+    configs = [tiny_config(lr=1e-2, weight_decay=1.0),
+               tiny_config(lr=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.95, warmup_steps=5)]
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(2, 6, 5, generator=g)
+    stacked = {"w": init.clone().requires_grad_(True)}
+    opt = StackedAdamW(stacked, configs)
+    singles = [init[i].clone().requires_grad_(True) for i in range(2)]
+    torch_opts = [
+        torch.optim.AdamW([singles[i]], lr=c.train.lr, betas=(c.train.beta1, c.train.beta2),
+                          eps=c.train.eps, weight_decay=c.train.weight_decay, foreach=False)
+        for i, c in enumerate(configs)
+    ]
+    for step in range(40):
+        grads = torch.randn(2, 6, 5, generator=g)
+        stacked["w"].grad = grads.clone()
+        opt.step()
+        for i, (w, o) in enumerate(zip(singles, torch_opts)):
+            t = configs[i].train
+            for group in o.param_groups:  # the trainer's warm-up rule
+                group["lr"] = t.lr * (min(step / t.warmup_steps, 1.0) if t.warmup_steps else 1.0)
+            w.grad = grads[i].clone()
+            o.step()
+    for i in range(2):
+        torch.testing.assert_close(stacked["w"][i].detach(), singles[i].detach(), rtol=1e-6, atol=1e-7)
+
+
+def _interrupt_at(epoch: int):  # noqa: ANN202
+    def on_step(info: StepInfo) -> None:
+        if info.epoch == epoch:
+            signal.raise_signal(signal.SIGINT)
+    return on_step
+
+
+def test_members_a_kill_left_at_different_epochs_catch_up_and_finish(tmp_path: Path) -> None:
+    configs = _members()[:2]
+    outs = [tmp_path / "a", tmp_path / "b"]
+    # Leave member a at epoch 23 and member b at 41 (neither a checkpoint epoch).
+    with pytest.raises(TrainingInterrupted):
+        circuits.train_ensemble(configs[:1], outs[:1], on_step=_interrupt_at(23))
+    with pytest.raises(TrainingInterrupted):
+        circuits.train_ensemble(configs[1:], outs[1:], on_step=_interrupt_at(41))
+    seen: list[int] = []
+    runs = circuits.train_ensemble(configs, outs, on_step=lambda i: seen.append(i.epoch))
+    assert seen[0] == 24 and seen.count(42) == 1 and seen[-1] == 60
+    for i, run in enumerate(runs):
+        alone = circuits.train(configs[i], out=tmp_path / f"alone{i}")
+        _assert_close_runs(run, alone)
+        assert run.metrics.epoch.is_unique and run.metrics.epoch.is_monotonic_increasing
+        assert list(run.metrics.epoch) == list(alone.metrics.epoch)
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (tiny_config(p=13), "p=13"),
+        (tiny_config(d_mlp=32), "d_mlp=32"),
+        (tiny_config(epochs=70), "epochs=70"),
+        (tiny_config(engine="reference"), "engine 'reference'"),
+    ],
+)
+def test_unstackable_members_are_refused_by_name(other: RunConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_stackable([tiny_config(), other])
+
+
+def test_two_members_in_one_folder_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="share one run folder"):
+        circuits.train_ensemble([tiny_config(), tiny_config(seed=5)], [tmp_path / "x"] * 2)
