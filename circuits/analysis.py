@@ -302,6 +302,9 @@ def analyze(
     analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])
     if write:
         _write(analysis)
+        from circuits.dashboard import write_run_dashboard
+
+        write_run_dashboard(analysis, run=run)  # dashboard.html beside measures.csv
     return analysis
 
 

@@ -298,6 +298,64 @@ def analyze_cmd(
         typer.echo(f"skipped {message}", err=True)
 
 
+def _dashboard_source(path: Path) -> str:
+    """'analysis' for an analysis folder (summary.json), 'run' for a run folder (config.json)."""
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if (path / "summary.json").is_file():
+        return "analysis"
+    if (path / "config.json").is_file():
+        return "run"
+    raise UserError(f"{path} is neither a run folder (config.json) nor an analysis folder (summary.json)")
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    paths: list[Path] = typer.Argument(
+        ..., help="Run folders or analysis folders; one gives a run dashboard, several a comparison."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="HTML file (default: dashboard.html in the analysis folder; for several "
+        "runs analyses/comparison-<hash>.html)."
+    ),
+) -> None:
+    """Write a self-contained HTML dashboard (plotly.js inside: opens from file://, no network).
+
+    A run folder is analysed first (incremental, as `circuits analyze`); an analysis folder is
+    read as it is.
+    """
+    kinds = [_dashboard_source(p) for p in paths]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from circuits.analysis import DEFAULT_ANALYSES_DIR, analyze, load_analysis
+    from circuits.dashboard import (
+        DASHBOARD_FILE,
+        comparison_name,
+        write_comparison_dashboard,
+        write_run_dashboard,
+    )
+
+    analyses = []
+    for path, kind in zip(paths, kinds):
+        if kind == "analysis":
+            analyses.append(load_analysis(path))
+            continue
+        with Progress(
+            TextColumn(f"[bold]analyze {path.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        ) as bar:
+            task_id = bar.add_task("analyze", total=None)
+            # analyze() also writes dashboard.html beside measures.csv.
+            analyses.append(analyze(path, on_progress=lambda d, t: bar.update(task_id, completed=d, total=t)))
+    if len(analyses) == 1:
+        target = out if out is not None else analyses[0].path / DASHBOARD_FILE
+        if kinds[0] == "analysis" or target.resolve() != (analyses[0].path / DASHBOARD_FILE).resolve():
+            write_run_dashboard(analyses[0], out=target)
+    else:
+        target = out if out is not None else DEFAULT_ANALYSES_DIR / comparison_name(paths)
+        write_comparison_dashboard(analyses, target)
+    typer.echo(f"dashboard: {target}  ({target.stat().st_size / 1e6:.1f} MB); open it in a browser")
+
+
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits, aborts) of whichever click typer runs on (vendored since 0.2x)."""
     usage: list[type] = []
