@@ -27,6 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.engine.memory import keep_freed_memory
 from circuits.errors import CheckpointError
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
@@ -164,6 +165,14 @@ def _key_set(run: Run, epoch: int) -> list[int]:
     return key_frequencies(fractions)
 
 
+def _pair_nll(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of every pair ``[ckpt, pp]`` (float64), to be averaged over any split."""
+    picked = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked
+
+
 def _measure_chunk(
     run: Run, params: dict[str, torch.Tensor], key: list[int]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -174,18 +183,21 @@ def _measure_chunk(
     with torch.no_grad():
         logits, post = grid_forward(params, p, run.config.model.act_fn)
         cols: dict[str, torch.Tensor] = {}
+        # Per-pair losses once over the whole grid, then averaged per split: no gathered copies.
+        x = logits.to(torch.float64)
+        nll = _pair_nll(x, labels)
+        correct = (logits.argmax(-1) == labels).to(torch.float64)
         for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
-            lg = logits[:, idx]
-            cols[f"{split}_loss"] = cross_entropy(lg, labels[idx])
-            cols[f"{split}_acc"] = accuracy(lg, labels[idx])
+            cols[f"{split}_loss"] = nll[:, idx].mean(-1)
+            cols[f"{split}_acc"] = correct[:, idx].mean(-1)
+        del nll, correct
         # One projection serves the restricted and excluded logits and the key share: the
         # sum directions have zero mean over the grid, so P_S(L - mean) = P_S(L).
-        x = logits.to(torch.float64)
         projected = project_sum_directions(x, p, key)
         mean = x.mean(dim=1, keepdim=True)
-        restricted = (projected + mean)[:, valid]
-        cols["restricted_loss"] = cross_entropy(restricted, labels[valid])
-        cols["restricted_acc"] = accuracy(restricted, labels[valid])
+        restricted = projected + mean
+        cols["restricted_loss"] = _pair_nll(restricted, labels)[:, valid].mean(-1)
+        cols["restricted_acc"] = accuracy(restricted[:, valid], labels[valid])
         del restricted
         excluded = (x - projected)[:, task.train_idx]
         cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
@@ -233,6 +245,7 @@ def analyze(
     """
     import pandas as pd
 
+    keep_freed_memory()
     if not isinstance(run, Run):
         run = load_run(run)
     out_dir = Path(out) if out is not None else default_analysis_dir(run)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from circuits.config import RunConfig
 from circuits.engine.fused import stacked_last_logits
+from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
 from circuits.model import Transformer, make_model
 from circuits.store import RunStore, is_buffer_key
@@ -107,6 +108,7 @@ def train_ensemble(
     if len(configs) != len(stores):
         raise ValueError(f"{len(configs)} configs but {len(stores)} run folders")
     check_stackable(configs)
+    keep_freed_memory()
     if len({s.root.resolve() for s in stores}) != len(stores):
         raise ValueError("two members share one run folder; give each member its own")
     with deterministic():

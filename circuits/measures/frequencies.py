@@ -36,29 +36,41 @@ def neuron_frequency_fractions(
 ) -> Float[Tensor, "*ckpt neuron freq"]:
     """Fraction of each neuron's centred variance in each frequency's 3x3 Fourier block.
 
-    ``acts`` are activations over the p^2 inputs in canonical order. The 2D transform is two
-    batched matmuls with the real basis (an FFT is slower here: p is prime), and the block of
-    frequency k is read off as the 8 coefficients {0, cos k, sin k}^2 minus (0, 0) (zero after
-    centring).
+    ``acts`` are activations over the p^2 inputs in canonical order (a*p + b). The block of
+    frequency k holds the 8 coefficients {Const, cos k, sin k}^2 minus (Const, Const). Its
+    energy needs no 2D transform: by the product-to-sum identities, the four "same-frequency"
+    coefficients carry (1/p)(|Y+^(k)|^2 + |Y-^(k)|^2) where Y+ and Y- are the sums of the
+    activation grid along its diagonals a + b = s and a - b = d, and the four "axis"
+    coefficients carry (1/p)(|R^(k)|^2 + |S^(k)|^2) for the row and column sums R, S (^ is the
+    real 1D transform's cos k / sin k pair). Four line sums and 1D transforms replace the
+    O(p^3)-per-neuron 2D transform with O(p^2) work (tested against the full transform).
     """
-    # Float32 is ample for fractions (within ~1e-6 of float64) and twice as fast on a CPU.
     x = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
-    x = x - x.mean(dim=-2, keepdim=True)
     *lead, pp, n = x.shape
+    if pp != p * p:
+        raise ValueError(f"expected p^2 = {p * p} inputs on axis -2, got {pp}")
     c = 1
     for d in lead:
         c *= d
+    grid = x.reshape(c, p, p, n)
+    a = torch.arange(p, device=x.device)
+    plus = ((a[:, None] + a[None, :]) % p).reshape(-1)  # diagonal index of (a, b)
+    minus = ((a[:, None] - a[None, :]) % p).reshape(-1)
+    flat = grid.view(c, p * p, n)
+    lines = torch.stack([
+        grid.sum(dim=2),  # R[a]: row sums
+        grid.sum(dim=1),  # S[b]: column sums
+        x.new_zeros(c, p, n).index_add_(1, plus, flat),  # Y+[s]
+        x.new_zeros(c, p, n).index_add_(1, minus, flat),  # Y-[d]
+    ], dim=1)  # [c, 4, p, n]
     basis = _basis(p, x.dtype).to(x.device)
-    total = x.pow(2).sum(dim=-2).reshape(c, n)  # Parseval: the centred neuron's energy
-    g = torch.matmul(basis, x.reshape(c, p, p * n))  # along a: [c, i, (b n)]
-    coeffs = torch.matmul(basis, g.reshape(c * p, p, n)).reshape(c, p, p, n)  # along b
-    k = torch.arange(1, n_frequencies(p) + 1, device=x.device)
-    zero, cos_k, sin_k = torch.zeros_like(k), 2 * k - 1, 2 * k
-    rows = torch.stack([zero, zero, cos_k, sin_k, cos_k, cos_k, sin_k, sin_k], dim=1)
-    cols = torch.stack([cos_k, sin_k, zero, zero, cos_k, sin_k, cos_k, sin_k], dim=1)
-    block = coeffs[:, rows, cols, :].pow(2).sum(dim=2)  # [c, k, n]
+    coeffs = torch.matmul(basis[1:], lines)  # [c, 4, p - 1, n]: cos 1, sin 1, cos 2, ...
+    k = n_frequencies(p)
+    block = coeffs.pow(2).view(c, 4, k, 2, n).sum(dim=(1, 3)) / p  # [c, k, n]
+    # The centred neuron's energy (Parseval: every coefficient but (Const, Const)).
+    total = (flat - flat.mean(dim=1, keepdim=True)).pow_(2).sum(dim=1)
     frac = block / total.unsqueeze(1).clamp_min(1e-30)
-    return frac.transpose(1, 2).reshape(*lead, n, len(k))
+    return frac.transpose(1, 2).reshape(*lead, n, k)
 
 
 def neuron_clusters(
