@@ -29,6 +29,12 @@ from safetensors.torch import save as st_save
 from circuits.engine.grid import grid_forward, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import CheckpointError
+from circuits.measures.circuits import (
+    circuit_efficiency,
+    circuit_norms_sq,
+    part_logit_stats,
+    sum_direction_share,
+)
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
     embed_fourier_norms,
@@ -78,6 +84,22 @@ MEASURE_COLUMNS = (
     "key_logit_frac",
     "neuron_key_frac",
     "n_clustered_neurons",
+    # The memorising and generalising circuits (circuits.measures.circuits, docs/measures.md).
+    "gen_share",
+    "gen_share_all",
+    "gen_norm_sq",
+    "mem_norm_sq",
+    "shared_norm_sq",
+    "gen_logit_train",
+    "mem_logit_train",
+    "gen_logit_test",
+    "mem_logit_test",
+    "gen_margin_train",
+    "mem_margin_train",
+    "gen_margin_test",
+    "mem_margin_test",
+    "gen_efficiency",
+    "mem_efficiency",
 )
 
 ARRAY_DOCS = {
@@ -205,7 +227,15 @@ def _measure_chunk(
         del excluded
         centred_sq = (x - mean).pow(2).sum((1, 2))
         cols["key_logit_frac"] = projected.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)
-        del x, projected
+        # The two circuits' logits (measures.circuits): L = mean + P_S(L) + the rest.
+        cols["gen_share"] = cols["key_logit_frac"].sqrt()
+        cols["gen_share_all"] = sum_direction_share(x, p, None)
+        mem = x - mean - projected
+        for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+            for name, part in (("gen", projected), ("mem", mem)):
+                logit, margin = part_logit_stats(part, labels, idx)
+                cols[f"{name}_logit_{split}"], cols[f"{name}_margin_{split}"] = logit, margin
+        del x, projected, mem
         emb = embed_fourier_norms(params["embed.W_E"], p)  # [ckpt, p]
         nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
         cols["gini_embed"] = gini(emb[:, 1:])
@@ -218,6 +248,11 @@ def _measure_chunk(
         kidx = torch.tensor([k - 1 for k in key], dtype=torch.long)
         nkf = fractions[..., kidx].sum(-1) if len(key) else torch.zeros_like(best)
         cols["neuron_key_frac"] = nkf.double().mean(-1)
+        cols.update(circuit_norms_sq(params, p, key, nkf))
+        for name in ("gen", "mem"):
+            cols[f"{name}_efficiency"] = circuit_efficiency(
+                cols[f"{name}_margin_train"], cols[f"{name}_norm_sq"]
+            )
         cols["n_clustered_neurons"] = (cluster > 0).sum(-1).double()
     arrays = {
         "embed_fourier_norms": emb.float(),

@@ -1,0 +1,148 @@
+"""The memorising and the generalising circuit inside one network, at one checkpoint.
+
+Varma et al. (2023, "Explaining grokking through circuit efficiency") explain grokking as a
+competition between a memorising circuit C_mem and a generalising circuit C_gen, won by the
+more *efficient* one (more logit per unit of parameter norm). They compare separate networks
+(random labels vs large data); here one network is split into the two parts at every
+checkpoint, by definitions that add up exactly (docs/measures.md, science.md Part C):
+
+* **Logits.** Over all p^2 inputs, ``L = L_bias + L_gen + L_mem``: ``L_bias`` the per-class mean
+  over inputs, ``L_gen = P_S(L)`` the projection of each logit column onto cos/sin(w_k(a+b)) for
+  the key frequencies S (the restricted-loss directions of Nanda et al. 2023), ``L_mem`` the rest.
+* **Parameters.** Squared norms split through orthogonal projections: W_E's token axis and W_U's
+  output axis in the Fourier basis (key-frequency cos/sin rows to C_gen, the rest to C_mem);
+  each MLP neuron's W_in column, b_in entry and W_out row split in proportion to the share of
+  the neuron's activation variance in the key frequencies. Attention, W_pos and the other
+  biases are shared machinery, reported on their own. gen + mem + shared = the total.
+* **Efficiency.** A part's mean logit margin on the training pairs (its correct-class logit
+  minus its mean other-class logit: linear, so the parts' margins add up) divided by the
+  part's parameter norm ``sqrt(norm_sq)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from circuits.fourier import _basis
+from circuits.measures.losses import project_sum_directions
+
+__all__ = [
+    "logit_parts",
+    "part_logit_stats",
+    "sum_direction_share",
+    "circuit_norms_sq",
+    "circuit_efficiency",
+    "SHARED_PARAMS",
+]
+
+#: Parameters counted in neither circuit: the attention and position machinery both use.
+SHARED_PARAMS = (
+    "pos_embed.W_pos",
+    "blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.W_V", "blocks.0.attn.W_O",
+    "blocks.0.attn.b_Q", "blocks.0.attn.b_K", "blocks.0.attn.b_V", "blocks.0.attn.b_O",
+    "blocks.0.mlp.b_out", "unembed.b_U",
+)
+
+
+def logit_parts(
+    logits: Float[Tensor, "*ckpt pp cls"], p: int, freqs: list[int]
+) -> tuple[Float[Tensor, "*ckpt 1 cls"], Float[Tensor, "*ckpt pp cls"], Float[Tensor, "*ckpt pp cls"]]:
+    """``(L_bias, L_gen, L_mem)`` in float64; ``L_bias + L_gen + L_mem == L`` exactly up to rounding.
+
+    ``L_bias`` broadcasts over the inputs (one value per class).
+    """
+    x = logits.to(torch.float64)
+    bias = x.mean(dim=-2, keepdim=True)
+    gen = project_sum_directions(x, p, freqs)  # sum directions have zero mean: P_S(L - bias) = P_S(L)
+    return bias, gen, x - bias - gen
+
+
+def part_logit_stats(
+    part: Float[Tensor, "*ckpt pp cls"], labels: Int[Tensor, " pp"], idx: Int[Tensor, " n"]
+) -> tuple[Float[Tensor, "*ckpt"], Float[Tensor, "*ckpt"]]:
+    """A logit part's mean correct-class logit and mean margin over the pairs ``idx``.
+
+    Margin = correct-class logit minus the mean of the other classes' logits (linear in the
+    logits, so the margins of the parts add up to the network's).
+    """
+    x = part[..., idx, :]
+    y = labels[idx].expand(*x.shape[:-1]).unsqueeze(-1)
+    correct = x.gather(-1, y).squeeze(-1)
+    others = (x.sum(-1) - correct) / (x.shape[-1] - 1)
+    return correct.mean(-1), (correct - others).mean(-1)
+
+
+def sum_direction_share(
+    logits: Float[Tensor, "*ckpt pp cls"], p: int, freqs: list[int] | None = None
+) -> Float[Tensor, "*ckpt"]:
+    """``‖P_S(L - L_bias)‖ / ‖L - L_bias‖``: Varma et al.'s trig-subspace share of the logit norm.
+
+    ``freqs=None`` takes every frequency: then P_S(L - L_bias) is exactly the part of the logits
+    that depends on (a, b) only through (a + b) mod p, i.e. each anti-diagonal's mean minus the
+    overall mean, so the share needs no key set (``gen_share_all``).
+    """
+    x = logits.to(torch.float64)
+    centred_sq = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))
+    if freqs is not None:
+        gen_sq = project_sum_directions(x, p, freqs).pow(2).sum((-2, -1))
+    else:
+        a = torch.arange(p, device=x.device)
+        diag = ((a[:, None] + a[None, :]) % p).reshape(-1)
+        sums = x.new_zeros(*x.shape[:-2], p, x.shape[-1]).index_add_(-2, diag, x)
+        means = sums / p
+        gen_sq = p * (means - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))
+    return (gen_sq / centred_sq.clamp_min(1e-300)).sqrt()
+
+
+def circuit_norms_sq(
+    params: Mapping[str, Tensor],
+    p: int,
+    freqs: list[int],
+    neuron_key_frac: Float[Tensor, "ckpt d_mlp"],
+) -> dict[str, Float[Tensor, " ckpt"]]:
+    """Squared parameter norms of the generalising, memorising and shared parts (float64).
+
+    ``params`` are stacked checkpoints (leading ``ckpt`` axis, classic names);
+    ``neuron_key_frac`` is each neuron's share of activation variance in the key frequencies
+    (:func:`circuits.measures.frequencies.neuron_frequency_fractions` summed over S), clipped to
+    [0, 1]. Returns ``gen_norm_sq``, ``mem_norm_sq`` and ``shared_norm_sq``; they add up to the
+    total sum of squared weights.
+    """
+    f64 = torch.float64
+    W_E = params["embed.W_E"].to(f64)
+    W_U = params["unembed.W_U"].to(f64)
+    basis = _basis(p, f64).to(W_E.device)
+    rows = torch.tensor([r for k in freqs for r in (2 * k - 1, 2 * k)], dtype=torch.long)
+    # Token axis of W_E (number tokens only; '=' is not a residue) and output axis of W_U.
+    emb = torch.einsum("ip,kpd->kid", basis, W_E[:, :p]).pow(2).sum(-1)  # [ckpt, p]
+    unemb = torch.einsum("ip,kdp->kid", basis, W_U[..., :p]).pow(2).sum(-1)
+    emb_gen, unemb_gen = emb[:, rows].sum(-1), unemb[:, rows].sum(-1)
+    emb_total = W_E.pow(2).sum((1, 2))
+    unemb_total = W_U.pow(2).sum((1, 2))
+    f = neuron_key_frac.to(f64).clamp(0.0, 1.0)
+    per_neuron = (
+        params["blocks.0.mlp.W_in"].to(f64).pow(2).sum(1)
+        + params["blocks.0.mlp.W_out"].to(f64).pow(2).sum(2)
+        + params["blocks.0.mlp.b_in"].to(f64).pow(2)
+    )  # [ckpt, d_mlp]
+    mlp_gen = (f * per_neuron).sum(-1)
+    mlp_total = per_neuron.sum(-1)
+    gen = emb_gen + unemb_gen + mlp_gen
+    mem = (emb_total - emb_gen) + (unemb_total - unemb_gen) + (mlp_total - mlp_gen)
+    shared = torch.zeros_like(gen)
+    for name in SHARED_PARAMS:
+        if name in params:
+            shared = shared + params[name].to(f64).pow(2).flatten(1).sum(1)
+    return {"gen_norm_sq": gen, "mem_norm_sq": mem, "shared_norm_sq": shared}
+
+
+def circuit_efficiency(
+    margin: Float[Tensor, "*ckpt"], norm_sq: Float[Tensor, "*ckpt"]
+) -> Float[Tensor, "*ckpt"]:
+    """Logit margin per unit of parameter norm: ``margin / sqrt(norm_sq)`` (0 where the norm is 0)."""
+    norm = norm_sq.to(torch.float64).sqrt()
+    return torch.where(norm > 0, margin / norm.clamp_min(1e-300), torch.zeros_like(norm))
