@@ -1,58 +1,117 @@
-"""Time one full-batch training epoch: our default (fused) path vs the plain hooked-model loop.
+"""Time one full-batch training epoch: our engine vs the plain hooked-model loop, same process.
 
 Baseline (design.md): the hooked model trained eagerly with ``torch.optim.AdamW`` and a float64
-loss, train step only (forward, backward, optimizer), no evaluation on either side. Both run in
-this process, on the same machine, interleaved, so the ratio is fair.
+loss, train step only (forward, backward, optimizer), no evaluation on either side. Ours: the
+step ``circuits train`` runs (the fused stacked forward, stacked AdamW, float64 loss) for one
+model, and for ensembles of E models (ms per model-epoch against E separate runs). The paths
+run interleaved in one process on the same machine, so the ratios are fair. Also printed:
+FLOPs per epoch (forward + backward, matmuls only) and the machine's measured matmul rate.
 
-    python benchmarks/train_step.py                 # nanda and quick presets
-    python benchmarks/train_step.py --preset nanda --steps 30
+    python benchmarks/train_step.py                       # nanda and quick, single runs
+    python benchmarks/train_step.py --preset nanda --ensembles 8 64
+    python benchmarks/train_step.py --memory 64            # peak RSS of a 64-member nanda ensemble
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-from circuits.config import preset
-from circuits.engine.fused import last_logits
+from circuits.config import RunConfig, preset
+from circuits.engine.ensemble import stacked_loss
+from circuits.engine.fused import stacked_last_logits
+from circuits.engine.memory import keep_freed_memory
+from circuits.engine.stacked import StackedAdamW, stack_models
 from circuits.model import make_model
 from circuits.tasks import make_task
 from circuits.trainer import loss_fn
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), weight_decay=1.0, foreach=False)
+def flops_per_epoch(cfg: RunConfig, engine: str) -> float:
+    """Matmul FLOPs of one epoch, forward + backward (backward = 2x forward)."""
+    m, n = cfg.model, cfg.task.n_train
+    d, dm, v = m.d_model, m.d_mlp, cfg.d_vocab_out
+    if engine == "fused":  # last position only; per-token tables are O(vocab), not O(batch)
+        per_example = d * d + 2 * d * dm + d * v  # W_O, W_in, W_out, W_U
+        rows = n
+    else:  # every position: Q, K, V, O, the MLP and the unembedding
+        per_example = 4 * d * d + 2 * d * dm + d * v
+        rows = n * 3
+    return 2 * 3 * per_example * rows
 
 
-def time_steps(name: str, steps: int, repeats: int) -> dict[str, float]:
-    cfg = preset(name)
+def matmul_gflops() -> float:
+    a, b = torch.randn(3830, 128), torch.randn(128, 512)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(30):
+        a @ b
+    return 2 * 3830 * 128 * 512 * 30 / (time.perf_counter() - t) / 1e9
+
+
+def baseline_step(cfg: RunConfig) -> Callable[[], None]:
     x, y = make_task(cfg.task).train_data()
-    paths = {
-        "baseline": lambda m: m(x)[:, -1],
-        "fused": lambda m: last_logits(m, x),
-    }
-    models = {k: make_model(cfg) for k in paths}
-    opts = {k: _optimizer(m) for k, m in models.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(repeats):
-        for key, forward in paths.items():
-            model, opt = models[key], opts[key]
-            for _ in range(2):  # warm-up
-                loss_fn(forward(model), y).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loss_fn(forward(model), y).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            times[key].append((time.perf_counter() - t0) / steps * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+    model = make_model(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+    def step() -> None:
+        loss_fn(model(x)[:, -1], y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def engine_step(cfg: RunConfig, n_models: int) -> Callable[[], None]:
+    """The training step of circuits.engine.ensemble for ``n_models`` seeds of ``cfg``."""
+    configs = [cfg.replace(seed=cfg.model.seed + i) for i in range(n_models)]
+    x, y = make_task(cfg.task).train_data()
+    params = stack_models([make_model(c) for c in configs])
+    opt = StackedAdamW(params, configs)
+    xs, ys = x.expand(n_models, -1, -1), y.expand(n_models, -1)
+    w = torch.full(ys.shape, 1.0 / len(y), dtype=torch.float64)
+
+    def step() -> None:
+        stacked_loss(stacked_last_logits(params, xs, cfg.model.act_fn), ys, w).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def time_ms(step: Callable[[], None], steps: int) -> float:
+    for _ in range(2):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps * 1000
+
+
+def peak_memory_mb(name: str, n_models: int, steps: int = 3) -> float:
+    """Peak RSS of a fresh process that trains an ``n_models`` ensemble for a few steps."""
+    code = (
+        "import resource, torch;"
+        "from benchmarks.train_step import engine_step;"
+        "from circuits.config import preset;"
+        "from circuits.engine.memory import keep_freed_memory;"
+        f"keep_freed_memory(); s = engine_step(preset({name!r}), {n_models});"
+        f"[s() for _ in range({steps})];"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
@@ -60,15 +119,35 @@ def main() -> None:
     parser.add_argument("--preset", choices=["nanda", "quick", "all"], default="all")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ensembles", type=int, nargs="*", default=[], metavar="E")
+    parser.add_argument("--memory", type=int, nargs="*", default=[], metavar="E")
     args = parser.parse_args()
+    keep_freed_memory()  # process-wide: the baseline gets the same allocator behaviour
+    torch.use_deterministic_algorithms(True)  # as circuits train runs (both paths)
     names = ["nanda", "quick"] if args.preset == "all" else [args.preset]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'preset':<8} {'baseline ms/epoch':>18} {'fused ms/epoch':>15} {'speed-up':>9}")
+          f"{torch.get_num_threads()} threads, matmul {matmul_gflops():.0f} GFLOP/s")
     for name in names:
-        t = time_steps(name, args.steps, args.repeats)
-        print(f"{name:<8} {t['baseline']:>18.1f} {t['fused']:>15.1f} "
-              f"{t['baseline'] / t['fused']:>8.2f}x")
+        cfg = preset(name)
+        steps = {"baseline": baseline_step(cfg), "fused": engine_step(cfg, 1)}
+        steps.update({f"E={e}": engine_step(cfg, e) for e in args.ensembles})
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(args.repeats):
+            for key, step in steps.items():
+                e = 1 if not key.startswith("E=") else int(key[2:])
+                times[key].append(time_ms(step, max(2, args.steps // e)) / e)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = med["baseline"]
+        print(f"\n{name}: n_train {cfg.task.n_train}; FLOPs/epoch fused "
+              f"{flops_per_epoch(cfg, 'fused') / 1e9:.2f} G, baseline "
+              f"{flops_per_epoch(cfg, 'baseline') / 1e9:.2f} G")
+        print(f"{'path':<10} {'ms per model-epoch':>19} {'speed-up':>9} {'GFLOP/s':>8}")
+        for key, ms in med.items():
+            engine = "baseline" if key == "baseline" else "fused"
+            rate = flops_per_epoch(cfg, engine) / (ms / 1000) / 1e9
+            print(f"{key:<10} {ms:>19.2f} {base / ms:>8.2f}x {rate:>8.1f}")
+        for e in args.memory:
+            print(f"peak RSS, {e}-member {name} ensemble: {peak_memory_mb(name, e):.0f} MB")
 
 
 if __name__ == "__main__":

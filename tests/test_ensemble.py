@@ -118,3 +118,14 @@ def test_unstackable_members_are_refused_by_name(other: RunConfig, message: str)
 def test_two_members_in_one_folder_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="share one run folder"):
         circuits.train_ensemble([tiny_config(), tiny_config(seed=5)], [tmp_path / "x"] * 2)
+
+
+def test_freed_memory_is_kept_for_reuse_on_glibc() -> None:
+    import platform
+
+    from circuits.engine.memory import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first  # once per process
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first

@@ -2,9 +2,16 @@
 
 One module per family: ``losses`` (train/test, restricted, excluded), ``frequencies`` (key
 frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
-weights), ``phases`` (phase boundaries). ``circuits.analysis`` runs them over a whole run.
+weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split). ``circuits.analysis`` runs them over a whole run.
 """
 
+from circuits.measures.circuits import (
+    circuit_efficiency,
+    circuit_norms_sq,
+    logit_parts,
+    part_logit_stats,
+    sum_direction_share,
+)
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
     embed_fourier_norms,
@@ -31,6 +38,8 @@ __all__ = [
     "CLUSTER_THRESHOLD",
     "Phases",
     "accuracy",
+    "circuit_efficiency",
+    "circuit_norms_sq",
     "cross_entropy",
     "embed_fourier_norms",
     "embed_key_frequencies",
@@ -39,12 +48,15 @@ __all__ = [
     "gini",
     "key_frequencies",
     "key_logit_fraction",
+    "logit_parts",
     "neuron_clusters",
     "neuron_frequency_fractions",
     "neuron_logit_fourier_norms",
+    "part_logit_stats",
     "phase_boundaries",
     "restricted_logits",
     "restricted_loss",
+    "sum_direction_share",
     "weight_norm_sq",
     "weight_norms_sq",
 ]
