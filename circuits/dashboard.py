@@ -37,6 +37,7 @@ __all__ = [
     "DASHBOARD_FILE",
     "MAX_FRAMES",
     "choose_neurons",
+    "comparison_name",
     "plotly_js",
     "grid_activations",
     "grid_frames",
@@ -48,7 +49,7 @@ __all__ = [
 
 DASHBOARD_FILE = "dashboard.html"
 MAX_FRAMES = 50
-#: Bytes of quantised heatmap frames a run page may hold (plotly.js itself is about 4.8 MB).
+#: Bytes of quantised heatmap frames a run page may hold (15 MB limit; plotly.js takes 1.5 MB).
 GRID_BUDGET = 7_000_000
 OPS = {"add": "a + b", "sub": "a − b", "mul": "a · b", "div": "a / b"}
 
@@ -228,8 +229,13 @@ def run_figures(
         "weight_norms": plots.plot_weight_norms(m, phases),
         "key_share": plots.plot_key_share(m, phases),
     }
-    if plots.circuit_columns(m):
+    main, rest = plots.circuit_quantities(m)
+    if main or rest:
         figs["circuits"] = plots.plot_circuits(m, phases)
+        if main and rest:
+            figs["circuit_details"] = plots.plot_circuits(
+                m, phases, rest, title="Memorising vs generalising circuit: the other measures"
+            )
     epochs = [int(e) for e in np.asarray(a["epochs"])]
     if grid is not None and len(grid["epochs"]):
         shown = [int(e) for e in grid["epochs"]]
@@ -555,7 +561,7 @@ def _render(title: str, subtitle: str, facts: list[str], sections: list[_Section
     )
 
 
-_CURVE_PANELS = {"losses", "accuracies", "gini", "weight_norms", "key_share", "circuits", "fourier_heatmap"}
+_CURVE_PANELS = {"losses", "accuracies", "gini", "weight_norms", "key_share", "fourier_heatmap"}
 
 
 def _write(path: Path, text: str) -> Path:
@@ -650,8 +656,17 @@ def write_run_dashboard(
     if run_path is None:
         run_path = analysis.summary.get("run")
     config = _read_config(run_path)
-    neurons = choose_neurons(analysis, n_neurons)
+    name = Path(str(run_path)).name if run_path else analysis.path.name
     n_epochs = len(np.asarray(analysis.arrays["epochs"]))
+    if n_epochs == 0 or "embed_fourier_norms" not in analysis.arrays:
+        # A run with no intact checkpoint yet: say so rather than draw empty axes.
+        text = _render(
+            f"circuits · {html.escape(name)}", "grokking dashboard", _run_facts(analysis, config),
+            [_Section("No checkpoints analysed yet", [], "Run <code>circuits analyze</code> again once "
+                      "the run has saved a checkpoint.")], _footer(),
+        )
+        return _write(out_path, text)
+    neurons = choose_neurons(analysis, n_neurons)
     missing_grid = ""
     if grid is None and n_epochs and config is not None and neurons:
         from circuits.run import Run, load_run
@@ -669,8 +684,9 @@ def write_run_dashboard(
         _Panel("fourier_heatmap", figs["fourier_heatmap"]), _Panel("gini", figs["gini"]),
         _Panel("weight_norms", figs["weight_norms"]), _Panel("key_share", figs["key_share"]),
     ]
-    if "circuits" in figs:
-        curves.append(_Panel("circuits", figs["circuits"], wide=True))
+    for key in ("circuits", "circuit_details"):
+        if key in figs:
+            curves.append(_Panel(key, figs[key], wide=True, height=int(figs[key].layout.height)))
     frames_panels = [
         _Panel("embed_fourier", figs["embed_fourier"]),
         _Panel("neuron_logit_fourier", figs["neuron_logit_fourier"]),
@@ -698,7 +714,6 @@ def write_run_dashboard(
                  "excluded loss removes them (§5.1)."),
         _Section("Through the checkpoints", frames_panels, note, slider=shown),
     ]
-    name = Path(str(run_path)).name if run_path else analysis.path.name
     text = _render(
         f"circuits · {html.escape(name)}", "grokking dashboard", _run_facts(analysis, config), sections,
         _footer(f"Analysis: {html.escape(str(analysis.path))}."),
@@ -792,8 +807,10 @@ def write_comparison_dashboard(
         _Panel("key_share", plots.plot_comparison(runs, ["key_logit_frac"],
                "Share of logit variance in the key frequencies", "share", percent=True)),
     ]
+    # The circuit quantities every run has; norm and efficiency only, when there are such.
     common = set.intersection(*(set(plots.circuit_columns(m)) for m in runs.values())) if runs else set()
-    for suffix in sorted(common):
+    main = {q for q in common if "norm" in q or "efficiency" in q}
+    for suffix in sorted(main or common, key=lambda q: ("efficiency" not in q, q)):
         panels.append(_Panel(f"circuit_{suffix}", plots.plot_comparison(
             runs, [f"gen_{suffix}", f"mem_{suffix}"],
             f"{suffix.replace('_', ' ')}: generalising (solid), memorising (dashed)", suffix.replace("_", " "))))

@@ -46,6 +46,7 @@ __all__ = [
     "plot_weight_norms",
     "plot_key_share",
     "circuit_columns",
+    "circuit_quantities",
     "plot_circuits",
     "plot_fourier_norms",
     "plot_neuron_clusters",
@@ -205,7 +206,9 @@ def phase_spans(
     return spans
 
 
-def _shade_phases(fig: go.Figure, phases: Mapping[str, int | None] | None, epochs: Any, **kw: Any) -> None:
+def _shade_phases(
+    fig: go.Figure, phases: Mapping[str, int | None] | None, epochs: Any, labels: bool = True, **kw: Any
+) -> None:
     """Shade the phases behind the curves and name them in a strip just above the plot.
 
     Labels sit above the plot so they never cover a curve; one that would overlap its
@@ -221,6 +224,8 @@ def _shade_phases(fig: go.Figure, phases: Mapping[str, int | None] | None, epoch
         fig.add_vrect(
             x0=x0, x1=x1, fillcolor=PHASE_COLORS[name], opacity=0.13, layer="below", line_width=0, **kw,
         )
+        if not labels:
+            continue
         label = name if ended else f"{name} (ongoing)"
         width = (len(label) * 6.3 + 8) / 560  # of a typical plot width, in axis fractions
         start = min(max(((x0 + x1) / 2 - first) / span - width / 2, 0.0), max(1.0 - width, 0.0))
@@ -238,9 +243,14 @@ def _log_axis(fig: go.Figure, values: list[Any], **where: Any) -> None:
     v = np.concatenate([_np(x).astype(float).ravel() for x in values]) if values else np.zeros(0)
     v = v[np.isfinite(v) & (v > 0)]
     decades = float(np.log10(v.max() / v.min())) if len(v) else 0.0
-    # Over many decades plotly's own choice (every other decade) reads best.
-    dtick = None if decades >= 5 else 1 if decades >= 1.5 else "D2"
-    fig.update_yaxes(type="log", exponentformat="power", dtick=dtick, **where)
+    if decades >= 1.5 or not len(v):
+        # Over many decades plotly's own choice (every other decade) reads best.
+        fig.update_yaxes(type="log", exponentformat="power", dtick=None if decades >= 5 else 1, **where)
+        return
+    # Within a decade or so: 1-2-5 steps written out in full (200, 500, 1000).
+    lo, hi = math.floor(math.log10(v.min())), math.ceil(math.log10(v.max()))
+    ticks = [m * 10.0**k for k in range(lo, hi + 1) for m in (1, 2, 5) if v.min() / 1.5 <= m * 10.0**k <= v.max() * 1.5]
+    fig.update_yaxes(type="log", tickvals=ticks, ticktext=[f"{t:,.6g}" for t in ticks], **where)
 
 
 # ---- curves over training ----------------------------------------------------------------------
@@ -391,42 +401,68 @@ def circuit_columns(measures: pd.DataFrame) -> dict[str, dict[str, str]]:
     return groups
 
 
-def plot_circuits(measures: pd.DataFrame, phases: Mapping[str, int | None] | None = None) -> go.Figure:
-    """Memorising vs generalising circuit over epochs: every ``mem_*`` / ``gen_*`` column.
+def circuit_quantities(measures: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """The circuit quantities (``mem_<q>`` / ``gen_<q>`` suffixes): those about norm or efficiency, then the rest."""
+    groups = circuit_columns(measures)
+    main = [q for q in groups if "norm" in q or "efficiency" in q]
+    return main, [q for q in groups if q not in main]
+
+
+def plot_circuits(
+    measures: pd.DataFrame,
+    phases: Mapping[str, int | None] | None = None,
+    quantities: Sequence[str] | None = None,
+    title: str = "Memorising vs generalising circuit",
+) -> go.Figure:
+    """Memorising vs generalising circuit over epochs, from the ``mem_*`` / ``gen_*`` columns.
 
     One subplot per measured quantity (``mem_norm`` with ``gen_norm``, ``mem_efficiency`` with
-    ``gen_efficiency``, ...), memorising in orange, generalising in blue. Efficiency is logit
-    size per unit of parameter norm (Varma et al. 2023); a positive quantity spanning more than
-    two decades is drawn on a log scale.
+    ``gen_efficiency``, ...; a quantity measured for one circuit is drawn alone), memorising in
+    orange, generalising in blue, four subplots a row. ``quantities`` picks the suffixes; by
+    default those about norm or efficiency (all when there are none), efficiency first.
+    Efficiency is logit size per unit of parameter norm (Varma et al. 2023, "Explaining grokking
+    through circuit efficiency"); a positive quantity spanning over two decades is on a log scale.
     """
     groups = circuit_columns(measures)
     if not groups:
         raise ValueError("no mem_* or gen_* columns in the table")
-    order = sorted(groups, key=lambda s: ("efficiency" in s, s))
+    if quantities is None:
+        main, rest = circuit_quantities(measures)
+        quantities = main or rest
+    unknown = [q for q in quantities if q not in groups]
+    if unknown:
+        raise ValueError(f"no mem_/gen_ columns for {unknown}; have {sorted(groups)}")
+    order = sorted(quantities, key=lambda q: ("efficiency" not in q, "norm" not in q, q))
+    cols = min(len(order), 4)
+    rows = math.ceil(len(order) / cols)
     fig = make_subplots(
-        rows=1, cols=len(order), subplot_titles=[s.replace("_", " ") for s in order],
-        horizontal_spacing=0.12 if len(order) < 3 else 0.07,
+        rows=rows, cols=cols, subplot_titles=[q.replace("_", " ") for q in order],
+        horizontal_spacing=0.12 if cols < 3 else 0.07, vertical_spacing=min(0.3, 0.35 / rows),
     )
-    for j, suffix in enumerate(order, start=1):
+    shown: set[str] = set()
+    for i, quantity in enumerate(order):
+        row, col = i // cols + 1, i % cols + 1
         for prefix, label in (("mem", "memorising"), ("gen", "generalising")):
-            col = groups[suffix].get(prefix)
-            if col is None:
+            column = groups[quantity].get(prefix)
+            if column is None:
                 continue
             fig.add_trace(
-                _line(measures.epoch, measures[col], f"{label} · {suffix.replace('_', ' ')}",
-                      PALETTE[prefix], legendgroup=prefix),
-                row=1, col=j,
+                _line(measures.epoch, measures[column], label, PALETTE[prefix], legendgroup=prefix,
+                      showlegend=prefix not in shown, meta=column),
+                row=row, col=col,
             )
-        values = np.concatenate([_np(measures[c]).astype(float) for c in groups[suffix].values()])
+            shown.add(prefix)
+        values = np.concatenate([_np(measures[c]).astype(float) for c in groups[quantity].values()])
         values = values[np.isfinite(values)]
         if len(values) and values.min() > 0 and values.max() / values.min() > 100:
-            _log_axis(fig, [values], row=1, col=j)
-        fig.update_yaxes(title_text=suffix.replace("_", " "), row=1, col=j)
-    _shade_phases(fig, phases, measures.epoch, row="all", col="all")
-    _curve_layout(fig, "Memorising vs generalising circuit", "")
-    fig.update_xaxes(title_text="epoch")
-    for j in range(1, len(order) + 1):
-        fig.update_yaxes(title_text=order[j - 1].replace("_", " "), row=1, col=j)
+            _log_axis(fig, [values], row=row, col=col)
+    # Shading only: the phase names would collide with the subplot titles (every other panel names them).
+    _shade_phases(fig, phases, measures.epoch, labels=False, row="all", col="all")
+    _curve_layout(fig, title, "", legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1,
+                                          "yref": "container", "yanchor": "top"})
+    fig.update_xaxes(title_text=None)
+    fig.update_xaxes(title_text="epoch", row=rows)
+    fig.update_layout(height=130 + 260 * rows, margin={"t": 90, "b": 60})
     return fig
 
 

@@ -120,6 +120,12 @@ class Page:
         self.context.close()
 
 
+def _with_circuits(expected: set[str], measures: pd.DataFrame) -> set[str]:
+    """The run panels plus the circuit panels that the table's mem_*/gen_* columns call for."""
+    main, rest = plots.circuit_quantities(measures)
+    return expected | ({"circuits"} if main or rest else set()) | ({"circuit_details"} if main and rest else set())
+
+
 def _assert_drawn(page: Page, expected: set[str]) -> None:
     panels = page.panels()
     assert set(panels) == expected
@@ -158,10 +164,12 @@ def run_dashboard(tiny_run: circuits.Run, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_run_dashboard_renders_offline_and_the_slider_moves_the_panels(browser: Any, run_dashboard: Path) -> None:
+    from circuits.analysis import load_analysis
+
     _self_contained(run_dashboard)
     page = Page(browser, run_dashboard)
     try:
-        _assert_drawn(page, RUN_PANELS)
+        _assert_drawn(page, _with_circuits(RUN_PANELS, load_analysis(run_dashboard.parent).measures))
         epochs = page.page.evaluate("JSON.parse(document.getElementById('epoch-slider').dataset.epochs)")
         assert page.page.inner_text("#epoch-label") == f"epoch {epochs[-1]:,}"
         before = {k: page.look(k) for k in SLIDER_PANELS}
@@ -195,6 +203,9 @@ def _synthetic_analysis(root: Path, n: int = 500, p: int = 113, d_mlp: int = 512
     decay = np.exp(-epochs / 10_000)
     data = {c: rng.uniform(0.01, 1, n) for c in MEASURE_COLUMNS}
     data.update(epoch=epochs, train_loss=1e-7 + decay, test_loss=1e-6 + 5 * decay, weight_norm_sq=500 * decay + 100)
+    for circuit in ("mem", "gen"):  # the circuit panels, drawn whatever MEASURE_COLUMNS holds
+        data.update({f"{circuit}_norm_sq": rng.uniform(1, 100, n), f"{circuit}_efficiency": rng.uniform(0, 3, n),
+                     f"{circuit}_margin_test": rng.uniform(-5, 50, n)})
     for name in ("embed.W_E", "pos_embed.W_pos", "blocks.0.attn.W_Q", "blocks.0.mlp.W_in", "unembed.W_U"):
         data[f"norm_sq.{name}"] = rng.uniform(1, 100, n)
     arrays = {
@@ -230,7 +241,7 @@ def test_a_500_checkpoint_dashboard_is_small_and_fast(browser: Any, tmp_path: Pa
     try:
         for _ in range(2):  # the faster of two loads: one slow start on a busy machine is no verdict
             pages.append(Page(browser, path))
-        _assert_drawn(pages[0], RUN_PANELS)
+        _assert_drawn(pages[0], _with_circuits(RUN_PANELS, analysis.measures))
         ready = min(pg.ready_ms for pg in pages)
         complete = min(pg.complete_ms for pg in pages)
         print(f"500-checkpoint dashboard: {size / 1e6:.1f} MB, first screen {ready:.0f} ms, all panels {complete:.0f} ms")
@@ -261,8 +272,10 @@ def test_comparison_and_experiment_pages_render(browser: Any, run_dashboard: Pat
         ]),
         critical_size=700,
     )
+    main, rest = plots.circuit_quantities(one.measures)
+    circuit_panels = {f"circuit_{q}" for q in (main or rest)}
     for path, expected in (
-        (comparison, {"test_loss", "accuracy", "restricted", "weight_norm", "gini", "key_share"}),
+        (comparison, {"test_loss", "accuracy", "restricted", "weight_norm", "gini", "key_share"} | circuit_panels),
         (experiment, {"efficiency", "ungrokking", "zones", "phase_grok_epoch", "phase_final_test_acc"}),
     ):
         _self_contained(path)
@@ -298,6 +311,19 @@ def test_cli_dashboard(tiny_run: circuits.Run, run_dashboard: Path, tmp_path: Pa
         assert bad.returncode == 2, bad.stderr
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("circuits: error:")
+
+
+def test_without_checkpoints_the_page_says_what_is_missing(run_dashboard: Path, tmp_path: Path) -> None:
+    from circuits.analysis import load_analysis
+
+    one = load_analysis(run_dashboard.parent)
+    no_run = Analysis(one.path, one.measures, one.arrays, {**one.summary, "run": None})
+    text = write_run_dashboard(no_run, out=tmp_path / "no-run.html").read_text()
+    assert "left out" in text and 'data-panel="neurons"' not in text and 'data-panel="clusters"' in text
+    empty = Analysis(tmp_path, pd.DataFrame(columns=list(MEASURE_COLUMNS)),
+                     {"epochs": torch.zeros(0, dtype=torch.int64)}, {"key_frequencies": [], "phases": None})
+    text = write_run_dashboard(empty).read_text()
+    assert "No checkpoints analysed yet" in text and 'class="plot"' not in text
 
 
 def test_browser_tests_fail_rather_than_skip_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:

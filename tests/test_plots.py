@@ -110,7 +110,7 @@ def _circuit_table(n: int = 30) -> pd.DataFrame:
     })
 
 
-def test_circuit_panel_draws_every_mem_and_gen_column() -> None:
+def test_circuit_panel_draws_the_mem_and_gen_columns() -> None:
     m = _circuit_table()
     groups = plots.circuit_columns(m)
     assert groups == {
@@ -118,30 +118,40 @@ def test_circuit_panel_draws_every_mem_and_gen_column() -> None:
         "efficiency": {"mem": "mem_efficiency", "gen": "gen_efficiency"},
         "logit_share": {"gen": "gen_logit_share"},
     }
+    assert plots.circuit_quantities(m) == (["norm", "efficiency"], ["logit_share"])
+    # By default: the norm and efficiency quantities, efficiency first, one subplot each.
     fig = plots.plot_circuits(m)
-    by_name = {t.name: t for t in fig.data}
-    assert set(by_name) == {
-        "memorising · norm", "generalising · norm", "memorising · efficiency",
-        "generalising · efficiency", "generalising · logit share",
-    }
-    _close(by_name["memorising · efficiency"].y, m.mem_efficiency)
-    _close(by_name["generalising · norm"].y, m.gen_norm)
-    assert by_name["memorising · norm"].line.color == plots.PALETTE["mem"]
-    assert by_name["generalising · norm"].line.color == plots.PALETTE["gen"]
-    assert all(len(t.x) == len(m) for t in fig.data)
-    # One subplot per quantity, efficiency last.
-    titles = [a.text for a in fig.layout.annotations if a.text in ("logit share", "norm", "efficiency")]
-    assert titles == ["logit share", "norm", "efficiency"]
+    by_column = {t.meta: t for t in fig.data}
+    assert set(by_column) == {"mem_efficiency", "gen_efficiency", "mem_norm", "gen_norm"}
+    for column, trace in by_column.items():
+        _close(trace.y, m[column])
+        assert len(trace.x) == len(m)
+        circuit = column.split("_")[0]
+        assert trace.name == {"mem": "memorising", "gen": "generalising"}[circuit]
+        assert trace.line.color == plots.PALETTE[circuit]
+    assert by_column["mem_efficiency"].xaxis == by_column["gen_efficiency"].xaxis == "x"
+    assert by_column["mem_norm"].xaxis == "x2"
+    assert [a.text for a in fig.layout.annotations[:2]] == ["efficiency", "norm"]
+    assert sum(bool(t.showlegend) for t in fig.data) == 2  # one legend entry per circuit
+    # Any other quantity on request; one measured for one circuit only is drawn alone.
+    other = plots.plot_circuits(m, quantities=["logit_share"])
+    assert [t.meta for t in other.data] == ["gen_logit_share"]
     with pytest.raises(ValueError, match="mem_"):
         plots.plot_circuits(m[["epoch", "train_loss"]])
+    with pytest.raises(ValueError, match="margin"):
+        plots.plot_circuits(m, quantities=["margin"])
 
 
 def test_circuit_panel_joins_the_run_figures_only_when_columns_exist(analysis: Analysis) -> None:
-    assert "circuits" not in run_figures(analysis)
-    with_circuits = Analysis(
-        analysis.path, analysis.measures.assign(mem_norm=1.0, gen_norm=2.0), analysis.arrays, analysis.summary
-    )
-    assert "circuits" in run_figures(with_circuits)
+    plain = analysis.measures[[c for c in analysis.measures if not c.startswith(("mem_", "gen_"))]]
+    figs = run_figures(Analysis(analysis.path, plain, analysis.arrays, analysis.summary))
+    assert "circuits" not in figs and "circuit_details" not in figs
+    only_main = plain.assign(mem_norm=1.0, gen_norm=2.0)
+    figs = run_figures(Analysis(analysis.path, only_main, analysis.arrays, analysis.summary))
+    assert "circuits" in figs and "circuit_details" not in figs
+    both = only_main.assign(gen_margin=3.0, mem_margin=0.5)
+    figs = run_figures(Analysis(analysis.path, both, analysis.arrays, analysis.summary))
+    assert {t.meta for t in figs["circuit_details"].data} == {"gen_margin", "mem_margin"}
 
 
 def test_frame_indices() -> None:
