@@ -326,6 +326,19 @@ def test_without_checkpoints_the_page_says_what_is_missing(run_dashboard: Path, 
     assert "No checkpoints analysed yet" in text and 'class="plot"' not in text
 
 
+def test_the_small_plotly_bundle_is_used_only_when_it_matches_plotly_py(monkeypatch: pytest.MonkeyPatch) -> None:
+    import plotly.offline
+
+    from circuits.dashboard import plotly_js
+
+    vendored = (Path(circuits.__file__).parent / "_vendor" / "plotly-cartesian.min.js").read_text()
+    version = vendored[:200].split(" v", 1)[1].split()[0]
+    monkeypatch.setattr(plotly.offline, "get_plotlyjs", lambda: f"/**\n* plotly.js v{version}\n*/ full")
+    assert plotly_js() == vendored
+    monkeypatch.setattr(plotly.offline, "get_plotlyjs", lambda: "/**\n* plotly.js v9.9.9\n*/ full")
+    assert plotly_js().endswith("full")
+
+
 def test_browser_tests_fail_rather_than_skip_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
