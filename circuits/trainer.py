@@ -79,7 +79,11 @@ def last_position_logits(
 @torch.no_grad()
 def evaluate(model: Transformer, task: Task, engine: str = "fused") -> dict[str, float]:
     """Train/test loss (float64) and accuracy of the model on the full grid."""
-    logits = last_position_logits(model, task.tokens, engine)
+    return split_metrics(last_position_logits(model, task.tokens, engine), task)
+
+
+def split_metrics(logits: Float[Tensor, "pair d_vocab_out"], task: Task) -> dict[str, float]:
+    """Train/test loss (float64) and accuracy of full-grid logits on the task's saved split."""
     out: dict[str, float] = {}
     for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
         if len(idx) == 0:

@@ -33,9 +33,9 @@ from circuits.trainer import (
     StepInfo,
     TrainingInterrupted,
     deterministic,
-    loss_fn,
     prepare_store,
     sigint_flag,
+    split_metrics,
 )
 
 __all__ = ["train_ensemble", "stacked_loss", "evaluate_stack"]
@@ -81,17 +81,7 @@ def evaluate_stack(
         sub = {k: v[lo : lo + chunk] for k, v in params.items()}
         n = next(iter(sub.values())).shape[0]
         logits = stacked_last_logits(sub, grid.expand(n, -1, -1), act_fn)
-        for i in range(n):
-            task = tasks[lo + i]
-            row: dict[str, float] = {}
-            for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
-                if len(idx) == 0:
-                    row[f"{split}_loss"], row[f"{split}_acc"] = float("nan"), float("nan")
-                    continue
-                lg, y = logits[i, idx], task.labels[idx]
-                row[f"{split}_loss"] = loss_fn(lg, y).item()
-                row[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
-            out.append(row)
+        out += [split_metrics(logits[i], tasks[lo + i]) for i in range(n)]
     return out
 
 
