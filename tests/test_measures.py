@@ -133,6 +133,33 @@ def test_phase_rule_on_synthetic_curves() -> None:
     assert flat.memorisation_end is not None and flat.circuit_formation_end is None
 
 
+@pytest.mark.parametrize("spike_loss", [30.0, 1.0, 1e-2])
+def test_phase_rule_ignores_a_late_spike(spike_loss: float) -> None:
+    # The clean curves of test_phase_rule_on_synthetic_curves, run on to 12,000 epochs.
+    epochs = np.arange(0, 12_000, 50)
+    test = np.where(epochs < 1000, 5 + epochs / 100, 15 - (epochs - 1000) / 1000)
+    test = np.where(epochs >= 6000, 10 * 10.0 ** (-(epochs - 6000) / 300), test)
+    test = np.maximum(test, 1e-7)
+    norm = np.where(epochs < 6000, 1000.0, np.where(epochs < 8000, 1000 - (epochs - 6000) * 0.3, 400.0))
+    clean = phase_boundaries(epochs, test, norm)
+    assert clean.memorisation_end == 1000 and clean.cleanup_end is not None
+    # A slingshot-like spike at 11,000 (nanda run at 39.5k): the test loss jumps (above the
+    # memorisation peak, above the grokked level, or only 1e5 above its floor, as the nanda
+    # spike looks at checkpoint spacing) and falls back faster than it grokked; the norm
+    # re-grows by half and then falls steeply, faster than in cleanup.
+    spiked_test, spiked_norm = test.copy(), norm.copy()
+    s = epochs >= 11_000
+    spiked_test[s] = np.maximum(spike_loss * 10.0 ** (-(epochs[s] - 11_000) / 50), 1e-6)
+    grow = (epochs >= 11_000) & (epochs < 11_300)
+    spiked_norm[grow] = 400 + (epochs[grow] - 11_000) * 2 / 3
+    fall = epochs >= 11_300
+    spiked_norm[fall] = np.maximum(600 - (epochs[fall] - 11_300) * 1.5, 250.0)
+    assert phase_boundaries(epochs, spiked_test, spiked_norm) == clean
+    # Same boundaries as on the table cut before the spike.
+    cut = epochs < 11_000
+    assert phase_boundaries(epochs[cut], test[cut], norm[cut]) == clean
+
+
 @pytest.mark.parametrize("overrides", [{}, {"train_biases": True, "act_fn": "gelu", "n_heads": 2}])
 def test_grid_forward_matches_hooked_model(overrides: dict) -> None:
     p = 13

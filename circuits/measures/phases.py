@@ -3,8 +3,9 @@
 The paper places the boundaries by eye (1.4k / 9.4k / 14k epochs in its mainline run). Here
 they come from the curves by a written rule, so every run gets them the same way:
 
-1. **Memorisation ends** at the peak of the test loss (the network has fit the training set and
-   is as wrong as it gets on the rest; the paper's 1.4k is the test-loss peak).
+1. **Memorisation ends** at the peak of the test loss before it first falls below
+   ``grokked_loss`` (the network has fit the training set and is as wrong as it gets on the
+   rest; the paper's 1.4k is the test-loss peak).
 2. **Circuit formation ends** when the test loss starts its sharp fall: the first epoch after
    the peak at which the fall rate of log10(test loss) per epoch reaches ``frac`` (10%) of its
    largest value after the peak.
@@ -13,6 +14,35 @@ they come from the curves by a written rule, so every run gets them the same way
    its fall rate drops below ``cleanup_frac`` (25%) of that largest rate. (The norm keeps
    decaying slowly for the rest of training, so a lower fraction would push the end towards
    the run's last epoch.)
+
+**Only the first grokking counts.** Long runs can leave the grokked state again: the 40k-epoch
+nanda run spiked at epoch ~39.5k (a slingshot-like instability; test loss up from 1e-6 to
+~1e-2 at the checkpoints, the weight norm dropping steeply from 893 to 733 and re-growing to
+961). Taken over the whole run, the steepest norm fall was the spike's and cleanup "ended" at
+39.7k instead of 11.3k. So all three boundaries are read from the *stable segment*: the
+checkpoints from the start up to (not including) the first one, after the test loss first went
+below ``grokked_loss``, at which the test loss exceeds ``spike_factor`` (100) times the lowest
+test loss reached since then. The rates are computed on that segment alone, so a run is
+analysed exactly as if its table had been cut just before the spike, and a run without such a
+rise is analysed on all its checkpoints (identical to the rule without the cut). Why this
+criterion:
+
+- *A relative rise, not a return above* ``grokked_loss``: spikes are short, and at checkpoint
+  spacing the nanda spike shows up as 8.7e-3, never above 0.1. Measured against the running
+  minimum it is a rise by 10^4, while the ordinary post-grokking drift of that run is at most
+  2.3x: a factor of 100 sits two orders of magnitude from both. The running minimum starts
+  when the test loss first goes below ``grokked_loss``, so the grokking fall itself (which only
+  sets new minima) can never trigger it, and a test loss that wobbles around ``grokked_loss``
+  on its way down does not cut the steep fall short.
+- *The test loss, not the norm's re-growth*: in the spike the norm falls steeply first and
+  re-grows afterwards, so cutting at the first re-growth would keep the spurious fall; and the
+  smoothed norm already turns upward on noise (by ~1e-7 per epoch at 37.2k in the nanda run),
+  so a re-growth cut would need its own tolerance. The test-loss cut removes both the fall and
+  the re-growth.
+
+A spike during cleanup (before the norm's steep fall has settled) leaves cleanup_end None:
+cleanup was interrupted, not finished. Rises of less than ``spike_factor`` are not treated as
+spikes.
 
 Rates are slopes between consecutive logged epochs, smoothed by a centred moving average over
 ``window`` points so a single noisy checkpoint cannot move a boundary. A boundary that the
@@ -25,7 +55,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Phases", "phase_boundaries"]
+__all__ = ["Phases", "phase_boundaries", "stable_segment_end"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +82,23 @@ def _fall_rate(epochs: np.ndarray, y: np.ndarray, window: int) -> np.ndarray:
     return slope
 
 
+def stable_segment_end(test_loss: np.ndarray, grokked_loss: float = 0.1, spike_factor: float = 100.0) -> int:
+    """Number of leading checkpoints before the run leaves the grokked state (see module doc).
+
+    The first index, after the test loss first fell below ``grokked_loss``, at which the test
+    loss exceeds ``spike_factor`` times its minimum since then; ``len(test_loss)`` when there is
+    none (no such rise, or the run never grokked).
+    """
+    test_loss = np.asarray(test_loss, dtype=np.float64)
+    below = np.nonzero(test_loss < grokked_loss)[0]
+    if len(below) == 0:
+        return len(test_loss)
+    first = int(below[0])
+    tail = test_loss[first:]
+    rise = np.nonzero(tail > spike_factor * np.minimum.accumulate(tail))[0]
+    return first + int(rise[0]) if len(rise) else len(test_loss)
+
+
 def phase_boundaries(
     epochs: np.ndarray,
     test_loss: np.ndarray,
@@ -60,24 +107,31 @@ def phase_boundaries(
     cleanup_frac: float = 0.25,
     window: int = 3,
     grokked_loss: float = 0.1,
+    spike_factor: float = 100.0,
 ) -> Phases:
     """Detect the three boundaries from the test loss and the sum of squared weights.
 
     ``grokked_loss``: circuit formation and cleanup are only reported once the test loss has
     fallen below this value (otherwise the run has not grokked and their ends are None).
+    ``spike_factor``: a rise of the test loss by more than this factor over its minimum since
+    grokking ends the segment the boundaries are read from (module doc).
     """
     epochs = np.asarray(epochs, dtype=np.float64)
     test_loss = np.asarray(test_loss, dtype=np.float64)
     norm = np.asarray(weight_norm_sq, dtype=np.float64)
+    # Read everything from the stable segment: as if the table stopped before a late spike.
+    end = stable_segment_end(test_loss, grokked_loss, spike_factor)
+    epochs, test_loss, norm = epochs[:end], test_loss[:end], norm[:end]
     if len(epochs) < 3:
         return Phases(None, None, None)
-    peak = int(np.argmax(test_loss))
+    grokked = np.nonzero(test_loss < grokked_loss)[0]
+    # The memorisation peak is the one before the first grokking fall.
+    peak = int(np.argmax(test_loss[: int(grokked[0]) + 1] if len(grokked) else test_loss))
     if peak == len(epochs) - 1 or test_loss[peak] <= test_loss[0]:
         # Still rising (or never rose above chance): memorisation has not visibly ended.
         return Phases(None, None, None)
     mem_end = int(epochs[peak])
-    below = np.nonzero(test_loss[peak:] < grokked_loss)[0]
-    if len(below) == 0:
+    if len(grokked) == 0:
         return Phases(mem_end, None, None)
     log_test = np.log10(np.clip(test_loss, 1e-300, None))
     rate = _fall_rate(epochs, log_test, window)
