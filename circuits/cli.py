@@ -6,26 +6,24 @@ flag errors answer at once. Every user error is one line on stderr and exit code
 
 from __future__ import annotations
 
+import importlib
 import inspect
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import importlib
-
 import typer
 
-from circuits.config import (
-    FIELD_OWNER,
-    PRESETS,
-    ConfigError,
-    RunConfig,
-    field_doc,
-    field_type,
-    preset,
+from circuits import cli_experiments
+from circuits.cli_common import (
+    UserError,
+    build_config,
+    config_from_kwargs,
+    config_parameters,
+    set_signature,
 )
+from circuits.config import ConfigError, RunConfig
 from circuits.errors import require_run_dir
 
 app = typer.Typer(
@@ -38,44 +36,10 @@ app = typer.Typer(
 )
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_config(
-    preset_name: str, config_file: Path | None, overrides: dict[str, Any]
-) -> RunConfig:
-    """Resolve a preset (or a JSON config file) plus flag overrides into a RunConfig."""
-    if config_file is not None:
-        try:
-            text = config_file.read_text()
-        except OSError as e:
-            raise UserError(f"cannot read --config {config_file}: {e.strerror}") from None
-        data = json.loads(text) if text.strip() else {}
-        # Accept a run folder's config.json (which wraps the config with versions) too.
-        if isinstance(data, dict) and "config" in data and "format" in data:
-            data = data["config"]
-        base = RunConfig.from_dict(data)
-    else:
-        base = preset(preset_name)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if "frac" in given and "train_size" in given:
-        raise UserError("--frac and --train-size exclude each other; give one")
-    return base.replace(**given)
-
-
 def _train(**kwargs: Any) -> None:
-    preset_name = kwargs.pop("preset")
     out = kwargs.pop("out")
     force = kwargs.pop("force")
-    config_file = kwargs.pop("config")
-    if preset_name not in PRESETS:
-        raise UserError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
-    config = build_config(preset_name, config_file, kwargs)
+    config = config_from_kwargs(kwargs)
 
     from circuits.run import default_run_dir, train
     from circuits.trainer import TrainingInterrupted
@@ -167,11 +131,8 @@ class _TrainProgress:
 
 
 def _train_signature() -> None:
-    params = [
-        inspect.Parameter(
-            "preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-            default=typer.Option("quick", "--preset", help=f"Starting config: {', '.join(PRESETS)}."),
-        ),
+    params = config_parameters()
+    params[1:1] = [
         inspect.Parameter(
             "out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
             default=typer.Option(
@@ -184,26 +145,8 @@ def _train_signature() -> None:
                 False, "--force", help="Delete a run with a different config in --out first."
             ),
         ),
-        inspect.Parameter(
-            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-            default=typer.Option(
-                None, "--config", help="JSON run config (or a run's config.json) instead of a preset."
-            ),
-        ),
     ]
-    for name, owner in FIELD_OWNER.items():
-        base = field_type(owner, name)
-        decls = [_flag(name)]
-        if base is bool:
-            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
-        params.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
-                default=typer.Option(None, *decls, help=field_doc(owner, name), show_default=False),
-            )
-        )
-    _train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    _train.__annotations__ = {p.name: p.annotation for p in params}
+    set_signature(_train, params)
     _train.__doc__ = (
         "Train a model on modular arithmetic with full-batch AdamW, saving dense checkpoints.\n\n"
         "Every config field is a flag; rerunning the same command resumes a killed run."
@@ -356,6 +299,9 @@ def dashboard_cmd(
     typer.echo(f"dashboard: {target}  ({target.stat().st_size / 1e6:.1f} MB); open it in a browser")
 
 
+app.add_typer(cli_experiments.app, name="experiment")
+
+
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(usage errors, exits, aborts) of whichever click typer runs on (vendored since 0.2x)."""
     usage: list[type] = []
@@ -375,7 +321,7 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
-    from circuits.errors import RunFolderError
+    from circuits.errors import ProtocolError, RunFolderError
 
     usage_errors, exits, aborts = _click_exceptions()
     command = typer.main.get_command(app)
@@ -384,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--help"]
     try:
         result = command.main(args=args, prog_name="circuits", standalone_mode=False)
-    except (UserError, ConfigError, RunFolderError) as e:
+    except (UserError, ConfigError, RunFolderError, ProtocolError) as e:
         typer.echo(f"circuits: error: {e}", err=True)
         return 2
     except exits as e:

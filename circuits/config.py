@@ -83,6 +83,11 @@ class TaskConfig:
     """Seed of the torch permutation that draws the split (598: the TransformerLens demo)."""
     random_labels: bool = False
     """Replace each label by a seeded uniform one, the same for (a, b) and (b, a) (Varma et al.)."""
+    pool_size: int | None = None
+    """Draw the training pairs from the first pool_size pairs of the data_seed permutation only
+    (the training set of the same task with train_size = pool_size): ungrokking's subsets."""
+    subset_seed: int = 0
+    """Seed of the draw of the training pairs from the pool (used with pool_size)."""
 
     def __post_init__(self) -> None:
         _check_int("p", self.p)
@@ -106,6 +111,19 @@ class TaskConfig:
         _check_int("data_seed", self.data_seed, 0)
         if not isinstance(self.random_labels, bool):
             raise ConfigError(f"random_labels must be true or false, got {self.random_labels!r}")
+        _check_int("subset_seed", self.subset_seed, 0)
+        if self.pool_size is not None:
+            _check_int("pool_size", self.pool_size, 1)
+            if self.pool_size > self.n_pairs:
+                raise ConfigError(
+                    f"pool_size {self.pool_size} exceeds the {self.n_pairs} pairs of op "
+                    f"{self.op!r} at p={self.p}; use at most {self.n_pairs}"
+                )
+            if self.n_train > self.pool_size:
+                raise ConfigError(
+                    f"the training set ({self.n_train} pairs) must fit in the pool "
+                    f"(pool_size {self.pool_size}); lower train_size or raise pool_size"
+                )
 
     @property
     def n_pairs(self) -> int:
@@ -191,6 +209,9 @@ class TrainConfig:
     """Evaluate train/test loss and accuracy every this many epochs (and at every checkpoint)."""
     engine: str = "fused"
     """Training engine: fused (last-position tables, 1 layer) or reference (the hooked model)."""
+    init_from: str | None = None
+    """Start from the weights of this checkpoint file (fresh AdamW moments) instead of the
+    seeded initialisation: Varma et al.'s ungrokking continues a grokked network."""
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
@@ -212,6 +233,8 @@ class TrainConfig:
         _check_int("log_every", self.log_every, 1)
         if self.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise ConfigError(f"init_from must be a checkpoint file path, got {self.init_from!r}")
 
     def is_checkpoint(self, epoch: int) -> bool:
         """Whether the weights after ``epoch`` updates are saved (epoch 0 = initialisation)."""

@@ -45,6 +45,7 @@ __all__ = [
     "write_run_dashboard",
     "write_comparison_dashboard",
     "write_experiment_dashboard",
+    "write_figure_page",
 ]
 
 DASHBOARD_FILE = "dashboard.html"
@@ -870,6 +871,19 @@ def write_experiment_dashboard(
     sections = [_Section("Results", panels,
                          "Efficiency and ungrokking after Varma et al. (2023); phase diagrams show the mean over seeds.")]
     text = _render(f"circuits · {html.escape(title)}", "experiment results", [], sections, _footer())
+    return _write(Path(out), text)
+
+
+def write_figure_page(
+    out: str | Path, figures: go.Figure | Sequence[go.Figure], title: str = "circuits", note: str = ""
+) -> Path:
+    """One or more figures as one self-contained, offline HTML page (an experiment protocol's figure)."""
+    figs = [figures] if isinstance(figures, go.Figure) else list(figures)
+    if not figs:
+        raise ValueError("write_figure_page needs at least one figure")
+    panels = [_Panel(f"figure{i}", f, wide=True, height=480) for i, f in enumerate(figs)]
+    text = _render(f"circuits · {html.escape(title)}", "experiment results", [],
+                   [_Section("Results", panels, note)], _footer())
     return _write(Path(out), text)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError", "require_run_dir"]
+__all__ = ["RunFolderError", "CheckpointError", "ProtocolError", "require_run_dir"]
 
 
 class RunFolderError(RuntimeError):
@@ -18,6 +18,11 @@ class CheckpointError(RunFolderError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"damaged checkpoint {self.path}: {problem}")
+
+
+class ProtocolError(ValueError):
+    """An experiment protocol got parameters it cannot run (an empty grid, a subset larger than
+    its pool); the message names the parameter and the fix."""
 
 
 def require_run_dir(path: Path) -> None:

@@ -54,6 +54,8 @@ __all__ = [
     "plot_attention_patterns",
     "plot_comparison",
     "plot_efficiency_vs_dataset_size",
+    "plot_reference_circuits",
+    "plot_capacity",
     "plot_ungrokking",
     "plot_zone_map",
     "plot_phase_diagram",
@@ -82,6 +84,7 @@ PHASE_COLORS: dict[str, str] = {
 #: Colours of named zones on a zone map (unknown names get the muted colours after these).
 ZONE_COLORS: dict[str, str] = {
     "comprehension": "#009E73",
+    "progression": "#0072B2",
     "grokking": "#56B4E9",
     "semi-grokking": "#F0E442",
     "ungrokking": "#CC79A7",
@@ -748,32 +751,40 @@ def _crossing(x: np.ndarray, diff: np.ndarray) -> float | None:
     return None
 
 
-def plot_efficiency_vs_dataset_size(df: pd.DataFrame) -> go.Figure:
-    """Circuit efficiency against training-set size D (Varma et al. 2023, Fig. 2).
+_DATASET_SIZE_VALUES = {
+    "efficiency": ("Circuit efficiency vs training-set size", "efficiency (logit per unit parameter norm)"),
+    "weight_norm": ("Parameter norm at convergence vs training-set size", "parameter norm ‖θ‖ at the end"),
+}
+
+
+def plot_efficiency_vs_dataset_size(df: pd.DataFrame, value: str = "efficiency") -> go.Figure:
+    """Circuit efficiency (or parameter norm) against training-set size D (Varma et al. 2023, Fig. 2).
 
     ``df`` columns: ``dataset_size`` (int, training pairs), ``circuit`` (``"mem"`` or ``"gen"``),
-    ``efficiency`` (float); optional ``seed``. Each row is a point; lines join the means per D.
-    The memorising circuit's efficiency falls with D while the generalising one's does not; the
-    crossing, where they are equal, is the critical dataset size D_crit, marked when present.
+    ``value`` (float; ``"efficiency"`` or ``"weight_norm"``); optional ``seed``. Each row is a
+    point; lines join the means per D. The memorising circuit's efficiency falls (its norm
+    rises) with D while the generalising one's does not; the crossing of the means is the
+    critical dataset size D_crit, marked when present.
     """
-    _require(df, ("dataset_size", "circuit", "efficiency"), "plot_efficiency_vs_dataset_size")
+    _require(df, ("dataset_size", "circuit", value), "plot_efficiency_vs_dataset_size")
+    title, ylabel = _DATASET_SIZE_VALUES.get(value, (f"{value} vs training-set size", value))
     fig = go.Figure()
     means: dict[str, Any] = {}
     for circuit, label in (("mem", "memorising"), ("gen", "generalising")):
-        part = df[df.circuit == circuit]
+        part = df[(df.circuit == circuit) & df[value].notna()]
         if not len(part):
             continue
         fig.add_trace(go.Scatter(
-            x=_np(part.dataset_size), y=_f32(part.efficiency), mode="markers", name=f"{label} (runs)",
+            x=_np(part.dataset_size), y=_f32(part[value]), mode="markers", name=f"{label} (runs)",
             marker={"color": PALETTE[circuit], "size": 7, "opacity": 0.45}, legendgroup=circuit,
-            showlegend=False, hovertemplate=f"{label}<br>D=%{{x}}<br>efficiency %{{y:.3g}}<extra></extra>",
+            showlegend=False, hovertemplate=f"{label}<br>D=%{{x}}<br>{value} %{{y:.3g}}<extra></extra>",
         ))
-        mean = part.groupby("dataset_size").efficiency.mean()
+        mean = part.groupby("dataset_size")[value].mean()
         means[circuit] = mean
         fig.add_trace(go.Scatter(
             x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name=label,
             line={**LINE, "color": PALETTE[circuit]}, marker={"size": 8}, legendgroup=circuit,
-            hovertemplate=f"{label} (mean)<br>D=%{{x}}<br>efficiency %{{y:.3g}}<extra></extra>",
+            hovertemplate=f"{label} (mean)<br>D=%{{x}}<br>{value} %{{y:.3g}}<extra></extra>",
         ))
     if "mem" in means and "gen" in means:
         both = means["mem"].to_frame("mem").join(means["gen"].to_frame("gen"), how="inner").sort_index()
@@ -782,9 +793,56 @@ def plot_efficiency_vs_dataset_size(df: pd.DataFrame) -> go.Figure:
             fig.add_vline(x=d, line={"color": "#444", "dash": "dash", "width": 1.5})
             fig.add_annotation(x=math.log10(d), xref="x", y=1.0, yref="paper", yanchor="bottom",
                                text=f"D_crit ≈ {d:,.0f}", showarrow=False, font={"size": 12})
-    _layout(fig, "Circuit efficiency vs training-set size", "training-set size D (pairs, log scale)",
-            "efficiency (logit per unit parameter norm)")
+    _layout(fig, title, "training-set size D (pairs, log scale)", ylabel)
     fig.update_xaxes(type="log")
+    return fig
+
+
+def plot_reference_circuits(df: pd.DataFrame, chance: float | None = None) -> go.Figure:
+    """Trig-subspace share of the logits of the reference networks (Varma et al. 2023, App. B).
+
+    ``df`` columns: ``kind`` (``"mem"``: random labels, ``"gen"``: large training set),
+    ``gen_share_all`` and ``gen_share`` (0-1), optional ``seed``. ``chance`` marks the share a
+    network with no a+b structure has by chance, 1/sqrt(p+1).
+    """
+    _require(df, ("kind", "gen_share_all", "gen_share"), "plot_reference_circuits")
+    names = {"mem": "memorisation only (random labels)", "gen": "generalisation only (large data)"}
+    fig = go.Figure()
+    for col, symbol, label in (("gen_share_all", "circle", "all frequencies"), ("gen_share", "diamond", "key frequencies")):
+        fig.add_trace(go.Scatter(
+            x=[names.get(k, k) for k in df.kind], y=_f32(df[col]), mode="markers", name=label,
+            marker={"symbol": symbol, "size": 10, "opacity": 0.75,
+                    "color": [PALETTE.get(k, "#777") for k in df.kind]},
+            hovertemplate=f"{label}<br>%{{x}}<br>share %{{y:.3f}}<extra></extra>",
+        ))
+    if chance is not None:
+        fig.add_hline(y=chance, line={"color": "#444", "dash": "dot", "width": 1.5},
+                      annotation_text=f"chance 1/√(p+1) = {chance:.3f}", annotation_position="top left")
+    fig.add_hline(y=0.95, line={"color": PALETTE["gen"], "dash": "dash", "width": 1.2},
+                  annotation_text="0.95 (Varma's criterion)", annotation_position="bottom left")
+    _layout(fig, "Reference circuits: share of the logit norm in the a+b Fourier subspace", "network",
+            "‖P_S(L)‖ / ‖L − mean‖")
+    fig.update_yaxes(range=[-0.02, 1.04])
+    return fig
+
+
+def plot_capacity(df: pd.DataFrame, x: str = "d_model") -> go.Figure:
+    """Memorisation capacity against model width (Huang et al. 2024, Fig. 4).
+
+    ``df`` columns: ``x`` (the width), ``capacity`` (pairs memorised), optional ``seed``.
+    """
+    _require(df, (x, "capacity"), "plot_capacity")
+    mean = df.groupby(x).capacity.mean()
+    fig = go.Figure([
+        go.Scatter(x=_np(df[x]), y=_f32(df.capacity), mode="markers", name="runs", showlegend=False,
+                   marker={"color": PALETTE["mem"], "size": 7, "opacity": 0.45},
+                   hovertemplate=f"{x}=%{{x}}<br>capacity %{{y:,.0f}}<extra></extra>"),
+        go.Scatter(x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name="mean over seeds",
+                   line={**LINE, "color": PALETTE["mem"]},
+                   hovertemplate=f"{x}=%{{x}}<br>capacity %{{y:,.0f}}<extra></extra>"),
+    ])
+    _layout(fig, "Memorisation capacity vs model width", x.replace("_", " "),
+            "random-label pairs memorised")
     return fig
 
 

@@ -184,7 +184,7 @@ class RunStore:
     def read_split(self) -> tuple[Tensor, Tensor]:
         """The saved ``(train_idx, test_idx)``."""
         path = self.root / SPLIT_FILE
-        tensors = _read_safetensors(path, kind="split file")
+        tensors = read_safetensors(path, kind="split file")
         if set(tensors) != {"train", "test"}:
             raise RunFolderError(f"{path} is damaged: expected tensors 'train' and 'test'")
         return tensors["train"], tensors["test"]
@@ -344,7 +344,7 @@ def _fmt(value: float | int) -> str:
     return repr(float(value))
 
 
-def _read_safetensors(path: Path, kind: str) -> dict[str, Tensor]:
+def read_safetensors(path: Path, kind: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise RunFolderError(f"{kind} {path} is missing")
     try:

@@ -122,7 +122,11 @@ def make_split(config: TaskConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Seeded split over the valid pairs: a torch permutation, first ``n_train`` are train.
 
     Matches the TransformerLens demo: ``torch.manual_seed(598); torch.randperm(p*p)`` with the
-    first ``int(0.3 * p*p)`` as training pairs.
+    first ``int(0.3 * p*p)`` as training pairs. Because the order is fixed by ``data_seed``, a
+    smaller ``train_size`` gives a subset of a larger one's training set. With ``pool_size``, the
+    training pairs are instead ``n_train`` pairs drawn (by ``subset_seed``) from the first
+    ``pool_size`` of the permutation, so every seed's subset only removes examples from the
+    pool (Varma et al. 2023, ungrokking); every other valid pair is a test pair.
     """
     pool = torch.nonzero(valid).squeeze(1)
     n_train = config.n_train
@@ -130,7 +134,14 @@ def make_split(config: TaskConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
         raise ConfigError(f"train_size {n_train} exceeds the {len(pool)} valid pairs")
     g = torch.Generator().manual_seed(config.data_seed)
     perm = pool[torch.randperm(len(pool), generator=g)]
-    return perm[:n_train].clone(), perm[n_train:].clone()
+    if config.pool_size is None:
+        return perm[:n_train].clone(), perm[n_train:].clone()
+    if config.pool_size > len(perm):
+        raise ConfigError(f"pool_size {config.pool_size} exceeds the {len(perm)} valid pairs")
+    gs = torch.Generator().manual_seed(config.subset_seed)
+    chosen = torch.zeros(len(perm), dtype=torch.bool)
+    chosen[torch.randperm(config.pool_size, generator=gs)[:n_train]] = True
+    return perm[chosen].clone(), perm[~chosen].clone()
 
 
 def make_task(

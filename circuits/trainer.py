@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,11 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.model import Transformer, make_model
-from circuits.store import RunFolderError, RunStore, is_buffer_key
+from circuits.store import RunFolderError, RunStore, is_buffer_key, read_safetensors
 from circuits.tasks import Task, make_task
 
-__all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn"]
+__all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn",
+           "initial_model"]
 
 
 class RunExistsError(RunFolderError):
@@ -202,6 +204,45 @@ def prepare_store(config: RunConfig, store: RunStore) -> Task:
     return task
 
 
+def initial_model(config: RunConfig) -> Transformer:
+    """The model at epoch 0: the seeded initialisation, or the weights of ``train.init_from``.
+
+    A checkpoint inside a run folder is read through that run's manifest, so a damaged parent
+    is named rather than silently continued from (Varma et al. 2023 continue a grokked network
+    on a smaller training set: ungrokking).
+    """
+    model = make_model(config)
+    source = config.train.init_from
+    if source is None:
+        return model
+    weights = read_weights_file(Path(source))
+    own = {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}
+    missing = sorted(set(own) - set(weights))
+    if missing:
+        raise RunFolderError(f"init_from {source} lacks {missing[0]}; is it a checkpoint of this model?")
+    for key, value in own.items():
+        if weights[key].shape != value.shape:
+            raise RunFolderError(
+                f"init_from {source}: {key} has shape {tuple(weights[key].shape)}, this config needs "
+                f"{tuple(value.shape)}; use a checkpoint of a run with the same p and widths"
+            )
+    model.load_state_dict({k: weights[k] for k in own}, strict=False)
+    return model
+
+
+def read_weights_file(path: Path) -> dict[str, Tensor]:
+    """A checkpoint file's weights, checked against its run's manifest when it lives in one."""
+    if not path.is_file():
+        raise RunFolderError(f"checkpoint {path} does not exist; give init_from a checkpoint file")
+    root = path.parent.parent
+    if path.parent.name == "checkpoints" and (root / "config.json").is_file():
+        store = RunStore(root)
+        epoch = next((e for e in store.checkpoint_epochs() if store.checkpoint_path(e).name == path.name), None)
+        if epoch is not None:
+            return store.read_checkpoint(epoch)
+    return read_safetensors(path, "checkpoint")
+
+
 def _config_diff(a: RunConfig, b: RunConfig) -> str:
     da, db = a.science_dict, b.science_dict
     diffs = []
@@ -237,7 +278,7 @@ def _train_run(
     config: RunConfig, store: RunStore, on_step: Callable[[StepInfo], None] | None
 ) -> Transformer:
     task = prepare_store(config, store)
-    model = make_model(config)
+    model = initial_model(config)
     opt = _make_optimizer(model, config)
     start = 0
     resume = store.read_resume()

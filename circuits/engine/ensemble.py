@@ -26,13 +26,14 @@ from circuits.config import RunConfig
 from circuits.engine.fused import stacked_last_logits
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
-from circuits.model import Transformer, make_model
+from circuits.model import Transformer
 from circuits.store import RunStore, is_buffer_key
 from circuits.tasks import Task
 from circuits.trainer import (
     StepInfo,
     TrainingInterrupted,
     deterministic,
+    initial_model,
     prepare_store,
     sigint_flag,
     split_metrics,
@@ -118,7 +119,7 @@ def train_ensemble(
 
 def _open_member(config: RunConfig, store: RunStore) -> _Member:
     task = prepare_store(config, store)
-    model = make_model(config)
+    model = initial_model(config)
     resume = store.read_resume()
     epoch, opt_tensors = 0, {}
     if resume is not None:

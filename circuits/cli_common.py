@@ -1,0 +1,94 @@
+"""What the ``circuits`` commands share: the user-error type and the base-config flags.
+
+Every config field becomes a flag (``--weight-decay``), so ``circuits train`` and every
+``circuits experiment`` protocol take a base config the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from circuits.config import FIELD_OWNER, PRESETS, RunConfig, field_doc, field_type, preset
+
+__all__ = ["UserError", "build_config", "config_parameters", "set_signature", "config_from_kwargs"]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_config(
+    preset_name: str, config_file: Path | None, overrides: dict[str, Any]
+) -> RunConfig:
+    """Resolve a preset (or a JSON config file) plus flag overrides into a RunConfig."""
+    if config_file is not None:
+        try:
+            text = config_file.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read --config {config_file}: {e.strerror}") from None
+        data = json.loads(text) if text.strip() else {}
+        # Accept a run folder's config.json (which wraps the config with versions) too.
+        if isinstance(data, dict) and "config" in data and "format" in data:
+            data = data["config"]
+        base = RunConfig.from_dict(data)
+    else:
+        base = preset(preset_name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "frac" in given and "train_size" in given:
+        raise UserError("--frac and --train-size exclude each other; give one")
+    return base.replace(**given)
+
+
+def config_parameters(default_preset: str = "quick") -> list[inspect.Parameter]:
+    """Typer parameters for a base config: --preset, --config and one flag per config field."""
+    params = [
+        inspect.Parameter(
+            "preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+            default=typer.Option(default_preset, "--preset", help=f"Starting config: {', '.join(PRESETS)}."),
+        ),
+        inspect.Parameter(
+            "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+            default=typer.Option(
+                None, "--config", help="JSON run config (or a run's config.json) instead of a preset."
+            ),
+        ),
+    ]
+    for name, owner in FIELD_OWNER.items():
+        base = field_type(owner, name)
+        decls = [_flag(name)]
+        if base is bool:
+            decls = [f"{_flag(name)}/--no-{name.replace('_', '-')}"]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
+                default=typer.Option(None, *decls, help=field_doc(owner, name), show_default=False),
+            )
+        )
+    return params
+
+
+def set_signature(func: Any, params: list[inspect.Parameter]) -> None:
+    """Give ``func`` a typer-readable signature built at import time."""
+    func.__signature__ = inspect.Signature(params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+
+
+def config_from_kwargs(kwargs: dict[str, Any]) -> RunConfig:
+    """Pop --preset/--config and the field flags out of ``kwargs`` and resolve the config."""
+    preset_name = kwargs.pop("preset")
+    config_file = kwargs.pop("config")
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    fields = {k: kwargs.pop(k) for k in list(kwargs) if k in FIELD_OWNER}
+    return build_config(preset_name, config_file, fields)
+
+

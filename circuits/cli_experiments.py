@@ -1,0 +1,186 @@
+"""``circuits experiment PROTOCOL``: thin wrappers over :mod:`circuits.experiments`.
+
+Each command takes the protocol's grid (``--sizes 100,200,400``), ``--seeds N`` and a base
+config exactly as ``circuits train`` does (``--preset``, ``--config`` and every config field as
+a flag), trains under ``--out`` (default ``checkpoints/<protocol>-<hash>``, so the same command
+finds and resumes the same experiment), and prints where the table and figure went.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from circuits.cli_common import UserError, config_from_kwargs, config_parameters, set_signature
+
+app = typer.Typer(
+    help="Run a protocol of the grokking literature over many runs (Varma et al. 2023; Huang et al. 2024).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _ints(name: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserError(f"--{name} takes comma-separated integers (e.g. 100,200,400), got {text!r}") from None
+    return values
+
+
+def _out(protocol: str, out: Path | None, config: Any, params: dict[str, Any]) -> Path:
+    if out is not None:
+        return out
+    blob = json.dumps({"config": config.science_dict, **params}, sort_keys=True, default=str).encode()
+    return Path("checkpoints") / f"{protocol}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+class _Progress:
+    """One bar per ensemble: members, epochs and the ETA of the ensemble in flight."""
+
+    def __init__(self, protocol: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.protocol = protocol
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+        self.task: Any = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def group(self, i: int, n: int, members: int) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[-1].total)
+        self.task = self.bar.add_task(f"{self.protocol}: ensemble {i + 1}/{n} ({members} runs)", total=None)
+
+    def step(self, info: Any) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=info.epoch, total=info.epochs)
+
+
+def _run(protocol: str, func: Callable[..., Any], out: Path, **kwargs: Any) -> None:
+    from circuits.trainer import TrainingInterrupted
+
+    try:
+        with _Progress(protocol) as progress:
+            result = func(out, on_group=progress.group, on_step=progress.step, **kwargs)
+    except TrainingInterrupted:
+        typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
+        raise typer.Exit(130) from None
+    name = {"reference": "reference", "dcrit": "critical_dataset_size", "ungrok": "ungrokking",
+            "semigrok": "semi_grokking", "capacity": "capacity", "zones": "zones"}[protocol]
+    typer.echo(f"{protocol}: {len(result.table)} rows in {out / (name + '.csv')}; figure {out / (name + '.html')}")
+    for key, value in result.summary.items():
+        if not isinstance(value, (dict, list)):
+            typer.echo(f"  {key}: {value}")
+
+
+def _option(name: str, annotation: Any, default: Any, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, f"--{name.replace('_', '-')}", help=help))
+
+
+_OUT = _option("out", Optional[Path], None, "Experiment folder (default: checkpoints/<protocol>-<hash>).")
+_SEEDS = _option("seeds", int, 2, "Seeds per setting (seed s moves the init and the split by s).")
+_SIZES = _option("sizes", str, ..., "Training-set sizes D, comma-separated (e.g. 100,200,400).")
+_WIDTHS = _option("widths", str, ..., "Model widths d_model, comma-separated (d_mlp scales with them).")
+
+
+def _command(name: str, doc: str, extra: list[inspect.Parameter]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        set_signature(func, [_OUT, *extra, *config_parameters()])
+        func.__doc__ = doc
+        app.command(name)(func)
+        return func
+    return register
+
+
+@_command("reference", "Memorisation-only (random labels) and generalisation-only (large data) "
+          "networks, split into circuits (Varma et al. 2023, App. B).",
+          [_SEEDS, _option("mem_size", Optional[int], None, "Random-label training pairs (default: the config's)."),
+           _option("gen_frac", float, 0.9, "Fraction of pairs for the generalisation-only network.")])
+def _reference(**kw: Any) -> None:
+    from circuits.experiments import reference_circuits
+
+    out, seeds, mem_size, gen_frac = kw.pop("out"), kw.pop("seeds"), kw.pop("mem_size"), kw.pop("gen_frac")
+    base = config_from_kwargs(kw)
+    out = _out("reference", out, base, {"seeds": seeds, "mem_size": mem_size, "gen_frac": gen_frac})
+    _run("reference", reference_circuits, out, base=base, seeds=seeds, mem_size=mem_size, gen_frac=gen_frac)
+
+
+@_command("dcrit", "Critical dataset size: converged parameter norm of memorisation-only and "
+          "generalisation-only networks over D (Varma et al. 2023).", [_SIZES, _SEEDS])
+def _dcrit(**kw: Any) -> None:
+    from circuits.experiments import critical_dataset_size
+
+    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
+    base = config_from_kwargs(kw)
+    out = _out("dcrit", out, base, {"seeds": seeds, "sizes": sizes})
+    _run("dcrit", critical_dataset_size, out, sizes=sizes, base=base, seeds=seeds)
+
+
+@_command("ungrok", "Ungrokking: continue a grokked network on random subsets of size D' of its "
+          "training set (Varma et al. 2023, Fig. 7).",
+          [_option("sizes", str, ..., "Subset sizes D', comma-separated."), _SEEDS,
+           _option("parent", Optional[Path], None, "A grokked run folder (default: train one on --parent-frac of the pairs)."),
+           _option("parent_frac", float, 0.9, "Training fraction of the parent when it is trained here."),
+           _option("critical_size", Optional[float], None, "D_crit to mark on the figure.")])
+def _ungrok(**kw: Any) -> None:
+    from circuits.errors import require_run_dir
+    from circuits.experiments import ungrokking
+
+    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
+    parent, parent_frac, critical = kw.pop("parent"), kw.pop("parent_frac"), kw.pop("critical_size")
+    if parent is not None:
+        require_run_dir(parent)
+    base = config_from_kwargs(kw)
+    out = _out("ungrok", out, base, {"seeds": seeds, "sizes": sizes, "parent": str(parent), "parent_frac": parent_frac})
+    _run("ungrok", ungrokking, out, sizes=sizes, parent=parent, base=base, parent_frac=parent_frac,
+         epochs=base.train.epochs, seeds=seeds, critical_size=critical)
+
+
+@_command("semigrok", "Semi-grokking: long runs with D near D_crit; delayed rise to a partial "
+          "test-accuracy plateau (Varma et al. 2023).", [_SIZES, _SEEDS])
+def _semigrok(**kw: Any) -> None:
+    from circuits.experiments import semi_grokking
+
+    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
+    base = config_from_kwargs(kw)
+    out = _out("semigrok", out, base, {"seeds": seeds, "sizes": sizes})
+    _run("semigrok", semi_grokking, out, sizes=sizes, base=base, seeds=seeds)
+
+
+@_command("capacity", "Memorisation capacity per model width on the fully random-labelled table "
+          "(Huang et al. 2024).", [_WIDTHS, _SEEDS])
+def _capacity(**kw: Any) -> None:
+    from circuits.experiments import memorisation_capacity
+
+    out, seeds, widths = kw.pop("out"), kw.pop("seeds"), _ints("widths", kw.pop("widths"))
+    base = config_from_kwargs(kw)
+    out = _out("capacity", out, base, {"seeds": seeds, "widths": widths})
+    _run("capacity", memorisation_capacity, out, widths=widths, base=base, seeds=seeds)
+
+
+@_command("zones", "Huang et al.'s zone map over model width x training-set size: progression, "
+          "ungrokking, grokking, semi-grokking.", [_WIDTHS, _SIZES, _SEEDS])
+def _zones(**kw: Any) -> None:
+    from circuits.experiments import zones
+
+    out, seeds = kw.pop("out"), kw.pop("seeds")
+    widths, sizes = _ints("widths", kw.pop("widths")), _ints("sizes", kw.pop("sizes"))
+    base = config_from_kwargs(kw)
+    out = _out("zones", out, base, {"seeds": seeds, "widths": widths, "sizes": sizes})
+    _run("zones", zones, out, widths=widths, sizes=sizes, base=base, seeds=seeds)

@@ -1,0 +1,204 @@
+"""Many runs as stacked ensembles, each an ordinary run folder; one row of final measures per run.
+
+Every protocol in :mod:`circuits.experiments` builds a list of named :class:`Member` configs,
+hands it to :func:`run_members`, and reads the finished runs back with :func:`final_measures`.
+Members that share shapes and schedule train together as one stacked computation
+(:mod:`circuits.engine.ensemble`); the rest go in further ensembles. A killed protocol resumes:
+finished runs are skipped and unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from circuits.config import RunConfig
+from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.engine.stacked import SHARED_TRAIN_FIELDS
+from circuits.errors import ProtocolError
+from circuits.measures.circuits import part_logit_stats, sum_direction_share
+from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
+from circuits.run import Run, load_run, train_ensemble
+from circuits.store import atomic_write_bytes
+from circuits.trainer import StepInfo, split_metrics
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import plotly.graph_objects as go
+
+__all__ = [
+    "Member",
+    "ExperimentResult",
+    "run_members",
+    "final_measures",
+    "member_table",
+    "RUNS_DIR",
+    "check_grid",
+]
+
+#: Sub-folder of a protocol's output that holds its run folders, one per member.
+RUNS_DIR = "runs"
+
+#: Members per ensemble: 64 nanda-sized members peak at 4.8 GB (docs/benchmarks.md).
+MAX_ENSEMBLE = 64
+
+
+@dataclass(frozen=True)
+class Member:
+    """One run of a protocol: a folder name under ``<out>/runs/``, its config, and table labels."""
+
+    name: str
+    config: RunConfig
+    labels: tuple[tuple[str, Any], ...] = ()
+
+    def label_dict(self) -> dict[str, Any]:
+        """The labels as a dict (the protocol's grid coordinates: size, seed, width, ...)."""
+        return dict(self.labels)
+
+
+@dataclass
+class ExperimentResult:
+    """A protocol's outcome: one row per run (or per setting), a figure, and headline numbers."""
+
+    table: pd.DataFrame
+    figure: go.Figure
+    summary: dict[str, Any]
+    path: Path | None = None
+
+
+def check_grid(name: str, values: Sequence[Any]) -> list[Any]:
+    """The grid as a sorted list without repeats; a clear error when it is empty."""
+    values = sorted(set(values))
+    if not values:
+        raise ProtocolError(f"the {name} grid is empty; give at least one value")
+    return values
+
+
+def _stack_key(config: RunConfig) -> str:
+    shape = dataclasses.asdict(config.model)
+    shape.pop("seed")
+    shape["p"] = config.task.p
+    shape.update({k: getattr(config.train, k) for k in SHARED_TRAIN_FIELDS})
+    shape["engine"] = config.train.engine
+    return json.dumps(shape, sort_keys=True)
+
+
+def _is_done(path: Path, config: RunConfig) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    run = load_run(path)
+    return run.is_complete and run.config.science_dict == config.science_dict
+
+
+def run_members(
+    members: Sequence[Member],
+    out: str | Path,
+    max_ensemble: int = MAX_ENSEMBLE,
+    on_group: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> list[Run]:
+    """Train every member into ``<out>/runs/<name>``, as few stacked ensembles as shapes allow.
+
+    Finished members are skipped, so calling it again after a kill resumes the protocol.
+    ``on_group(group, n_groups, n_members)`` is called before each ensemble starts and
+    ``on_step`` after every update of it. Returns the runs in the members' order.
+    """
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ProtocolError("two protocol members share a name; each needs its own run folder")
+    root = Path(out) / RUNS_DIR
+    paths = {m.name: root / m.name for m in members}
+    todo = [m for m in members if not _is_done(paths[m.name], m.config)]
+    groups: dict[str, list[Member]] = {}
+    for m in todo:
+        groups.setdefault(_stack_key(m.config), []).append(m)
+    chunks = [g[i : i + max_ensemble] for g in groups.values() for i in range(0, len(g), max_ensemble)]
+    for i, chunk in enumerate(chunks):
+        if on_group is not None:
+            on_group(i, len(chunks), len(chunk))
+        # engine="reference" runs cannot stack: they train one by one through the same API.
+        if chunk[0].config.train.engine != "fused":
+            for m in chunk:
+                _train_alone(m, paths[m.name], on_step)
+            continue
+        train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step)
+    return [load_run(paths[m.name]) for m in members]
+
+
+def _train_alone(member: Member, path: Path, on_step: Callable[[StepInfo], None] | None) -> None:
+    """Train one member on its own (reference engine)."""
+    from circuits.run import train
+
+    train(member.config, out=path, on_step=on_step)
+
+
+@torch.no_grad()
+def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int | None]:
+    """The numbers every protocol tabulates, from one checkpoint (default: the last).
+
+    Loss and accuracy on the run's split (float64 loss over the full grid), the total parameter
+    norm ``sqrt(sum of squared weights)``, the network's mean logit margin on the training pairs
+    (correct-class logit minus the mean other-class logit) and its efficiency = margin / norm
+    (Varma et al. 2023: logit per unit of parameter norm), the trig-subspace shares of the
+    logits (``gen_share_all``: every frequency, i.e. the part that depends on a+b only;
+    ``gen_share``: the key frequencies the network's neurons vote for) and the number of key
+    frequencies.
+    """
+    epoch = run.epochs[-1] if epoch is None else epoch
+    p = run.config.task.p
+    state = run.state_dict(epoch)
+    params = stack_state_dicts([state])
+    logits, post = grid_forward(params, p, run.config.model.act_fn)
+    task = run.task
+    out: dict[str, float | int | None] = {"epoch": epoch}
+    out.update(split_metrics(logits[0].to(torch.float64), task))
+    norm_sq = sum(float(v.to(torch.float64).pow(2).sum()) for v in state.values())
+    norm = norm_sq**0.5
+    _, margin = part_logit_stats(logits.to(torch.float64), task.labels, task.train_idx)
+    key = key_frequencies(neuron_frequency_fractions(post[0], p))
+    out.update(
+        weight_norm=norm,
+        margin_train=float(margin[0]),
+        efficiency=float(margin[0]) / norm if norm > 0 else 0.0,
+        gen_share_all=float(sum_direction_share(logits, p)[0]),
+        gen_share=float(sum_direction_share(logits, p, key)[0]) if key else 0.0,
+        n_key_freqs=len(key),
+    )
+    return out
+
+
+def member_table(members: Sequence[Member], runs: Sequence[Run]) -> pd.DataFrame:
+    """One row per member: its labels, then :func:`final_measures` of its last checkpoint."""
+    import pandas as pd
+
+    rows = []
+    for m, run in zip(members, runs):
+        rows.append({**m.label_dict(), "run": m.name, **final_measures(run)})
+    return pd.DataFrame(rows)
+
+
+def write_result(result: ExperimentResult, out: str | Path, name: str) -> ExperimentResult:
+    """Write ``<name>.csv``, ``<name>.json`` (summary) and ``<name>.html`` (figure) under ``out``."""
+    from circuits.dashboard import write_figure_page
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / f"{name}.csv", result.table.to_csv(index=False).encode())
+    atomic_write_bytes(
+        out / f"{name}.json", (json.dumps(result.summary, indent=2, default=_json_default) + "\n").encode()
+    )
+    write_figure_page(out / f"{name}.html", result.figure, title=name.replace("_", " "))
+    result.path = out
+    return result
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

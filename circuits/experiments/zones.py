@@ -1,0 +1,181 @@
+"""Memorisation capacity and the four zones of Huang et al. (2024, §3 and Fig. 4).
+
+Huang et al. place every (model size, training-set size) setting in one of four zones, set by
+two sizes that depend on the model: its memorisation capacity D_mem (how many random-label
+pairs it can fit) and its critical dataset size D_crit:
+
+* **progression**: D > D_mem, the data cannot all be memorised, so train and test accuracy
+  rise together;
+* **ungrokking**: D < D_crit (and < D_mem): memorisation only, test accuracy stays near chance;
+* **grokking**: D_crit < D <= D_mem: the training set is fit first, test accuracy reaches 1
+  much later;
+* **semi-grokking**: D near D_crit: test accuracy rises late to a middling plateau.
+
+:func:`classify_zone` writes that down as a rule on a run's accuracy curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from circuits.config import RunConfig, preset
+from circuits.errors import ProtocolError
+from circuits.experiments.efficiency import _check_size, _seeded, _seeds
+from circuits.experiments.sweep import (
+    ExperimentResult,
+    Member,
+    check_grid,
+    member_table,
+    run_members,
+    write_result,
+)
+from circuits.experiments.ungrokking import FIT_ACC, GROKKED_ACC, curve_events
+from circuits.run import Run
+from circuits.trainer import StepInfo
+
+__all__ = ["memorisation_capacity", "zones", "classify_zone", "width_config", "GROKKING_DELAY", "CHANCE_ACC",
+           "ZONE_RULE"]
+
+#: A run groks (rather than progresses) when its test accuracy rises at least this many times
+#: later than it fits the training set.
+GROKKING_DELAY = 2.0
+#: Plateau test accuracy below which a run has not generalised at all.
+CHANCE_ACC = 0.1
+#: The zone rule in one line (written into the protocol's summary).
+ZONE_RULE = (
+    "plateau test acc >= 0.95: grokking if it rose >= 2x later than train acc reached 0.99, "
+    "else progression; plateau in [0.1, 0.95): semi-grokking; below 0.1: ungrokking if train "
+    "acc >= 0.99, else confusion (plateau = median over the last 20% of logged epochs)"
+)
+
+
+def classify_zone(events: dict[str, float | int | None]) -> str:
+    """Huang et al.'s zone of one run from :func:`~circuits.experiments.ungrokking.curve_events`.
+
+    The rule, in order: plateau test accuracy >= 0.95 is **grokking** when the test accuracy rose
+    at least ``GROKKING_DELAY`` (2) times later than the training set was fit, else
+    **progression** (train and test rose together); a plateau in [0.1, 0.95) is
+    **semi-grokking**; below 0.1 a run that fit its training set is **ungrokking** (memorisation
+    only) and one that did not is **confusion** (neither fits nor generalises).
+    """
+    plateau = float(events["plateau_test_acc"])  # type: ignore[arg-type]
+    if plateau >= GROKKED_ACC:
+        delay = events.get("delay")
+        fit = events.get("fit_epoch")
+        if fit is not None and delay is not None and delay >= GROKKING_DELAY:
+            return "grokking"
+        return "progression"
+    if plateau >= CHANCE_ACC:
+        return "semi-grokking"
+    train = float(events["final_train_acc"])  # type: ignore[arg-type]
+    return "ungrokking" if train >= FIT_ACC else "confusion"
+
+
+def width_config(base: RunConfig, width: int) -> RunConfig:
+    """``base`` at residual width ``width``, the MLP scaled with it (d_mlp / d_model kept)."""
+    if not isinstance(width, int) or width < 1:
+        raise ProtocolError(f"widths must be positive integers, got {width!r}")
+    if width % base.model.n_heads:
+        raise ProtocolError(
+            f"width {width} is not divisible by n_heads={base.model.n_heads}; use multiples of it"
+        )
+    ratio = base.model.d_mlp / base.model.d_model
+    return base.replace(d_model=width, d_mlp=max(1, round(width * ratio)))
+
+
+def memorisation_capacity(
+    out: str | Path,
+    widths: Sequence[int],
+    base: RunConfig | None = None,
+    seeds: int | Sequence[int] = 3,
+    on_group: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> ExperimentResult:
+    """Capacity D_mem per width: train accuracy x pairs on the fully random-labelled table.
+
+    Huang et al. (2024, Fig. 4): every pair of the table, labels drawn uniformly with (a, b) and
+    (b, a) sharing one; a model of each width trains the base schedule; capacity = final train
+    accuracy x the number of pairs.
+    """
+    base = base or preset("nanda")
+    members = [
+        Member(f"cap-w{w}-s{s}", _seeded(width_config(base, w), s, random_labels=True, frac=1.0),
+               (("d_model", w), ("seed", s)))
+        for s in _seeds(seeds) for w in check_grid("width", widths)
+    ]
+    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    table = member_table(members, runs)
+    table["capacity"] = table.train_acc * base.task.n_pairs
+    means = table.groupby("d_model").capacity.mean()
+    summary = {
+        "p": base.task.p,
+        "pairs": base.task.n_pairs,
+        "capacity_by_width": {str(int(k)): float(v) for k, v in means.items()},
+        "capacity_increases": bool(np.all(np.diff(means.to_numpy()) >= 0)),
+    }
+    from circuits.plots import plot_capacity
+
+    result = ExperimentResult(table, plot_capacity(table), summary)
+    return write_result(result, out, "capacity")
+
+
+def _norm_change(run: Run, fit_epoch: float | None) -> float | None:
+    # Huang et al. App. A: the norm falls while a run groks and grows while it progresses.
+    if fit_epoch is None or fit_epoch != fit_epoch:
+        return None
+    start = run.nearest_epoch(int(fit_epoch))
+    end = run.epochs[-1]
+    if end == start:
+        return None
+    a = sum(float(v.double().pow(2).sum()) for v in run.state_dict(start).values()) ** 0.5
+    b = sum(float(v.double().pow(2).sum()) for v in run.state_dict(end).values()) ** 0.5
+    return b / a - 1.0
+
+
+def zones(
+    out: str | Path,
+    widths: Sequence[int],
+    sizes: Sequence[int],
+    base: RunConfig | None = None,
+    seeds: int | Sequence[int] = 2,
+    on_group: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> ExperimentResult:
+    """Classify every (width, training-set size) run into Huang et al.'s zones and map them.
+
+    One real-label run per (width, size, seed) on the base schedule. Each row has the run's
+    :func:`~circuits.experiments.ungrokking.curve_events`, ``norm_change`` (relative change of
+    the parameter norm from the fit epoch to the end: negative while grokking, Huang et al.
+    App. A) and ``zone`` by :func:`classify_zone`. The figure is the zone map (the most common
+    zone over seeds per cell).
+    """
+    base = base or preset("nanda")
+    size_grid = check_grid("dataset size", sizes)
+    for d in size_grid:
+        _check_size(base, d, "dataset")
+    members = [
+        Member(f"zone-w{w}-d{d}-s{s}", _seeded(width_config(base, w), s, random_labels=False, train_size=d),
+               (("d_model", w), ("dataset_size", d), ("seed", s)))
+        for s in _seeds(seeds) for w in check_grid("width", widths) for d in size_grid
+    ]
+    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    table = member_table(members, runs)
+    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
+    for key in events[0]:
+        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    table["norm_change"] = [_norm_change(r, ev["fit_epoch"]) for r, ev in zip(runs, events)]
+    table["zone"] = [classify_zone(ev) for ev in events]
+    summary = {
+        "p": base.task.p,
+        "widths": sorted(set(table.d_model.tolist())),
+        "sizes": size_grid,
+        "zone_counts": {str(k): int(v) for k, v in table.zone.value_counts().items()},
+        "rule": ZONE_RULE,
+    }
+    from circuits.plots import plot_zone_map
+
+    result = ExperimentResult(table, plot_zone_map(table, "dataset_size", "d_model"), summary)
+    return write_result(result, out, "zones")

@@ -1,0 +1,72 @@
+"""Run every protocol of issue 5 at reduced scale and record tables, figures and timings.
+
+    python docs/make_protocols.py --out /root/runs/protocols
+
+Scale: p = 31 (961 pairs), d_model 32, d_mlp 128, 4 heads, AdamW lr 3e-3, weight decay 1,
+betas (0.9, 0.98), full batch; fits this 2-core machine in well under an hour. The same
+protocols at full size are the CLI commands printed in docs/reproductions.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from circuits.config import preset
+from circuits.experiments import (
+    critical_dataset_size,
+    memorisation_capacity,
+    reference_circuits,
+    semi_grokking,
+    ungrokking,
+    zones,
+)
+
+
+def base_config(epochs: int = 3000):
+    return preset("quick").replace(
+        p=31, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, epochs=epochs, checkpoint_every=250,
+        checkpoint_early_every=50, checkpoint_early_until=500, log_every=50, preset="protocols",
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("checkpoints/protocols"))
+    ap.add_argument("--only", nargs="*", default=None)
+    args = ap.parse_args()
+    times: dict[str, float] = {}
+    timing_file = args.out / "timings.json"
+    if timing_file.exists():
+        times = json.loads(timing_file.read_text())
+
+    def step(name, func):
+        if args.only and name not in args.only:
+            return None
+        t = time.perf_counter()
+        result = func()
+        times[name] = round(time.perf_counter() - t, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(times, indent=2))
+        print(name, times[name], "s", json.dumps(result.summary, default=str)[:2000], flush=True)
+        return result
+
+    base = base_config()
+    step("reference", lambda: reference_circuits(args.out / "reference", base=base, mem_size=300, seeds=2))
+    dc = step("dcrit", lambda: critical_dataset_size(
+        args.out / "dcrit", sizes=[60, 100, 160, 250, 400, 640], base=base, seeds=3))
+    d_crit = (dc.summary["d_crit_mean"] if dc and dc.summary["d_crit_mean"] else 250)
+    step("ungrok", lambda: ungrokking(
+        args.out / "ungrok", sizes=[40, 63, 100, 160, 250, 400, 640], base=base, parent_frac=0.9,
+        seeds=3, critical_size=d_crit))
+    semi = sorted({int(round(d_crit * f)) for f in (1.0, 1.25, 1.5)})
+    step("semigrok", lambda: semi_grokking(args.out / "semigrok", sizes=semi, base=base_config(20000), seeds=2))
+    step("capacity", lambda: memorisation_capacity(args.out / "capacity", widths=[4, 8, 12, 16, 24, 32], base=base, seeds=2))
+    step("zones", lambda: zones(args.out / "zones", widths=[8, 16, 32], sizes=[100, 200, 300, 450, 650, 860],
+                                base=base, seeds=1))
+
+
+if __name__ == "__main__":
+    main()
