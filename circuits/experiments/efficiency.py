@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
@@ -61,7 +62,7 @@ def _seeded(base: RunConfig, seed: int, **overrides: Any) -> RunConfig:
     return base.replace(seed=base.model.seed + seed, data_seed=base.task.data_seed + seed, **overrides)
 
 
-def crossing(x: Sequence[float], y: Sequence[float], level: float) -> float | None:
+def crossing(x: ArrayLike, y: ArrayLike, level: float) -> float | None:
     """First x where ``y`` crosses ``level``, interpolated linearly in log x (None: no crossing)."""
     xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float) - level
     for i in range(len(xs) - 1):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
@@ -129,7 +130,7 @@ def ungrokking(
     return write_result(result, out, "ungrokking")
 
 
-def curve_events(epochs: Sequence[int], train_acc: Sequence[float], test_acc: Sequence[float],
+def curve_events(epochs: ArrayLike, train_acc: ArrayLike, test_acc: ArrayLike,
                  tail: float = 0.2) -> dict[str, float | int | None]:
     """When a run fits its training set, when its test accuracy rises, and where it plateaus.
 

@@ -1,0 +1,222 @@
+"""The protocols of issue 5 on real, small training runs (p = 23, d_model 32): no mocks.
+
+Each science claim is checked on the outcome of actual training: the reference networks' shares,
+the memorising norm growing with D, ungrokking below D_crit, capacity growing with width.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import circuits
+from circuits.config import ConfigError, TaskConfig, preset
+from circuits.errors import ProtocolError, RunFolderError
+from circuits.experiments import (
+    Member,
+    classify_zone,
+    critical_dataset_size,
+    curve_events,
+    memorisation_capacity,
+    reference_circuits,
+    run_members,
+    ungrokking,
+)
+from circuits.tasks import make_task
+from circuits.trainer import TrainingInterrupted
+from tests.conftest import run_cli, tiny_config
+
+
+def small(**overrides: object) -> circuits.RunConfig:
+    """p = 23, narrow model, lr 3e-3: groks on 80% of the pairs within 1,500 epochs."""
+    base = preset("quick").replace(
+        p=23, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, epochs=1500, checkpoint_every=250,
+        checkpoint_early_until=0, log_every=50, preset="small",
+    )
+    return base.replace(**overrides) if overrides else base
+
+
+# ---- splits and initialisation ------------------------------------------------------------------
+
+
+def test_pool_subsets_only_remove_pairs_of_the_parent_split() -> None:
+    parent = make_task(TaskConfig(p=23, frac=None, train_size=300))
+    subsets = [make_task(TaskConfig(p=23, frac=None, train_size=40, pool_size=300, subset_seed=s)) for s in range(3)]
+    pool = set(parent.train_idx.tolist())
+    for sub in subsets:
+        train = set(sub.train_idx.tolist())
+        assert len(train) == 40 and train <= pool
+        # Every other pair, including the pool's unused ones, is a test pair.
+        assert train | set(sub.test_idx.tolist()) == set(range(23 * 23))
+        assert not train & set(sub.test_idx.tolist())
+    assert len({tuple(sorted(s.train_idx.tolist())) for s in subsets}) == 3
+
+
+def test_pool_size_errors_name_the_fix() -> None:
+    with pytest.raises(ConfigError, match="must fit in the pool"):
+        TaskConfig(p=23, frac=None, train_size=301, pool_size=300)
+    with pytest.raises(ConfigError, match="pool_size 600 exceeds the 529 pairs"):
+        TaskConfig(p=23, frac=None, train_size=10, pool_size=600)
+
+
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_init_from_starts_at_the_parent_weights(tiny_run, tmp_path, engine: str) -> None:  # noqa: ANN001
+    last = tiny_run.epochs[-1]
+    source = tiny_run.store.checkpoint_path(last)
+    child = circuits.train(tiny_config(init_from=str(source), epochs=5, engine=engine), out=tmp_path / "child")
+    start, parent = child.state_dict(0), tiny_run.state_dict(last)
+    assert all(torch.equal(start[k], parent[k]) for k in parent)
+    assert not torch.equal(child.state_dict(5)["embed.W_E"], parent["embed.W_E"])
+
+
+def test_init_from_refuses_damaged_or_mismatched_checkpoints(tiny_run, tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    last = tiny_run.epochs[-1]
+    path = circuits.load_run(copy).store.checkpoint_path(last)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(RunFolderError, match=path.name):
+        circuits.train(tiny_config(init_from=str(path), epochs=5), out=tmp_path / "a")
+    with pytest.raises(RunFolderError, match="shape"):
+        circuits.train(tiny_config(init_from=str(tiny_run.store.checkpoint_path(last)), d_mlp=32, epochs=5),
+                       out=tmp_path / "b")
+    with pytest.raises(RunFolderError, match="does not exist"):
+        circuits.train(tiny_config(init_from=str(tmp_path / "nope.safetensors"), epochs=5), out=tmp_path / "c")
+
+
+# ---- protocols on real runs -------------------------------------------------------------------------
+
+
+def test_reference_networks_have_the_expected_generalising_share(tmp_path) -> None:  # noqa: ANN001
+    result = reference_circuits(tmp_path, base=small(), mem_size=200, gen_frac=0.8, seeds=1)
+    table = result.table.set_index("kind")
+    chance = 1 / math.sqrt(23 + 1)
+    assert table.loc["mem", "train_acc"] == 1.0
+    # Random labels: no a+b structure beyond what chance puts in the span (0.20 at p = 23).
+    assert table.loc["mem", "gen_share_all"] < chance
+    assert table.loc["gen", "test_acc"] >= 0.95
+    assert table.loc["gen", "gen_share"] > 0.95
+    assert result.summary["gen_only_criterion_met"]
+    for ext in ("csv", "json", "html"):
+        assert (tmp_path / f"reference.{ext}").stat().st_size > 0
+
+
+def test_memorising_norm_at_convergence_grows_with_dataset_size(tmp_path) -> None:  # noqa: ANN001
+    result = critical_dataset_size(tmp_path, sizes=[30, 120, 400], base=small(), seeds=1)
+    mem = result.table[result.table.circuit == "mem"].sort_values("dataset_size")
+    assert (mem.train_acc == 1.0).all()
+    assert np.all(np.diff(mem.weight_norm.to_numpy()) > 0), mem.weight_norm.tolist()
+    assert result.summary["mem_norm_increases"]
+    gen = result.table[result.table.gen_only]
+    # The largest real-label set groks into a pure generalising circuit; its norm sets D_crit.
+    assert 400 in gen.dataset_size.tolist()
+    d_crit = result.summary["d_crit_per_seed"]["0"]
+    assert d_crit is not None and 30 < d_crit < 400
+
+
+def test_ungrokking_loses_test_accuracy_far_below_d_crit(tmp_path) -> None:  # noqa: ANN001
+    result = ungrokking(tmp_path, sizes=[30, 300], base=small(), parent_frac=0.8, epochs=800, seeds=1)
+    acc = result.table.set_index("dataset_size").test_acc
+    assert result.summary["parent_test_acc"] >= 0.95
+    assert acc[30] < 0.3 and acc[300] > 0.8
+    assert (result.table.train_acc == 1.0).all()
+    parent = circuits.load_run(tmp_path / "runs" / "parent")
+    child = circuits.load_run(tmp_path / "runs" / "ungrok-d30-s0")
+    assert set(child.task.train_idx.tolist()) <= set(parent.task.train_idx.tolist())
+    p_last = parent.state_dict(parent.epochs[-1])
+    assert all(torch.equal(child.state_dict(0)[k], p_last[k]) for k in p_last)
+
+
+def test_capacity_grows_with_width(tmp_path) -> None:  # noqa: ANN001
+    result = memorisation_capacity(tmp_path, widths=[4, 32], base=small(epochs=800), seeds=1)
+    cap = result.table.set_index("d_model").capacity
+    assert cap[4] < cap[32] == 23 * 23
+
+
+def test_a_killed_protocol_resumes_to_the_same_weights(tmp_path) -> None:  # noqa: ANN001
+    members = [Member(f"m{s}", small(seed=s, epochs=300, train_size=200)) for s in range(2)]
+
+    def kill(info) -> None:  # noqa: ANN001
+        if info.epoch == 130:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        run_members(members, tmp_path / "killed", on_step=kill)
+    resumed = run_members(members, tmp_path / "killed")
+    whole = run_members(members, tmp_path / "whole")
+    for a, b in zip(resumed, whole):
+        sa, sb = a.state_dict(300), b.state_dict(300)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    groups: list[int] = []
+    run_members(members, tmp_path / "killed", on_group=lambda i, n, m: groups.append(m))
+    assert groups == []  # finished members are not trained again
+
+
+# ---- rules and bad input ----------------------------------------------------------------------------
+
+
+def _curves(train: list[float], test: list[float]) -> dict:
+    return curve_events(list(range(0, 100 * len(train), 100)), train, test)
+
+
+def test_zone_rule_on_written_curves() -> None:
+    n = 40
+    late = [0.02] * 25 + [1.0] * 15
+    assert classify_zone(_curves([1.0] * n, late)) == "grokking"
+    together = [min(1.0, 0.05 * i) for i in range(n)]
+    assert classify_zone(_curves(together, together)) == "progression"
+    assert classify_zone(_curves([1.0] * n, [0.02] * 25 + [0.55] * 15)) == "semi-grokking"
+    assert classify_zone(_curves([1.0] * n, [0.02] * n)) == "ungrokking"
+    assert classify_zone(_curves([0.5] * n, [0.02] * n)) == "confusion"
+    ev = _curves([0.1, 1.0] + [1.0] * (n - 2), late)
+    assert ev["fit_epoch"] == 100 and ev["rise_epoch"] == 2500 and ev["plateau_test_acc"] == 1.0
+
+
+def test_bad_protocol_parameters_get_clear_errors(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ProtocolError, match="grid is empty"):
+        critical_dataset_size(tmp_path, sizes=[], base=small())
+    with pytest.raises(ProtocolError, match="seeds grid is empty"):
+        critical_dataset_size(tmp_path, sizes=[30], base=small(), seeds=0)
+    with pytest.raises(ProtocolError, match="exceeds the 529 pairs"):
+        critical_dataset_size(tmp_path, sizes=[30, 600], base=small())
+    # D' larger than the pool is refused before the parent is trained.
+    with pytest.raises(ProtocolError, match=r"D'=500 is larger than the parent's training set \(423 pairs\)"):
+        ungrokking(tmp_path, sizes=[30, 500], base=small(), parent_frac=0.8)
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ProtocolError, match="not divisible by n_heads=4"):
+        memorisation_capacity(tmp_path, widths=[6], base=small())
+
+
+def test_cli_protocol_errors_are_one_line(tmp_path) -> None:  # noqa: ANN001
+    r = run_cli("experiment", "ungrok", "--sizes", "10,5000", "--p", "23", "--out", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "larger than the parent's training set" in r.stderr
+    r = run_cli("experiment", "dcrit", "--sizes", "ten")
+    assert r.returncode == 2 and "comma-separated integers" in r.stderr
+
+
+def test_cli_zones_writes_table_and_figure_and_resumes(tmp_path) -> None:  # noqa: ANN001
+    args = ("experiment", "zones", "--widths", "16,32", "--sizes", "100,400", "--seeds", "1", "--p", "23",
+            "--lr", "0.003", "--epochs", "600", "--checkpoint-every", "200", "--checkpoint-early-until", "0",
+            "--log-every", "50", "--out", str(tmp_path))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "zones.csv")
+    assert len(table) == 4 and set(table.zone) <= {"grokking", "progression", "semi-grokking", "ungrokking", "confusion"}
+    assert "zone_counts" in (tmp_path / "zones.json").read_text()
+    assert "<html" in (tmp_path / "zones.html").read_text()[:500].lower()
+    assert len(list((tmp_path / "runs").iterdir())) == 4
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.safetensors")}
+    again = run_cli(*args)
+    summary = [line for line in r.stdout.splitlines() if line.startswith("zones: 4 rows")]
+    assert again.returncode == 0 and summary and summary[0] in again.stdout
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.safetensors")} == mtimes
