@@ -205,37 +205,70 @@ def _measure_chunk(
     with torch.no_grad():
         logits, post = grid_forward(params, p, run.config.model.act_fn)
         cols: dict[str, torch.Tensor] = {}
-        # Per-pair losses once over the whole grid, then averaged per split: no gathered copies.
         x = logits.to(torch.float64)
-        nll = _pair_nll(x, labels)
-        correct = (logits.argmax(-1) == labels).to(torch.float64)
-        for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
-            cols[f"{split}_loss"] = nll[:, idx].mean(-1)
-            cols[f"{split}_acc"] = correct[:, idx].mean(-1)
+        del logits
+        # Split means as one matmul with per-split weights instead of gathered copies of the
+        # [ckpt, p^2, p] logits: column j of `weights` averages over split j's pairs.
+        splits = (("train", task.train_idx), ("test", task.test_idx))
+        weights = torch.zeros(p * p, len(splits), dtype=torch.float64)
+        for j, (_, idx) in enumerate(splits):
+            if len(idx):
+                weights[idx, j] = 1.0 / len(idx)
+        picked_idx = labels.expand(x.shape[0], -1).unsqueeze(-1)
+
+        def split_means(values: torch.Tensor) -> torch.Tensor:  # [ckpt, pp] -> [ckpt, split]
+            return values @ weights
+
+        x_correct = x.gather(-1, picked_idx).squeeze(-1)  # [ckpt, pp]
+        top = x.amax(-1)
+        nll = torch.logsumexp(x, dim=-1) - x_correct
+        # Correct when the label's logit is the largest: an amax pass, cheaper than argmax's
+        # (they differ only on exact float ties, which trained logits do not have).
+        correct = (x_correct >= top).to(torch.float64)
+        losses, accs = split_means(nll), split_means(correct)
+        for j, (split, idx) in enumerate(splits):
+            empty = torch.full_like(losses[:, j], float("nan"))
+            cols[f"{split}_loss"] = losses[:, j] if len(idx) else empty
+            cols[f"{split}_acc"] = accs[:, j] if len(idx) else empty
         del nll, correct
-        # One projection serves the restricted and excluded logits and the key share: the
-        # sum directions have zero mean over the grid, so P_S(L - mean) = P_S(L).
+        # One projection serves the restricted and excluded logits and every share: the sum
+        # directions have zero mean over the grid, so P_S(L - mean) = P_S(L).
+        mean = x.mean(dim=1, keepdim=True)  # [ckpt, 1, cls]
         projected = project_sum_directions(x, p, key)
-        mean = x.mean(dim=1, keepdim=True)
-        restricted = projected + mean
-        cols["restricted_loss"] = _pair_nll(restricted, labels)[:, valid].mean(-1)
-        cols["restricted_acc"] = accuracy(restricted[:, valid], labels[valid])
-        del restricted
-        excluded = (x - projected)[:, task.train_idx]
+        excluded = x[:, task.train_idx] - projected[:, task.train_idx]
         cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
         cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx])
         del excluded
-        centred_sq = (x - mean).pow(2).sum((1, 2))
-        cols["key_logit_frac"] = projected.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)
-        # The two circuits' logits (measures.circuits): L = mean + P_S(L) + the rest.
+        # Linear statistics of the parts (L = mean + P_S(L) + mem) need no mem tensor:
+        # each part's correct-class logit and row sum follow from those of L, mean and P_S(L).
+        gen_correct = projected.gather(-1, picked_idx).squeeze(-1)
+        gen_rowsum = projected.sum(-1)
+        gen_sq = projected.pow(2).sum((1, 2))
+        restricted = projected.add_(mean)  # P_S(L) is not needed after this
+        del projected
+        valid_w = task.valid.to(torch.float64) / task.valid.sum()
+        r_picked = restricted.gather(-1, picked_idx).squeeze(-1)
+        r_nll = torch.logsumexp(restricted, dim=-1) - r_picked
+        cols["restricted_loss"] = r_nll @ valid_w
+        r_correct = (r_picked >= restricted.amax(-1)).to(torch.float64)
+        cols["restricted_acc"] = r_correct @ valid_w
+        del restricted, r_nll, r_correct
+        mean_correct = mean.squeeze(1).gather(-1, labels.expand(x.shape[0], -1))  # [ckpt, pp]
+        mem_correct = x_correct - mean_correct - gen_correct
+        mem_rowsum = x.sum(-1) - mean.sum((1, 2))[:, None] - gen_rowsum
+        n_cls = x.shape[-1]
+        centred_sq = x.pow(2).sum((1, 2)) - p * p * mean.pow(2).sum((1, 2))
+        cols["key_logit_frac"] = gen_sq / centred_sq.clamp_min(1e-300)
         cols["gen_share"] = cols["key_logit_frac"].sqrt()
         cols["gen_share_all"] = sum_direction_share(x, p, None)
-        mem = x - mean - projected
-        for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
-            for name, part in (("gen", projected), ("mem", mem)):
-                logit, margin = part_logit_stats(part, labels, idx)
-                cols[f"{name}_logit_{split}"], cols[f"{name}_margin_{split}"] = logit, margin
-        del x, projected, mem
+        for name, part_correct, part_rowsum in (("gen", gen_correct, gen_rowsum), ("mem", mem_correct, mem_rowsum)):
+            margin = part_correct - (part_rowsum - part_correct) / (n_cls - 1)
+            logit_means, margin_means = split_means(part_correct), split_means(margin)
+            for j, (split, idx) in enumerate(splits):
+                empty = torch.full_like(logit_means[:, j], float("nan"))
+                cols[f"{name}_logit_{split}"] = logit_means[:, j] if len(idx) else empty
+                cols[f"{name}_margin_{split}"] = margin_means[:, j] if len(idx) else empty
+        del x
         emb = embed_fourier_norms(params["embed.W_E"], p)  # [ckpt, p]
         nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
         cols["gini_embed"] = gini(emb[:, 1:])

@@ -36,6 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("checkpoints/protocols"))
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--semi-sizes", type=int, nargs="*", default=[350, 420, 500],
+                    help="semi-grokking sizes: between D_crit and the smallest D that groks in 3k epochs")
     args = ap.parse_args()
     times: dict[str, float] = {}
     timing_file = args.out / "timings.json"
@@ -61,7 +63,7 @@ def main() -> None:
     step("ungrok", lambda: ungrokking(
         args.out / "ungrok", sizes=[40, 63, 100, 160, 250, 400, 640], base=base, parent_frac=0.9,
         seeds=3, critical_size=d_crit))
-    semi = sorted({int(round(d_crit * f)) for f in (1.0, 1.25, 1.5)})
+    semi = args.semi_sizes
     step("semigrok", lambda: semi_grokking(args.out / "semigrok", sizes=semi, base=base_config(20000), seeds=2))
     step("capacity", lambda: memorisation_capacity(args.out / "capacity", widths=[4, 8, 12, 16, 24, 32], base=base, seeds=2))
     step("zones", lambda: zones(args.out / "zones", widths=[8, 16, 32], sizes=[100, 200, 300, 450, 650, 860],

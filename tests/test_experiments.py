@@ -177,6 +177,8 @@ def test_zone_rule_on_written_curves() -> None:
     assert classify_zone(_curves([1.0] * n, [0.02] * 25 + [0.55] * 15)) == "semi-grokking"
     assert classify_zone(_curves([1.0] * n, [0.02] * n)) == "ungrokking"
     assert classify_zone(_curves([0.5] * n, [0.02] * n)) == "confusion"
+    # Never fits (capacity-bound) yet generalises partly: progression, not semi-grokking.
+    assert classify_zone(_curves([0.9] * n, [0.02] * 25 + [0.55] * 15)) == "progression"
     ev = _curves([0.1, 1.0] + [1.0] * (n - 2), late)
     assert ev["fit_epoch"] == 100 and ev["rise_epoch"] == 2500 and ev["plateau_test_acc"] == 1.0
 

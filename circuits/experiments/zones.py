@@ -47,8 +47,9 @@ CHANCE_ACC = 0.1
 #: The zone rule in one line (written into the protocol's summary).
 ZONE_RULE = (
     "plateau test acc >= 0.95: grokking if it rose >= 2x later than train acc reached 0.99, "
-    "else progression; plateau in [0.1, 0.95): semi-grokking; below 0.1: ungrokking if train "
-    "acc >= 0.99, else confusion (plateau = median over the last 20% of logged epochs)"
+    "else progression; plateau in [0.1, 0.95): semi-grokking if train acc reached 0.99, else "
+    "progression; below 0.1: ungrokking if train acc reached 0.99, else confusion (plateau = "
+    "median test acc over the last 20% of logged epochs)"
 )
 
 
@@ -58,8 +59,10 @@ def classify_zone(events: dict[str, float | int | None]) -> str:
     The rule, in order: plateau test accuracy >= 0.95 is **grokking** when the test accuracy rose
     at least ``GROKKING_DELAY`` (2) times later than the training set was fit, else
     **progression** (train and test rose together); a plateau in [0.1, 0.95) is
-    **semi-grokking**; below 0.1 a run that fit its training set is **ungrokking** (memorisation
-    only) and one that did not is **confusion** (neither fits nor generalises).
+    **semi-grokking** when the training set was fit (train accuracy >= 0.99 at some epoch), else
+    **progression** (capacity-bound: train and test rise together, Huang et al.'s D > D_mem);
+    below 0.1 a run that fit its training set is **ungrokking** (memorisation only) and one that
+    did not is **confusion** (neither fits nor generalises).
     """
     plateau = float(events["plateau_test_acc"])  # type: ignore[arg-type]
     if plateau >= GROKKED_ACC:
@@ -68,10 +71,13 @@ def classify_zone(events: dict[str, float | int | None]) -> str:
         if fit is not None and delay is not None and delay >= GROKKING_DELAY:
             return "grokking"
         return "progression"
+    fit = events.get("fit_epoch")
+    fitted = fit is not None and fit == fit
     if plateau >= CHANCE_ACC:
-        return "semi-grokking"
-    train = float(events["final_train_acc"])  # type: ignore[arg-type]
-    return "ungrokking" if train >= FIT_ACC else "confusion"
+        # A partial plateau after the training set was fit is semi-grokking; without a fit the
+        # model is capacity-bound and learns train and test together: progression.
+        return "semi-grokking" if fitted else "progression"
+    return "ungrokking" if fitted else "confusion"
 
 
 def width_config(base: RunConfig, width: int) -> RunConfig:
