@@ -39,16 +39,25 @@ app = typer.Typer(
 def _train(**kwargs: Any) -> None:
     out = kwargs.pop("out")
     force = kwargs.pop("force")
+    device = kwargs.pop("device")
     config = config_from_kwargs(kwargs)
 
+    from circuits.engine.ensemble import resolve_device
     from circuits.run import default_run_dir, train
     from circuits.trainer import TrainingInterrupted
+
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if device not in (None, "cpu") and config.train.engine != "fused":
+        raise UserError(f"--device {device} needs --engine fused; the reference engine runs on the CPU")
 
     path = Path(out) if out is not None else default_run_dir(config)
     progress = _TrainProgress(config, path)
     try:
         with progress:
-            run = train(config, out=path, force=force, on_step=progress.update)
+            run = train(config, out=path, force=force, on_step=progress.update, device=device)
     except TrainingInterrupted as e:
         typer.echo(
             f"interrupted at epoch {e.epoch}; state saved in {path}. "
@@ -143,6 +152,12 @@ def _train_signature() -> None:
             "force", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
             default=typer.Option(
                 False, "--force", help="Delete a run with a different config in --out first."
+            ),
+        ),
+        inspect.Parameter(
+            "device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(
+                None, "--device", help="Where the fused engine computes: cpu (default) or cuda[:N]."
             ),
         ),
     ]

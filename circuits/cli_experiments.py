@@ -72,8 +72,13 @@ class _Progress:
 
 
 def _run(protocol: str, func: Callable[..., Any], out: Path, **kwargs: Any) -> None:
+    from circuits.engine.ensemble import resolve_device
     from circuits.trainer import TrainingInterrupted
 
+    try:
+        resolve_device(kwargs.get("device"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     try:
         with _Progress(protocol) as progress:
             result = func(out, on_group=progress.group, on_step=progress.step, **kwargs)
@@ -93,6 +98,7 @@ def _option(name: str, annotation: Any, default: Any, help: str) -> inspect.Para
                              default=typer.Option(default, f"--{name.replace('_', '-')}", help=help))
 
 
+_DEVICE = _option("device", Optional[str], None, "Where the ensembles compute: cpu (default) or cuda[:N].")
 _OUT = _option("out", Optional[Path], None, "Experiment folder (default: checkpoints/<protocol>-<hash>).")
 _SEEDS = _option("seeds", int, 2, "Seeds per setting (seed s moves the init and the split by s).")
 _SIZES = _option("sizes", str, ..., "Training-set sizes D, comma-separated (e.g. 100,200,400).")
@@ -101,7 +107,7 @@ _WIDTHS = _option("widths", str, ..., "Model widths d_model, comma-separated (d_
 
 def _command(name: str, doc: str, extra: list[inspect.Parameter]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def register(func: Callable[..., None]) -> Callable[..., None]:
-        set_signature(func, [_OUT, *extra, *config_parameters()])
+        set_signature(func, [_OUT, *extra, _DEVICE, *config_parameters()])
         func.__doc__ = doc
         app.command(name)(func)
         return func
@@ -116,9 +122,10 @@ def _reference(**kw: Any) -> None:
     from circuits.experiments import reference_circuits
 
     out, seeds, mem_size, gen_frac = kw.pop("out"), kw.pop("seeds"), kw.pop("mem_size"), kw.pop("gen_frac")
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("reference", out, base, {"seeds": seeds, "mem_size": mem_size, "gen_frac": gen_frac})
-    _run("reference", reference_circuits, out, base=base, seeds=seeds, mem_size=mem_size, gen_frac=gen_frac)
+    _run("reference", reference_circuits, out, base=base, seeds=seeds, mem_size=mem_size, gen_frac=gen_frac, device=device)
 
 
 @_command("dcrit", "Critical dataset size: converged parameter norm of memorisation-only and "
@@ -127,9 +134,10 @@ def _dcrit(**kw: Any) -> None:
     from circuits.experiments import critical_dataset_size
 
     out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("dcrit", out, base, {"seeds": seeds, "sizes": sizes})
-    _run("dcrit", critical_dataset_size, out, sizes=sizes, base=base, seeds=seeds)
+    _run("dcrit", critical_dataset_size, out, sizes=sizes, base=base, seeds=seeds, device=device)
 
 
 @_command("ungrok", "Ungrokking: continue a grokked network on random subsets of size D' of its "
@@ -146,10 +154,11 @@ def _ungrok(**kw: Any) -> None:
     parent, parent_frac, critical = kw.pop("parent"), kw.pop("parent_frac"), kw.pop("critical_size")
     if parent is not None:
         require_run_dir(parent)
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("ungrok", out, base, {"seeds": seeds, "sizes": sizes, "parent": str(parent), "parent_frac": parent_frac})
     _run("ungrok", ungrokking, out, sizes=sizes, parent=parent, base=base, parent_frac=parent_frac,
-         epochs=base.train.epochs, seeds=seeds, critical_size=critical)
+         epochs=base.train.epochs, seeds=seeds, critical_size=critical, device=device)
 
 
 @_command("semigrok", "Semi-grokking: long runs with D near D_crit; delayed rise to a partial "
@@ -158,9 +167,10 @@ def _semigrok(**kw: Any) -> None:
     from circuits.experiments import semi_grokking
 
     out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("semigrok", out, base, {"seeds": seeds, "sizes": sizes})
-    _run("semigrok", semi_grokking, out, sizes=sizes, base=base, seeds=seeds)
+    _run("semigrok", semi_grokking, out, sizes=sizes, base=base, seeds=seeds, device=device)
 
 
 @_command("capacity", "Memorisation capacity per model width on the fully random-labelled table "
@@ -169,9 +179,10 @@ def _capacity(**kw: Any) -> None:
     from circuits.experiments import memorisation_capacity
 
     out, seeds, widths = kw.pop("out"), kw.pop("seeds"), _ints("widths", kw.pop("widths"))
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("capacity", out, base, {"seeds": seeds, "widths": widths})
-    _run("capacity", memorisation_capacity, out, widths=widths, base=base, seeds=seeds)
+    _run("capacity", memorisation_capacity, out, widths=widths, base=base, seeds=seeds, device=device)
 
 
 @_command("zones", "Huang et al.'s zone map over model width x training-set size: progression, "
@@ -181,6 +192,7 @@ def _zones(**kw: Any) -> None:
 
     out, seeds = kw.pop("out"), kw.pop("seeds")
     widths, sizes = _ints("widths", kw.pop("widths")), _ints("sizes", kw.pop("sizes"))
+    device = kw.pop("device")
     base = config_from_kwargs(kw)
     out = _out("zones", out, base, {"seeds": seeds, "widths": widths, "sizes": sizes})
-    _run("zones", zones, out, widths=widths, sizes=sizes, base=base, seeds=seeds)
+    _run("zones", zones, out, widths=widths, sizes=sizes, base=base, seeds=seeds, device=device)

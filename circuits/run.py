@@ -147,8 +147,11 @@ def train(
     out: str | Path | None = None,
     force: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> Run:
     """Train ``config`` (or resume it) into a run folder and return the :class:`Run`.
+
+    ``device``: where the fused engine computes (``"cuda"``; default the CPU).
 
     ``out`` defaults to :func:`default_run_dir`. A folder holding a different config is
     refused (:class:`~circuits.trainer.RunExistsError`) unless ``force``, which deletes it first.
@@ -158,7 +161,7 @@ def train(
     path = Path(out) if out is not None else default_run_dir(config)
     if force and path.exists():
         shutil.rmtree(path)
-    train_run(config, RunStore(path), on_step=on_step)
+    train_run(config, RunStore(path), on_step=on_step, device=device)
     return Run(path)
 
 
@@ -167,6 +170,7 @@ def train_ensemble(
     outs: Sequence[str | Path] | None = None,
     force: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> list[Run]:
     """Train several runs as one stacked computation (or resume them); one run folder each.
 
@@ -186,6 +190,6 @@ def train_ensemble(
         for path in paths:
             if path.exists():
                 shutil.rmtree(path)
-    _train(configs, [RunStore(p) for p in paths], on_step=on_step)
+    _train(configs, [RunStore(p) for p in paths], on_step=on_step, device=device)
     return [Run(p) for p in paths]
 

@@ -91,7 +91,7 @@ def split_metrics(logits: Float[Tensor, "pair d_vocab_out"], task: Task) -> dict
         if len(idx) == 0:
             out[f"{split}_loss"], out[f"{split}_acc"] = float("nan"), float("nan")
             continue
-        lg, y = logits[idx], task.labels[idx]
+        lg, y = logits[idx], task.labels[idx].to(logits.device)
         out[f"{split}_loss"] = loss_fn(lg, y).item()
         out[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
     return out
@@ -257,19 +257,23 @@ def train_run(
     config: RunConfig,
     store: RunStore,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> Transformer:
     """Train ``config`` into ``store``, resuming from its last resume point if it has one.
 
     Saves a checkpoint (float32 safetensors) at every epoch of the schedule, logs metrics every
     ``log_every`` epochs and at every checkpoint, and replaces the resume point at each
     checkpoint. Ctrl-C saves the current state and raises :class:`TrainingInterrupted`.
-    Returns the model after the last epoch.
+    Returns the model after the last epoch. ``device`` (fused engine only): where the
+    computation runs, e.g. ``"cuda"`` (default: the CPU).
     """
     if config.train.engine == "fused":
         # A fused run is an ensemble of one (circuits.engine.ensemble): one code path.
         from circuits.engine.ensemble import train_ensemble
 
-        return train_ensemble([config], [store], on_step)[0]
+        return train_ensemble([config], [store], on_step, device=device)[0]
+    if device not in (None, "cpu"):
+        raise ValueError(f"device {device!r} needs the fused engine; the reference engine runs on the CPU")
     with deterministic():
         return _train_run(config, store, on_step)
 

@@ -129,3 +129,32 @@ def test_freed_memory_is_kept_for_reuse_on_glibc() -> None:
     assert keep_freed_memory() is first  # once per process
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert first
+
+
+def test_explicit_cpu_device_gives_the_same_files(tmp_path: Path) -> None:
+    configs = _members()[:2]
+    a = circuits.train_ensemble(configs, [tmp_path / f"a{i}" for i in range(2)])
+    b = circuits.train_ensemble(configs, [tmp_path / f"b{i}" for i in range(2)], device="cpu")
+    for ra, rb in zip(a, b):
+        assert ra.store.read_manifest() == rb.store.read_manifest()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_cuda_ensemble_matches_the_cpu_run(tmp_path: Path) -> None:
+    configs = _members()
+    gpu = circuits.train_ensemble(configs, [tmp_path / f"g{i}" for i in range(3)], device="cuda")
+    cpu = circuits.train_ensemble(configs, [tmp_path / f"c{i}" for i in range(3)])
+    for g, c in zip(gpu, cpu):
+        _assert_close_runs(g, c, rtol=1e-3)
+    # A GPU run resumes on the CPU from the same files (and the reverse): folders are portable.
+    assert gpu[0].store.read_resume() is not None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_device_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        circuits.train(tiny_config(), out=tmp_path / "x", device="cuda")
+    with pytest.raises(ValueError, match="needs the fused engine"):
+        circuits.train(tiny_config(engine="reference"), out=tmp_path / "y", device="cuda:0")
+    with pytest.raises(ValueError, match="not a torch device"):
+        circuits.train(tiny_config(), out=tmp_path / "z", device="tpu")

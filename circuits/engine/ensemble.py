@@ -39,7 +39,7 @@ from circuits.trainer import (
     split_metrics,
 )
 
-__all__ = ["train_ensemble", "stacked_loss", "evaluate_stack"]
+__all__ = ["train_ensemble", "stacked_loss", "evaluate_stack", "resolve_device"]
 
 #: Bytes of MLP activations one evaluation chunk may hold; members are evaluated in chunks.
 EVAL_CHUNK_BYTES = 256 * 2**20
@@ -69,12 +69,34 @@ def stacked_loss(
     return (ce.view_as(weights) * weights).sum()
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to train on (default CPU); a clear error when it is not available.
+
+    On CUDA, deterministic mode needs cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG), set
+    here when the user has not chosen one, before the first cuBLAS call reads it.
+    """
+    try:
+        dev = torch.device("cpu" if device is None else device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested but this torch build sees no CUDA GPU; "
+                             "use --device cpu")
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {str(dev)!r} is not supported; use cpu or cuda[:N]")
+    return dev
+
+
 @torch.no_grad()
 def evaluate_stack(
     params: dict[str, Tensor], tasks: Sequence[Task], act_fn: str
 ) -> list[dict[str, float]]:
     """Each member's train/test loss (float64) and accuracy over its own split of the full grid."""
-    grid = tasks[0].tokens
+    grid = tasks[0].tokens.to(next(iter(params.values())).device)
     d_mlp = params["blocks.0.mlp.W_in"].shape[-1]
     chunk = max(1, EVAL_CHUNK_BYTES // (grid.shape[0] * d_mlp * 4))
     out: list[dict[str, float]] = []
@@ -90,15 +112,19 @@ def train_ensemble(
     configs: Sequence[RunConfig],
     stores: Sequence[RunStore],
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[Transformer]:
     """Train (or resume) every config into its store as one stacked computation.
 
     Returns the members' models after the last epoch. ``on_step`` gets a :class:`StepInfo` after
     each update whose ``metrics`` are the first member's and ``member_metrics`` everyone's.
+    ``device`` (default CPU) is where the stacked weights, optimizer state and batches live;
+    the run folders are written from CPU copies, so they are the same files either way.
     """
     if len(configs) != len(stores):
         raise ValueError(f"{len(configs)} configs but {len(stores)} run folders")
     check_stackable(configs)
+    dev = resolve_device(device)
     keep_freed_memory()
     if len({s.root.resolve() for s in stores}) != len(stores):
         raise ValueError("two members share one run folder; give each member its own")
@@ -113,7 +139,7 @@ def train_ensemble(
                 lo = min(m.epoch for m in todo)
                 group = [m for m in todo if m.epoch == lo]
                 ahead = [m.epoch for m in todo if m.epoch > lo]
-                _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted)
+                _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted, dev)
     return [m.model for m in members]
 
 
@@ -157,15 +183,16 @@ def _train_segment(
     stop: int,
     on_step: Callable[[StepInfo], None] | None,
     interrupted: list[bool],
+    device: torch.device,
 ) -> None:
     configs = [m.config for m in members]
     act_fn = configs[0].model.act_fn
     train = configs[0].train
-    params = stack_models([m.model for m in members])
+    params = stack_models([m.model for m in members], device)
     opt = StackedAdamW(params, configs)
     for i, m in enumerate(members):
         opt.load_member(i, m.opt_tensors)
-    x, y, w = _batches(members)
+    x, y, w = (t.to(device) for t in _batches(members))
     tasks = [m.task for m in members]
     pending: list[list[dict[str, float | int]]] = [[] for _ in members]
 

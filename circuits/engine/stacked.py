@@ -52,18 +52,18 @@ def check_stackable(configs: Sequence[RunConfig]) -> None:
             raise ValueError(f"member {i} uses engine {cfg.train.engine!r}; ensembles are fused")
 
 
-def stack_models(models: Sequence[Transformer]) -> dict[str, Tensor]:
-    """Copy the members' parameters into stacked leaf tensors ``[model, ...]`` (same names)."""
+def stack_models(models: Sequence[Transformer], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Copy the members' parameters into stacked leaf tensors ``[model, ...]`` on ``device``."""
     stacked = {}
     for name, p in models[0].named_parameters():
-        t = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).clone()
+        t = torch.stack([dict(m.named_parameters())[name].detach() for m in models]).to(device, copy=True)
         stacked[name] = t.requires_grad_(p.requires_grad)
     return stacked
 
 
 def member_state(stacked: dict[str, Tensor], i: int) -> dict[str, Tensor]:
-    """Member ``i``'s parameters as a plain state dict (contiguous copies)."""
-    return {name: t[i].detach().clone() for name, t in stacked.items()}
+    """Member ``i``'s parameters as a plain CPU state dict (contiguous copies, ready to save)."""
+    return {name: t[i].detach().to("cpu", copy=True) for name, t in stacked.items()}
 
 
 class StackedAdamW:
@@ -78,14 +78,15 @@ class StackedAdamW:
         self.configs = list(configs)
         n = len(configs)
         tr = [c.train for c in configs]
-        f64 = torch.float64
-        self.lr = torch.tensor([t.lr for t in tr], dtype=f64)
-        self.weight_decay = torch.tensor([t.weight_decay for t in tr], dtype=f64)
-        self.beta1 = torch.tensor([t.beta1 for t in tr], dtype=f64)
-        self.beta2 = torch.tensor([t.beta2 for t in tr], dtype=f64)
-        self.eps = torch.tensor([t.eps for t in tr], dtype=f64)
-        self.warmup = torch.tensor([t.warmup_steps for t in tr], dtype=f64)
-        self.step_count = torch.zeros(n, dtype=f64)
+        # Hyperparameters live beside the weights so a GPU step never waits on the host.
+        kw = {"dtype": torch.float64, "device": next(iter(params.values())).device}
+        self.lr = torch.tensor([t.lr for t in tr], **kw)
+        self.weight_decay = torch.tensor([t.weight_decay for t in tr], **kw)
+        self.beta1 = torch.tensor([t.beta1 for t in tr], **kw)
+        self.beta2 = torch.tensor([t.beta2 for t in tr], **kw)
+        self.eps = torch.tensor([t.eps for t in tr], **kw)
+        self.warmup = torch.tensor([t.warmup_steps for t in tr], **kw)
+        self.step_count = torch.zeros(n, **kw)
         self.state = {
             name: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
             for name, p in self.params.items()
@@ -135,9 +136,9 @@ class StackedAdamW:
             st = self.state[name]
             if float(self.step_count[i]) == 0:
                 continue
-            out[f"opt.{name}.exp_avg"] = st["exp_avg"][i].clone()
-            out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"][i].clone()
-            out[f"opt.{name}.step"] = self.step_count[i].to(torch.float32).clone()
+            out[f"opt.{name}.exp_avg"] = st["exp_avg"][i].to("cpu", copy=True)
+            out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"][i].to("cpu", copy=True)
+            out[f"opt.{name}.step"] = self.step_count[i].to("cpu", torch.float32, copy=True)
         return out
 
     def load_member(self, i: int, tensors: dict[str, Tensor]) -> None:

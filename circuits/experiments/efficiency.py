@@ -84,6 +84,7 @@ def reference_circuits(
     seeds: int | Sequence[int] = 2,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """Train the two reference networks of Varma et al. (2023, App. B) and split each one.
 
@@ -104,7 +105,7 @@ def reference_circuits(
                                (("kind", "mem"), ("seed", s), ("dataset_size", mem_size))))
         gen = _seeded(base, s, random_labels=False, frac=gen_frac)
         members.append(Member(f"gen-s{s}", gen, (("kind", "gen"), ("seed", s), ("dataset_size", gen.task.n_train))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     chance = 1.0 / math.sqrt(base.task.p + 1)
     mem, gen = table[table.kind == "mem"], table[table.kind == "gen"]
@@ -131,6 +132,7 @@ def critical_dataset_size(
     seeds: int | Sequence[int] = 3,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """D_crit: where the memorising circuit's converged norm overtakes the generalising one's.
 
@@ -154,7 +156,7 @@ def critical_dataset_size(
                                   (("circuit", "mem"), ("dataset_size", d), ("seed", s))))
             members.append(Member(f"gen-d{d}-s{s}", _seeded(base, s, random_labels=False, train_size=d),
                                   (("circuit", "gen"), ("dataset_size", d), ("seed", s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     gen_ok = (table.circuit == "gen") & (table.gen_share > GEN_ONLY_SHARE)
     table["gen_only"] = np.where(table.circuit == "gen", gen_ok, False)

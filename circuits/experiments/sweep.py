@@ -102,12 +102,14 @@ def run_members(
     max_ensemble: int = MAX_ENSEMBLE,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> list[Run]:
     """Train every member into ``<out>/runs/<name>``, as few stacked ensembles as shapes allow.
 
     Finished members are skipped, so calling it again after a kill resumes the protocol.
     ``on_group(group, n_groups, n_members)`` is called before each ensemble starts and
-    ``on_step`` after every update of it. Returns the runs in the members' order.
+    ``on_step`` after every update of it; ``device`` is where the ensembles compute (``"cuda"``;
+    default the CPU). Returns the runs in the members' order.
     """
     names = [m.name for m in members]
     if len(set(names)) != len(names):
@@ -127,7 +129,8 @@ def run_members(
             for m in chunk:
                 _train_alone(m, paths[m.name], on_step)
             continue
-        train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step)
+        train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step,
+                       device=device)
     return [load_run(paths[m.name]) for m in members]
 
 

@@ -51,6 +51,7 @@ def ungrokking(
     critical_size: float | None = None,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """Continue a grokked network on random subsets of its training set (Varma et al. 2023, Fig. 7).
 
@@ -81,7 +82,7 @@ def ungrokking(
                 f"use sizes up to {pool}"
             )
     if parent_run is None:
-        parent_run = run_members([Member("parent", parent_config)], out, on_group=on_group, on_step=on_step)[0]
+        parent_run = run_members([Member("parent", parent_config)], out, on_group=on_group, on_step=on_step, device=device)[0]
     if not parent_run.epochs:
         raise ProtocolError(f"parent run {parent_run.path} has no checkpoints yet")
     pc = parent_run.config
@@ -109,7 +110,7 @@ def ungrokking(
                 preset="ungrok",
             )
             members.append(Member(f"ungrok-d{d}-s{s}", cfg, (("dataset_size", d), ("seed", s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     mean = table.groupby("dataset_size").test_acc.mean()
     summary = {
@@ -170,6 +171,7 @@ def semi_grokking(
     seeds: int | Sequence[int] = 3,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """Train from scratch near D_crit for a long time and record partial, delayed generalisation.
 
@@ -187,7 +189,7 @@ def semi_grokking(
         Member(f"semi-d{d}-s{s}", _seeded(base, s, random_labels=False, train_size=d), (("dataset_size", d), ("seed", s)))
         for s in _seeds(seeds) for d in grid
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
     for key in events[0]:

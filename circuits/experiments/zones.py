@@ -99,6 +99,7 @@ def memorisation_capacity(
     seeds: int | Sequence[int] = 3,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """Capacity D_mem per width: train accuracy x pairs on the fully random-labelled table.
 
@@ -112,7 +113,7 @@ def memorisation_capacity(
                (("d_model", w), ("seed", s)))
         for s in _seeds(seeds) for w in check_grid("width", widths)
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     table["capacity"] = table.train_acc * base.task.n_pairs
     means = table.groupby("d_model").capacity.mean()
@@ -149,6 +150,7 @@ def zones(
     seeds: int | Sequence[int] = 2,
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
 ) -> ExperimentResult:
     """Classify every (width, training-set size) run into Huang et al.'s zones and map them.
 
@@ -167,7 +169,7 @@ def zones(
                (("d_model", w), ("dataset_size", d), ("seed", s)))
         for s in _seeds(seeds) for w in check_grid("width", widths) for d in size_grid
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
     for key in events[0]:
