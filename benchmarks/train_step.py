@@ -58,9 +58,9 @@ def matmul_gflops() -> float:
     return 2 * 3830 * 128 * 512 * 30 / (time.perf_counter() - t) / 1e9
 
 
-def baseline_step(cfg: RunConfig) -> Callable[[], None]:
-    x, y = make_task(cfg.task).train_data()
-    model = make_model(cfg)
+def baseline_step(cfg: RunConfig, device: str = "cpu") -> Callable[[], None]:
+    x, y = (t.to(device) for t in make_task(cfg.task).train_data())
+    model = make_model(cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
@@ -73,14 +73,14 @@ def baseline_step(cfg: RunConfig) -> Callable[[], None]:
     return step
 
 
-def engine_step(cfg: RunConfig, n_models: int) -> Callable[[], None]:
+def engine_step(cfg: RunConfig, n_models: int, device: str = "cpu") -> Callable[[], None]:
     """The training step of circuits.engine.ensemble for ``n_models`` seeds of ``cfg``."""
     configs = [cfg.replace(seed=cfg.model.seed + i) for i in range(n_models)]
-    x, y = make_task(cfg.task).train_data()
-    params = stack_models([make_model(c) for c in configs])
+    x, y = (t.to(device) for t in make_task(cfg.task).train_data())
+    params = stack_models([make_model(c) for c in configs], device)
     opt = StackedAdamW(params, configs)
     xs, ys = x.expand(n_models, -1, -1), y.expand(n_models, -1)
-    w = torch.full(ys.shape, 1.0 / len(y), dtype=torch.float64)
+    w = torch.full(ys.shape, 1.0 / len(y), dtype=torch.float64, device=device)
 
     def step() -> None:
         stacked_loss(stacked_last_logits(params, xs, cfg.model.act_fn), ys, w).backward()
@@ -90,12 +90,19 @@ def engine_step(cfg: RunConfig, n_models: int) -> Callable[[], None]:
     return step
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_ms(step: Callable[[], None], steps: int) -> float:
     for _ in range(2):
         step()
+    _sync()
     t = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync()
     return (time.perf_counter() - t) / steps * 1000
 
 
@@ -121,6 +128,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ensembles", type=int, nargs="*", default=[], metavar="E")
     parser.add_argument("--memory", type=int, nargs="*", default=[], metavar="E")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: both paths run there")
     args = parser.parse_args()
     keep_freed_memory()  # process-wide: the baseline gets the same allocator behaviour
     # No deterministic mode here: the baseline is what a notebook runs (with it, the baseline's
@@ -131,8 +139,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, matmul {matmul_gflops():.0f} GFLOP/s")
     for name in names:
         cfg = preset(name)
-        steps = {"baseline": baseline_step(cfg), "fused": engine_step(cfg, 1)}
-        steps.update({f"E={e}": engine_step(cfg, e) for e in args.ensembles})
+        dev = args.device
+        steps = {"baseline": baseline_step(cfg, dev), "fused": engine_step(cfg, 1, dev)}
+        steps.update({f"E={e}": engine_step(cfg, e, dev) for e in args.ensembles})
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.repeats):
             for key, step in steps.items():
@@ -148,6 +157,8 @@ def main() -> None:
             engine = "baseline" if key == "baseline" else "fused"
             rate = flops_per_epoch(cfg, engine) / (ms / 1000) / 1e9
             print(f"{key:<10} {ms:>19.2f} {base / ms:>8.2f}x {rate:>8.1f}")
+        if dev != "cpu":
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
         for e in args.memory:
             print(f"peak RSS, {e}-member {name} ensemble: {peak_memory_mb(name, e):.0f} MB")
 
