@@ -68,6 +68,31 @@ def main() -> None:
     step("capacity", lambda: memorisation_capacity(args.out / "capacity", widths=[4, 8, 12, 16, 24, 32], base=base, seeds=2))
     step("zones", lambda: zones(args.out / "zones", widths=[8, 16, 32], sizes=[100, 200, 300, 450, 650, 860],
                                 base=base, seeds=1))
+    write_page(args.out)
+
+
+def write_page(out: Path) -> None:
+    """One experiment page over the protocols' tables (circuits.dashboard.write_experiment_dashboard)."""
+    import pandas as pd
+
+    from circuits.dashboard import write_experiment_dashboard
+
+    def table(rel: str) -> pd.DataFrame | None:
+        path = out / rel
+        return pd.read_csv(path) if path.exists() else None
+
+    dcrit, ungrok, zone_table = table("dcrit/critical_dataset_size.csv"), table("ungrok/ungrokking.csv"), table("zones/zones.csv")
+    if dcrit is not None:
+        dcrit = dcrit[(dcrit.circuit == "mem") | dcrit.gen_only]
+    summary = out / "ungrok" / "ungrokking.json"
+    critical = None
+    if (out / "dcrit" / "critical_dataset_size.json").exists():
+        critical = json.loads((out / "dcrit" / "critical_dataset_size.json").read_text())["d_crit_mean"]
+    sweep = zone_table[["dataset_size", "d_model", "zone", "test_acc", "weight_norm"]] if zone_table is not None else None
+    page = write_experiment_dashboard(out / "experiments.html", efficiency=dcrit, ungrokking=ungrok, sweep=sweep,
+                                      axes=("dataset_size", "d_model"), critical_size=critical,
+                                      title="Protocols at p = 31")
+    print("page", page, summary.exists())
 
 
 if __name__ == "__main__":
