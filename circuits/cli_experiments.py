@@ -85,7 +85,7 @@ def _run(protocol: str, func: Callable[..., Any], out: Path, **kwargs: Any) -> N
     except TrainingInterrupted:
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
-    name = {"reference": "reference", "dcrit": "critical_dataset_size", "ungrok": "ungrokking",
+    name = {"phases": "phase_diagram", "reference": "reference", "dcrit": "critical_dataset_size", "ungrok": "ungrokking",
             "semigrok": "semi_grokking", "capacity": "capacity", "zones": "zones"}[protocol]
     typer.echo(f"{protocol}: {len(result.table)} rows in {out / (name + '.csv')}; figure {out / (name + '.html')}")
     for key, value in result.summary.items():
@@ -196,3 +196,38 @@ def _zones(**kw: Any) -> None:
     base = config_from_kwargs(kw)
     out = _out("zones", out, base, {"seeds": seeds, "widths": widths, "sizes": sizes})
     _run("zones", zones, out, widths=widths, sizes=sizes, base=base, seeds=seeds, device=device)
+
+
+def _grid(specs: list[str]) -> dict[str, list[Any]]:
+    """``["weight-decay=0.3,1", "train_size=500,1000"]`` -> typed values per config field."""
+    from circuits.config import FIELD_OWNER, field_type
+
+    grid: dict[str, list[Any]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise UserError(f"--grid takes FIELD=V1,V2,... (e.g. weight_decay=0.3,1), got {spec!r}")
+        if name not in FIELD_OWNER:
+            raise UserError(f"--grid: unknown config field {name!r}; use a `circuits train` flag name")
+        kind = field_type(FIELD_OWNER[name], name)
+        parse = {bool: lambda v: v.lower() in ("1", "true", "yes"), int: int, float: float, str: str}[kind]
+        try:
+            grid[name] = [parse(v) for v in values.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise UserError(f"--grid {name}: values must be {kind.__name__}s, got {values!r}") from None
+    return grid
+
+
+@_command("phases", "Phase diagram over any config fields: --grid FIELD=V1,V2 (twice or more) x "
+          "seeds; zone map and maps of final test accuracy and grokking epoch.",
+          [_option("grid", list[str], ..., "FIELD=V1,V2,... (repeat: the first two are the axes)."),
+           _option("seeds", int, 1, "Seeds per grid point.")])
+def _phases(**kw: Any) -> None:
+    from circuits.experiments import phase_diagram
+
+    out, seeds, grid = kw.pop("out"), kw.pop("seeds"), _grid(kw.pop("grid"))
+    device = kw.pop("device")
+    base = config_from_kwargs(kw)
+    out = _out("phases", out, base, {"seeds": seeds, "grid": grid})
+    _run("phases", phase_diagram, out, grid=grid, base=base, seeds=seeds, device=device)

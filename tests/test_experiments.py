@@ -222,3 +222,32 @@ def test_cli_zones_writes_table_and_figure_and_resumes(tmp_path) -> None:  # noq
     summary = [line for line in r.stdout.splitlines() if line.startswith("zones: 4 rows")]
     assert again.returncode == 0 and summary and summary[0] in again.stdout
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.safetensors")} == mtimes
+
+
+def test_phase_diagram_over_two_fields_and_its_cli(tmp_path) -> None:  # noqa: ANN001
+    from circuits.experiments import phase_diagram
+
+    base = tiny_config(epochs=200, checkpoint_every=100, checkpoint_early_until=0, log_every=10)
+    result = phase_diagram(tmp_path / "lib", {"weight_decay": [0.1, 1.0], "train_size": [30, 60]}, base=base)
+    table = result.table
+    assert len(table) == 4 and set(table.weight_decay) == {0.1, 1.0} and set(table.train_size) == {30, 60}
+    assert {"zone", "grok_epoch", "test_acc", "weight_norm"} <= set(table.columns)
+    # Each run really has its grid point's config.
+    for _, row in table.iterrows():
+        cfg = circuits.load_run(tmp_path / "lib" / "runs" / row.run).config
+        assert cfg.train.weight_decay == row.weight_decay and cfg.task.n_train == row.train_size
+    # Stronger weight decay ends with a smaller parameter norm at the same data size.
+    norms = table.set_index(["train_size", "weight_decay"]).weight_norm
+    assert norms[(60, 1.0)] < norms[(60, 0.1)]
+    with pytest.raises(ProtocolError, match="at least two grid fields"):
+        phase_diagram(tmp_path / "x", {"weight_decay": [0.1]}, base=base)
+    with pytest.raises(ProtocolError, match="unknown config field"):
+        phase_diagram(tmp_path / "x", {"weight_decay": [0.1], "wd": [1]}, base=base)
+    r = run_cli("experiment", "phases", "--grid", "weight-decay=0.1,1", "--grid", "seed=1,2", "--p", "11",
+                "--d-model", "32", "--d-mlp", "64", "--epochs", "60", "--checkpoint-early-until", "0",
+                "--out", str(tmp_path / "cli"))
+    assert r.returncode == 0, r.stderr
+    cli_table = pd.read_csv(tmp_path / "cli" / "phase_diagram.csv")
+    assert len(cli_table) == 4 and set(cli_table.seed) == {1, 2} and set(cli_table.replicate) == {0}
+    r = run_cli("experiment", "phases", "--grid", "lr=fast", "--grid", "seed=1")
+    assert r.returncode == 2 and "values must be floats" in r.stderr

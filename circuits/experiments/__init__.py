@@ -4,6 +4,7 @@ resumes when called again, and returns an :class:`ExperimentResult` (a pandas ta
 figure and headline numbers), also written as ``<protocol>.csv/.json/.html``.
 """
 
+from circuits.experiments.diagram import phase_diagram
 from circuits.experiments.efficiency import critical_dataset_size, reference_circuits
 from circuits.experiments.ungrokking import curve_events, semi_grokking, ungrokking
 from circuits.experiments.zones import classify_zone, memorisation_capacity, zones
@@ -15,6 +16,7 @@ __all__ = [
     "classify_zone",
     "curve_events",
     "memorisation_capacity",
+    "phase_diagram",
     "semi_grokking",
     "ungrokking",
     "zones",

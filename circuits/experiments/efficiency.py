@@ -57,9 +57,11 @@ def _check_size(config: RunConfig, size: int, what: str) -> None:
         )
 
 
-def _seeded(base: RunConfig, seed: int, **overrides: Any) -> RunConfig:
+def _seeded(base: RunConfig, offset: int, /, **overrides: Any) -> RunConfig:
     # Seed s moves the init and the split (and the random labels, which the data seed draws).
-    return base.replace(seed=base.model.seed + seed, data_seed=base.task.data_seed + seed, **overrides)
+    fields: dict[str, Any] = {"seed": base.model.seed + offset, "data_seed": base.task.data_seed + offset}
+    fields.update(overrides)  # a grid over seed or data_seed sets them itself
+    return base.replace(**fields)
 
 
 def crossing(x: ArrayLike, y: ArrayLike, level: float) -> float | None:

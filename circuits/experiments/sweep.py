@@ -186,8 +186,10 @@ def member_table(members: Sequence[Member], runs: Sequence[Run]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def write_result(result: ExperimentResult, out: str | Path, name: str) -> ExperimentResult:
-    """Write ``<name>.csv``, ``<name>.json`` (summary) and ``<name>.html`` (figure) under ``out``."""
+def write_result(
+    result: ExperimentResult, out: str | Path, name: str, extra_figures: Sequence[go.Figure] = ()
+) -> ExperimentResult:
+    """Write ``<name>.csv``, ``<name>.json`` (summary) and ``<name>.html`` (figures) under ``out``."""
     from circuits.dashboard import write_figure_page
 
     out = Path(out)
@@ -196,7 +198,7 @@ def write_result(result: ExperimentResult, out: str | Path, name: str) -> Experi
     atomic_write_bytes(
         out / f"{name}.json", (json.dumps(result.summary, indent=2, default=_json_default) + "\n").encode()
     )
-    write_figure_page(out / f"{name}.html", result.figure, title=name.replace("_", " "))
+    write_figure_page(out / f"{name}.html", [result.figure, *extra_figures], title=name.replace("_", " "))
     result.path = out
     return result
 

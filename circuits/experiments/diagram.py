@@ -1,0 +1,94 @@
+"""Phase diagrams: any grid of config fields x seeds, one row per run, a map per outcome.
+
+The grokking literature draws its phase diagrams over training-set size, model size and
+weight decay (Liu et al. 2022, Omnigrok; Huang et al. 2024). :func:`phase_diagram` trains the
+full product of a grid of config fields (any field of :class:`~circuits.config.RunConfig`),
+several seeds each, as stacked ensembles, and tabulates each run's final measures, its
+accuracy events (:func:`~circuits.experiments.ungrokking.curve_events`), the epoch its test
+accuracy first reached 0.99 (``grok_epoch``) and its zone (:func:`~circuits.experiments.zones.classify_zone`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
+from circuits.errors import ProtocolError
+from circuits.experiments.efficiency import _seeded, _seeds
+from circuits.experiments.sweep import ExperimentResult, Member, check_grid, member_table, run_members, write_result
+from circuits.experiments.ungrokking import curve_events
+from circuits.experiments.zones import classify_zone
+from circuits.trainer import StepInfo
+
+__all__ = ["phase_diagram"]
+
+
+def _grok_epoch(metrics: Any, level: float = 0.99) -> float:
+    hit = metrics.epoch[metrics.test_acc >= level]
+    return float(hit.iloc[0]) if len(hit) else float("nan")
+
+
+def phase_diagram(
+    out: str | Path,
+    grid: Mapping[str, Sequence[Any]],
+    base: RunConfig | None = None,
+    seeds: int | Sequence[int] = 1,
+    on_group: Callable[[int, int, int], None] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    device: str | None = None,
+) -> ExperimentResult:
+    """Train every combination of ``grid`` (config field -> values) x seeds; map the outcomes.
+
+    ``grid`` needs at least two fields; the figures use the first two as x and y (mean, or most
+    common zone, over seeds and any further fields). Returns one row per run: the grid values,
+    ``seed`` (the replicate; ``replicate`` when the grid sweeps ``seed`` itself), the final measures, ``fit_epoch``, ``rise_epoch``, ``plateau_test_acc``,
+    ``grok_epoch`` and ``zone``.
+    """
+    base = base or preset("nanda")
+    if len(grid) < 2:
+        raise ProtocolError("a phase diagram needs at least two grid fields (e.g. weight_decay and train_size)")
+    axes = list(grid)
+    values = {}
+    for name in axes:
+        if name not in FIELD_OWNER:
+            raise ProtocolError(f"unknown config field {name!r} in the grid; use a `circuits train` flag name")
+        values[name] = check_grid(name, grid[name])
+    # The replicate index is "seed" as in every protocol, unless the grid itself sweeps the seed.
+    rep = "replicate" if "seed" in axes else "seed"
+    members = []
+    for s in _seeds(seeds):
+        for combo in itertools.product(*(values[a] for a in axes)):
+            overrides = dict(zip(axes, combo))
+            try:
+                config = _seeded(base, s, **overrides)
+            except ConfigError as e:
+                raise ProtocolError(f"grid point {overrides} is not a valid config: {e}") from None
+            name = "-".join(f"{a}{v}" for a, v in overrides.items()) + f"-s{s}"
+            members.append(Member(name, config, (*overrides.items(), (rep, s))))
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    table = member_table(members, runs)
+    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
+    for key in events[0]:
+        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    table["grok_epoch"] = [_grok_epoch(r.metrics) for r in runs]
+    table["zone"] = [classify_zone(ev) for ev in events]
+    x, y = axes[0], axes[1]
+    summary = {
+        "axes": axes,
+        "runs": len(table),
+        "zone_counts": {str(k): int(v) for k, v in table.zone.value_counts().items()},
+        "grokked_runs": int(table.grok_epoch.notna().sum()),
+    }
+    from circuits.plots import plot_phase_diagram, plot_zone_map
+
+    figures = [plot_zone_map(table, x, y), plot_phase_diagram(table, "test_acc", x, y)]
+    if table.grok_epoch.notna().any():
+        figures.append(plot_phase_diagram(table.dropna(subset=["grok_epoch"]), "grok_epoch", x, y, log_color=True))
+    result = ExperimentResult(table, figures[0], summary)
+    result = write_result(result, out, "phase_diagram", extra_figures=figures[1:])
+    return result
