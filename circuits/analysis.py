@@ -32,7 +32,6 @@ from circuits.errors import CheckpointError
 from circuits.measures.circuits import (
     circuit_efficiency,
     circuit_norms_sq,
-    part_logit_stats,
     sum_direction_share,
 )
 from circuits.measures.frequencies import (
@@ -188,11 +187,12 @@ def _key_set(run: Run, epoch: int) -> list[int]:
 
 
 def _pair_nll(
-    logits: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Cross-entropy of every pair ``[ckpt, pp]`` (float64), to be averaged over any split."""
-    picked = logits.gather(-1, labels.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    return torch.logsumexp(logits, dim=-1) - picked
+    logits: torch.Tensor, picked_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cross-entropy, correct-class logit)`` of every pair ``[ckpt, pp]`` (float64), to be
+    averaged over any split; ``picked_idx`` holds the labels as ``[ckpt, pp, 1]``."""
+    picked = logits.gather(-1, picked_idx).squeeze(-1)
+    return torch.logsumexp(logits, dim=-1) - picked, picked
 
 
 def _measure_chunk(
@@ -219,9 +219,8 @@ def _measure_chunk(
         def split_means(values: torch.Tensor) -> torch.Tensor:  # [ckpt, pp] -> [ckpt, split]
             return values @ weights
 
-        x_correct = x.gather(-1, picked_idx).squeeze(-1)  # [ckpt, pp]
+        nll, x_correct = _pair_nll(x, picked_idx)  # [ckpt, pp] each
         top = x.amax(-1)
-        nll = torch.logsumexp(x, dim=-1) - x_correct
         # Correct when the label's logit is the largest: an amax pass, cheaper than argmax's
         # (they differ only on exact float ties, which trained logits do not have).
         correct = (x_correct >= top).to(torch.float64)
@@ -247,8 +246,7 @@ def _measure_chunk(
         restricted = projected.add_(mean)  # P_S(L) is not needed after this
         del projected
         valid_w = task.valid.to(torch.float64) / task.valid.sum()
-        r_picked = restricted.gather(-1, picked_idx).squeeze(-1)
-        r_nll = torch.logsumexp(restricted, dim=-1) - r_picked
+        r_nll, r_picked = _pair_nll(restricted, picked_idx)
         cols["restricted_loss"] = r_nll @ valid_w
         r_correct = (r_picked >= restricted.amax(-1)).to(torch.float64)
         cols["restricted_acc"] = r_correct @ valid_w

@@ -47,11 +47,9 @@ def _train(**kwargs: Any) -> None:
     from circuits.trainer import TrainingInterrupted
 
     try:
-        resolve_device(device)
+        resolve_device(device, config.train.engine)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if device not in (None, "cpu") and config.train.engine != "fused":
-        raise UserError(f"--device {device} needs --engine fused; the reference engine runs on the CPU")
 
     path = Path(out) if out is not None else default_run_dir(config)
     progress = _TrainProgress(config, path)

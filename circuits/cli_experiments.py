@@ -71,26 +71,39 @@ class _Progress:
             self.bar.update(self.task, completed=info.epoch, total=info.epochs)
 
 
-def _run(protocol: str, func: Callable[..., Any], out: Path, **kwargs: Any) -> None:
+def _launch(
+    protocol: str,
+    func: Callable[..., Any],
+    kw: dict[str, Any],
+    params: dict[str, Any],
+    unhashed: tuple[str, ...] = (),
+    from_base: Callable[[Any], dict[str, Any]] | None = None,
+) -> None:
+    """Build the base config from the remaining flags, pick the folder, run ``func`` with a progress
+    bar and print where its table and figure went. ``params`` (less ``unhashed``) name the folder."""
     from circuits.engine.ensemble import resolve_device
     from circuits.trainer import TrainingInterrupted
 
+    out, device = kw.pop("out"), kw.pop("device")
+    base = config_from_kwargs(kw)
     try:
-        resolve_device(kwargs.get("device"))
+        resolve_device(device, base.train.engine)
     except ValueError as e:
         raise UserError(str(e)) from None
+    out = _out(protocol, out, base, {k: v for k, v in params.items() if k not in unhashed})
+    extra = from_base(base) if from_base is not None else {}
     try:
         with _Progress(protocol) as progress:
-            result = func(out, on_group=progress.group, on_step=progress.step, **kwargs)
+            result = func(out, base=base, device=device, on_group=progress.group, on_step=progress.step,
+                          **params, **extra)
     except TrainingInterrupted:
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
-    name = {"phases": "phase_diagram", "reference": "reference", "dcrit": "critical_dataset_size", "ungrok": "ungrokking",
-            "semigrok": "semi_grokking", "capacity": "capacity", "zones": "zones"}[protocol]
-    typer.echo(f"{protocol}: {len(result.table)} rows in {out / (name + '.csv')}; figure {out / (name + '.html')}")
-    for key, value in result.summary.items():
+    typer.echo(f"{protocol}: {len(result.table)} rows in {out / (result.name + '.csv')}; "
+               f"figure {out / (result.name + '.html')}")
+    for k, value in result.summary.items():
         if not isinstance(value, (dict, list)):
-            typer.echo(f"  {key}: {value}")
+            typer.echo(f"  {k}: {value}")
 
 
 def _option(name: str, annotation: Any, default: Any, help: str) -> inspect.Parameter:
@@ -121,11 +134,8 @@ def _command(name: str, doc: str, extra: list[inspect.Parameter]) -> Callable[[C
 def _reference(**kw: Any) -> None:
     from circuits.experiments import reference_circuits
 
-    out, seeds, mem_size, gen_frac = kw.pop("out"), kw.pop("seeds"), kw.pop("mem_size"), kw.pop("gen_frac")
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("reference", out, base, {"seeds": seeds, "mem_size": mem_size, "gen_frac": gen_frac})
-    _run("reference", reference_circuits, out, base=base, seeds=seeds, mem_size=mem_size, gen_frac=gen_frac, device=device)
+    params = {"seeds": kw.pop("seeds"), "mem_size": kw.pop("mem_size"), "gen_frac": kw.pop("gen_frac")}
+    _launch("reference", reference_circuits, kw, params)
 
 
 @_command("dcrit", "Critical dataset size: converged parameter norm of memorisation-only and "
@@ -133,11 +143,7 @@ def _reference(**kw: Any) -> None:
 def _dcrit(**kw: Any) -> None:
     from circuits.experiments import critical_dataset_size
 
-    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("dcrit", out, base, {"seeds": seeds, "sizes": sizes})
-    _run("dcrit", critical_dataset_size, out, sizes=sizes, base=base, seeds=seeds, device=device)
+    _launch("dcrit", critical_dataset_size, kw, {"seeds": kw.pop("seeds"), "sizes": _ints("sizes", kw.pop("sizes"))})
 
 
 @_command("ungrok", "Ungrokking: continue a grokked network on random subsets of size D' of its "
@@ -150,15 +156,13 @@ def _ungrok(**kw: Any) -> None:
     from circuits.errors import require_run_dir
     from circuits.experiments import ungrokking
 
-    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
-    parent, parent_frac, critical = kw.pop("parent"), kw.pop("parent_frac"), kw.pop("critical_size")
-    if parent is not None:
-        require_run_dir(parent)
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("ungrok", out, base, {"seeds": seeds, "sizes": sizes, "parent": str(parent), "parent_frac": parent_frac})
-    _run("ungrok", ungrokking, out, sizes=sizes, parent=parent, base=base, parent_frac=parent_frac,
-         epochs=base.train.epochs, seeds=seeds, critical_size=critical, device=device)
+    params = {"seeds": kw.pop("seeds"), "sizes": _ints("sizes", kw.pop("sizes")), "parent": kw.pop("parent"),
+              "parent_frac": kw.pop("parent_frac"), "critical_size": kw.pop("critical_size")}
+    if params["parent"] is not None:
+        require_run_dir(params["parent"])
+    # The children train the base schedule's epochs (--epochs), also after a given parent.
+    _launch("ungrok", ungrokking, kw, params, unhashed=("critical_size",),
+            from_base=lambda base: {"epochs": base.train.epochs})
 
 
 @_command("semigrok", "Semi-grokking: long runs with D near D_crit; delayed rise to a partial "
@@ -166,11 +170,7 @@ def _ungrok(**kw: Any) -> None:
 def _semigrok(**kw: Any) -> None:
     from circuits.experiments import semi_grokking
 
-    out, seeds, sizes = kw.pop("out"), kw.pop("seeds"), _ints("sizes", kw.pop("sizes"))
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("semigrok", out, base, {"seeds": seeds, "sizes": sizes})
-    _run("semigrok", semi_grokking, out, sizes=sizes, base=base, seeds=seeds, device=device)
+    _launch("semigrok", semi_grokking, kw, {"seeds": kw.pop("seeds"), "sizes": _ints("sizes", kw.pop("sizes"))})
 
 
 @_command("capacity", "Memorisation capacity per model width on the fully random-labelled table "
@@ -178,11 +178,7 @@ def _semigrok(**kw: Any) -> None:
 def _capacity(**kw: Any) -> None:
     from circuits.experiments import memorisation_capacity
 
-    out, seeds, widths = kw.pop("out"), kw.pop("seeds"), _ints("widths", kw.pop("widths"))
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("capacity", out, base, {"seeds": seeds, "widths": widths})
-    _run("capacity", memorisation_capacity, out, widths=widths, base=base, seeds=seeds, device=device)
+    _launch("capacity", memorisation_capacity, kw, {"seeds": kw.pop("seeds"), "widths": _ints("widths", kw.pop("widths"))})
 
 
 @_command("zones", "Huang et al.'s zone map over model width x training-set size: progression, "
@@ -190,12 +186,9 @@ def _capacity(**kw: Any) -> None:
 def _zones(**kw: Any) -> None:
     from circuits.experiments import zones
 
-    out, seeds = kw.pop("out"), kw.pop("seeds")
-    widths, sizes = _ints("widths", kw.pop("widths")), _ints("sizes", kw.pop("sizes"))
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("zones", out, base, {"seeds": seeds, "widths": widths, "sizes": sizes})
-    _run("zones", zones, out, widths=widths, sizes=sizes, base=base, seeds=seeds, device=device)
+    params = {"seeds": kw.pop("seeds"), "widths": _ints("widths", kw.pop("widths")),
+              "sizes": _ints("sizes", kw.pop("sizes"))}
+    _launch("zones", zones, kw, params)
 
 
 def _grid(specs: list[str]) -> dict[str, list[Any]]:
@@ -226,8 +219,4 @@ def _grid(specs: list[str]) -> dict[str, list[Any]]:
 def _phases(**kw: Any) -> None:
     from circuits.experiments import phase_diagram
 
-    out, seeds, grid = kw.pop("out"), kw.pop("seeds"), _grid(kw.pop("grid"))
-    device = kw.pop("device")
-    base = config_from_kwargs(kw)
-    out = _out("phases", out, base, {"seeds": seeds, "grid": grid})
-    _run("phases", phase_diagram, out, grid=grid, base=base, seeds=seeds, device=device)
+    _launch("phases", phase_diagram, kw, {"seeds": kw.pop("seeds"), "grid": _grid(kw.pop("grid"))})

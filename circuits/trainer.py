@@ -216,7 +216,7 @@ def initial_model(config: RunConfig) -> Transformer:
     if source is None:
         return model
     weights = read_weights_file(Path(source))
-    own = {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}
+    own = _weights(model)
     missing = sorted(set(own) - set(weights))
     if missing:
         raise RunFolderError(f"init_from {source} lacks {missing[0]}; is it a checkpoint of this model?")
@@ -272,8 +272,9 @@ def train_run(
         from circuits.engine.ensemble import train_ensemble
 
         return train_ensemble([config], [store], on_step, device=device)[0]
-    if device not in (None, "cpu"):
-        raise ValueError(f"device {device!r} needs the fused engine; the reference engine runs on the CPU")
+    from circuits.engine.ensemble import resolve_device
+
+    resolve_device(device, config.train.engine)
     with deterministic():
         return _train_run(config, store, on_step)
 

@@ -204,6 +204,8 @@ def test_cli_protocol_errors_are_one_line(tmp_path) -> None:  # noqa: ANN001
     assert r.stderr.strip().count("\n") == 0 and "larger than the parent's training set" in r.stderr
     r = run_cli("experiment", "dcrit", "--sizes", "ten")
     assert r.returncode == 2 and "comma-separated integers" in r.stderr
+    r = run_cli("experiment", "dcrit", "--sizes", "10", "--p", "7", "--engine", "reference", "--device", "cuda")
+    assert r.returncode == 2 and "needs the fused engine" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_zones_writes_table_and_figure_and_resumes(tmp_path) -> None:  # noqa: ANN001

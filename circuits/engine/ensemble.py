@@ -69,8 +69,9 @@ def stacked_loss(
     return (ce.view_as(weights) * weights).sum()
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The torch device to train on (default CPU); a clear error when it is not available.
+def resolve_device(device: str | torch.device | None, engine: str = "fused") -> torch.device:
+    """The torch device to train on (default CPU); a clear error when it is not available, or
+    when it is not the CPU and ``engine`` is not the fused one (the hooked model trains on CPU).
 
     On CUDA, deterministic mode needs cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG), set
     here when the user has not chosen one, before the first cuBLAS call reads it.
@@ -79,6 +80,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device("cpu" if device is None else device)
     except RuntimeError:
         raise ValueError(f"device {device!r} is not a torch device; use cpu or cuda[:N]") from None
+    if dev.type != "cpu" and engine != "fused":
+        raise ValueError(f"device {str(dev)!r} needs the fused engine; the reference engine runs on the CPU")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(dev)!r} requested but this torch build sees no CUDA GPU; "

@@ -15,13 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _seeded, _seeds
 from circuits.experiments.sweep import ExperimentResult, Member, check_grid, member_table, run_members, write_result
-from circuits.experiments.ungrokking import curve_events
+from circuits.experiments.ungrokking import add_curve_events
 from circuits.experiments.zones import classify_zone
 from circuits.trainer import StepInfo
 
@@ -72,9 +71,7 @@ def phase_diagram(
             members.append(Member(name, config, (*overrides.items(), (rep, s))))
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
-    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
-    for key in events[0]:
-        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    events = add_curve_events(table, runs)
     table["grok_epoch"] = [_grok_epoch(r.metrics) for r in runs]
     table["zone"] = [classify_zone(ev) for ev in events]
     x, y = axes[0], axes[1]

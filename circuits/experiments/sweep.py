@@ -24,6 +24,7 @@ from circuits.engine.stacked import SHARED_TRAIN_FIELDS
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
+from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
 from circuits.store import atomic_write_bytes
 from circuits.trainer import StepInfo, split_metrics
@@ -70,6 +71,8 @@ class ExperimentResult:
     figure: go.Figure
     summary: dict[str, Any]
     path: Path | None = None
+    name: str = ""
+    """The protocol's file stem: ``<path>/<name>.csv``, ``.json``, ``.html`` (set when written)."""
 
 
 def check_grid(name: str, values: Sequence[Any]) -> list[Any]:
@@ -127,18 +130,20 @@ def run_members(
         # engine="reference" runs cannot stack: they train one by one through the same API.
         if chunk[0].config.train.engine != "fused":
             for m in chunk:
-                _train_alone(m, paths[m.name], on_step)
+                _train_alone(m, paths[m.name], on_step, device)
             continue
         train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step,
                        device=device)
     return [load_run(paths[m.name]) for m in members]
 
 
-def _train_alone(member: Member, path: Path, on_step: Callable[[StepInfo], None] | None) -> None:
-    """Train one member on its own (reference engine)."""
+def _train_alone(
+    member: Member, path: Path, on_step: Callable[[StepInfo], None] | None, device: str | None
+) -> None:
+    """Train one member on its own (reference engine: a device other than the CPU is refused)."""
     from circuits.run import train
 
-    train(member.config, out=path, on_step=on_step)
+    train(member.config, out=path, on_step=on_step, device=device)
 
 
 @torch.no_grad()
@@ -161,8 +166,7 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     task = run.task
     out: dict[str, float | int | None] = {"epoch": epoch}
     out.update(split_metrics(logits[0].to(torch.float64), task))
-    norm_sq = sum(float(v.to(torch.float64).pow(2).sum()) for v in state.values())
-    norm = norm_sq**0.5
+    norm = weight_norm_sq(state) ** 0.5
     _, margin = part_logit_stats(logits.to(torch.float64), task.labels, task.train_idx)
     key = key_frequencies(neuron_frequency_fractions(post[0], p))
     out.update(
@@ -199,7 +203,7 @@ def write_result(
         out / f"{name}.json", (json.dumps(result.summary, indent=2, default=_json_default) + "\n").encode()
     )
     write_figure_page(out / f"{name}.html", [result.figure, *extra_figures], title=name.replace("_", " "))
-    result.path = out
+    result.path, result.name = out, name
     return result
 
 

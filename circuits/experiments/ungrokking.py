@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -32,7 +33,10 @@ from circuits.experiments.sweep import (
 from circuits.run import Run, load_run
 from circuits.trainer import StepInfo
 
-__all__ = ["ungrokking", "semi_grokking", "curve_events", "GROKKED_ACC", "FIT_ACC"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["ungrokking", "semi_grokking", "curve_events", "add_curve_events", "GROKKED_ACC", "FIT_ACC"]
 
 #: Test accuracy that counts as generalised (a grokked parent; the "grokking" zone).
 GROKKED_ACC = 0.95
@@ -164,6 +168,15 @@ def curve_events(epochs: ArrayLike, train_acc: ArrayLike, test_acc: ArrayLike,
     }
 
 
+def add_curve_events(table: pd.DataFrame, runs: Sequence[Run]) -> list[dict[str, float | int | None]]:
+    """Add :func:`curve_events` of each run's logged accuracy to ``table`` as float columns
+    (None becomes NaN), one row per run in order; returns the events."""
+    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
+    for key in events[0]:
+        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    return events
+
+
 def semi_grokking(
     out: str | Path,
     sizes: Sequence[int],
@@ -191,9 +204,7 @@ def semi_grokking(
     ]
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
-    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
-    for key in events[0]:
-        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    events = add_curve_events(table, runs)
     table["semi_grokked"] = [
         bool(0.1 <= ev["plateau_test_acc"] < GROKKED_ACC and ev["rise_epoch"] is not None) for ev in events
     ]

@@ -32,7 +32,8 @@ from circuits.experiments.sweep import (
     run_members,
     write_result,
 )
-from circuits.experiments.ungrokking import FIT_ACC, GROKKED_ACC, curve_events
+from circuits.experiments.ungrokking import FIT_ACC, GROKKED_ACC, add_curve_events
+from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run
 from circuits.trainer import StepInfo
 
@@ -137,9 +138,7 @@ def _norm_change(run: Run, fit_epoch: float | None) -> float | None:
     end = run.epochs[-1]
     if end == start:
         return None
-    a = sum(float(v.double().pow(2).sum()) for v in run.state_dict(start).values()) ** 0.5
-    b = sum(float(v.double().pow(2).sum()) for v in run.state_dict(end).values()) ** 0.5
-    return b / a - 1.0
+    return (weight_norm_sq(run.state_dict(end)) / weight_norm_sq(run.state_dict(start))) ** 0.5 - 1.0
 
 
 def zones(
@@ -171,9 +170,7 @@ def zones(
     ]
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
-    events = [curve_events(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc) for r in runs]
-    for key in events[0]:
-        table[key] = np.array([np.nan if ev[key] is None else ev[key] for ev in events], dtype=float)
+    events = add_curve_events(table, runs)
     table["norm_change"] = [_norm_change(r, ev["fit_epoch"]) for r, ev in zip(runs, events)]
     table["zone"] = [classify_zone(ev) for ev in events]
     summary = {
