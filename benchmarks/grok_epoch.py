@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "circuits-grok-epoch")
     parser.add_argument("--seeds", type=int, default=1,
                         help="model seeds per engine (seed s: model seed 999 + s); the comparison is of the means")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start at seed index s (model seed 999 + s), to extend an earlier comparison")
     args = parser.parse_args()
     results: dict[str, list[int | None]] = {}
     for engine in ("fused", "reference"):
         epochs = []
-        for s in range(args.seeds):
+        for s in range(args.first_seed, args.first_seed + args.seeds):
             cfg = circuits.preset("quick").replace(engine=engine, seed=999 + s)
             t = time.perf_counter()
             run = circuits.train(cfg, out=args.out / f"{engine}-s{s}")

@@ -184,3 +184,109 @@ def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, 
         }
         for col, value in expected.items():
             assert m.loc[epoch, col] == pytest.approx(value.item(), rel=1e-6, abs=1e-9), (epoch, col)
+
+
+def _measures_from_hooked_model(run: circuits.Run, epoch: int, key: list[int]) -> tuple[dict, dict]:
+    """Every column and array of one checkpoint, from the hooked model's own forward
+    (``run_with_cache`` on all p^2 inputs) and the public measure functions, one at a time."""
+    from circuits.engine.grid import stack_state_dicts
+    from circuits.measures import (
+        accuracy,
+        circuit_efficiency,
+        circuit_norms_sq,
+        cross_entropy,
+        embed_fourier_norms,
+        excluded_logits,
+        gini,
+        key_logit_fraction,
+        logit_parts,
+        neuron_clusters,
+        neuron_frequency_fractions,
+        neuron_logit_fourier_norms,
+        part_logit_stats,
+        restricted_logits,
+        sum_direction_share,
+        weight_norms_sq,
+    )
+
+    task, p = run.task, run.config.task.p
+    model = run.model(epoch, exact=True)
+    with torch.no_grad():
+        out, cache = model.run_with_cache(task.tokens)
+    logits, post = out[:, -1], cache["blocks.0.mlp.hook_post"][:, -1]
+    labels, valid = task.labels, torch.nonzero(task.valid).squeeze(1)
+    cols: dict[str, float] = {}
+    for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+        cols[f"{split}_loss"] = cross_entropy(logits[idx], labels[idx]).item()
+        cols[f"{split}_acc"] = accuracy(logits[idx], labels[idx]).item()
+    restricted = restricted_logits(logits, p, key)[valid]
+    cols["restricted_loss"] = cross_entropy(restricted, labels[valid]).item()
+    cols["restricted_acc"] = accuracy(restricted, labels[valid]).item()
+    excluded = excluded_logits(logits, p, key)[task.train_idx]
+    cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx]).item()
+    cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx]).item()
+    sd = run.state_dict(epoch)
+    emb = embed_fourier_norms(sd["embed.W_E"], p)
+    nl = neuron_logit_fourier_norms(sd["blocks.0.mlp.W_out"], sd["unembed.W_U"])
+    cols["gini_embed"], cols["gini_neuron_logit"] = gini(emb[1:]).item(), gini(nl[1:]).item()
+    norms = weight_norms_sq(sd)
+    cols.update({f"norm_sq.{k}": v for k, v in norms.items()})
+    cols["weight_norm_sq"] = sum(norms.values())
+    cols["key_logit_frac"] = key_logit_fraction(logits, p, key).item()
+    cols["gen_share"] = cols["key_logit_frac"] ** 0.5
+    cols["gen_share_all"] = sum_direction_share(logits, p, None).item()
+    fractions = neuron_frequency_fractions(post, p)
+    cluster, best = neuron_clusters(fractions)
+    nkf = fractions[:, [k - 1 for k in key]].sum(-1)
+    cols["neuron_key_frac"] = nkf.double().mean().item()
+    cols["n_clustered_neurons"] = float((cluster > 0).sum())
+    bias, gen, mem = logit_parts(logits, p, key)
+    for name, part in (("gen", gen), ("mem", mem)):
+        for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+            logit, margin = part_logit_stats(part, labels, idx)
+            cols[f"{name}_logit_{split}"], cols[f"{name}_margin_{split}"] = logit.item(), margin.item()
+    parts = circuit_norms_sq(stack_state_dicts([sd]), p, key, nkf[None])
+    cols.update({k: v.item() for k, v in parts.items()})
+    for name in ("gen", "mem"):
+        cols[f"{name}_efficiency"] = circuit_efficiency(
+            torch.tensor(cols[f"{name}_margin_train"]), torch.tensor(cols[f"{name}_norm_sq"])
+        ).item()
+    arrays = {"embed_fourier_norms": emb, "neuron_logit_fourier_norms": nl, "neuron_cluster": cluster,
+              "neuron_best_frac": best, "neuron_key_frac": nkf}
+    return cols, arrays
+
+
+def _assert_matches_hooked_model(analysis, run: circuits.Run, epochs: list[int]) -> None:  # noqa: ANN001
+    m = analysis.measures.set_index("epoch")
+    all_epochs = analysis.arrays["epochs"].tolist()
+    assert set(m.columns) >= set(MEASURE_COLUMNS) - {"epoch"}
+    for epoch in epochs:
+        cols, arrays = _measures_from_hooked_model(run, epoch, analysis.key_frequencies)
+        assert set(cols) == set(m.columns), set(cols) ^ set(m.columns)
+        for col, value in cols.items():
+            assert m.loc[epoch, col] == pytest.approx(value, rel=2e-5, abs=2e-6), (epoch, col)
+        i = all_epochs.index(epoch)
+        for name, value in arrays.items():
+            got = analysis.arrays[name][i]
+            if name == "neuron_cluster":
+                assert torch.equal(got, value.to(got.dtype)), (epoch, name)
+            else:
+                torch.testing.assert_close(got.double(), value.double(), rtol=2e-5, atol=2e-6)
+
+
+def test_every_column_and_array_equals_the_hooked_models_measures(
+    tiny_run: circuits.Run, tmp_path: Path
+) -> None:
+    # The analysis pass computes everything in row blocks of the (a, b) grid with shared
+    # reductions; each number must still be what a notebook gets from the hooked model's own
+    # forward and the public measure functions. Blocks of 3 rows leave a ragged last block.
+    result = analyze(tiny_run, out=tmp_path / "a", key_freqs=[1, 3], batch_size=3)
+    _assert_matches_hooked_model(result, tiny_run, tiny_run.epochs[::2])
+
+
+def test_grokked_checkpoint_equals_the_hooked_models_measures(
+    quick_run: circuits.Run, quick_analysis  # noqa: ANN001
+) -> None:
+    # A grokked network: clustered neurons, key frequencies, near-zero training loss.
+    assert quick_analysis.measures.n_clustered_neurons.iloc[-1] > 0
+    _assert_matches_hooked_model(quick_analysis, quick_run, [quick_run.epochs[-1], quick_run.epochs[len(quick_run.epochs) // 2]])
