@@ -26,23 +26,21 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.engine.grid import grid_blocks, grid_forward, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import CheckpointError
-from circuits.measures.circuits import (
-    circuit_efficiency,
-    circuit_norms_sq,
-    sum_direction_share,
-)
+from circuits.fourier import sum_directions
+from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
+    NeuronFrequencySums,
     embed_fourier_norms,
     key_frequencies,
     neuron_clusters,
     neuron_frequency_fractions,
     neuron_logit_fourier_norms,
 )
-from circuits.measures.losses import accuracy, cross_entropy, project_sum_directions
+from circuits.measures.losses import accuracy, cross_entropy
 from circuits.measures.norms import stacked_weight_norms_sq
 from circuits.measures.phases import phase_boundaries
 from circuits.measures.sparsity import gini
@@ -187,78 +185,119 @@ def _key_set(run: Run, epoch: int) -> list[int]:
 
 
 def _pair_nll(
-    logits: torch.Tensor, picked_idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cross-entropy, correct-class logit)`` of every pair ``[ckpt, pp]`` (float64), to be
-    averaged over any split; ``picked_idx`` holds the labels as ``[ckpt, pp, 1]``."""
-    picked = logits.gather(-1, picked_idx).squeeze(-1)
-    return torch.logsumexp(logits, dim=-1) - picked, picked
+    x: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per pair of ``x [ckpt, pairs, cls]`` (float64): cross-entropy, correct-class logit, and
+    whether that logit is the largest (an amax pass serves the loss and the accuracy; it
+    differs from argmax only on exact float ties, which trained logits do not have)."""
+    top = x.amax(-1, keepdim=True)
+    picked = x.gather(-1, labels.expand(x.shape[0], -1).unsqueeze(-1))
+    nll = (x - top).exp_().sum(-1, keepdim=True).log_().add_(top).sub_(picked)
+    return nll.squeeze(-1), picked.squeeze(-1), (picked >= top).squeeze(-1)
+
+
+def _block_rows(n_ckpt: int, p: int, d_mlp: int) -> int:
+    """Rows of a per block: about 4 MB of activations per block, so the memory-bound
+    reductions over them run from the cache (2-8 checkpoints per batch measured best on a
+    2-core EPYC with 32 MB L3; the whole grid at once was 25-30% slower: benchmarks/analyze.py)."""
+    return max(1, (4 << 20) // (n_ckpt * p * d_mlp * 4))
 
 
 def _measure_chunk(
-    run: Run, params: dict[str, torch.Tensor], key: list[int]
+    run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Scalar columns and arrays for a stack of checkpoints."""
+    """Scalar columns and arrays for a stack of checkpoints.
+
+    One pass over row blocks of the (a, b) grid (:func:`grid_blocks`) reduces each block's
+    activations and float64 logits to per-pair values and small sums before the next block is
+    formed; everything that needs the whole grid (the mean, the key-direction coefficients)
+    comes from those sums. The result equals the public measure functions applied to the whole
+    grid (tested against the hooked model).
+    """
     task, p = run.task, run.config.task.p
     labels = task.labels
-    valid = torch.nonzero(task.valid).squeeze(1)
+    f64 = torch.float64
+    W_in = params["blocks.0.mlp.W_in"]
+    n_ckpt, d_mlp = W_in.shape[0], W_in.shape[-1]
+    n_cls = params["unembed.W_U"].shape[-1]
+    pp = p * p
+    rows = block_rows or _block_rows(n_ckpt, p, d_mlp)
+    dirs = sum_directions(p, key, f64)  # [D, pp], orthonormal
+    a = torch.arange(p)
+    plus = ((a[:, None] + a[None, :]) % p).reshape(-1)
     with torch.no_grad():
-        logits, post = grid_forward(params, p, run.config.model.act_fn)
+        neurons = NeuronFrequencySums(n_ckpt, p, d_mlp, W_in.dtype, W_in.device)
+        nll, picked = torch.empty(n_ckpt, pp, dtype=f64), torch.empty(n_ckpt, pp, dtype=f64)
+        correct = torch.empty(n_ckpt, pp, dtype=f64)
+        rowsum = torch.empty(n_ckpt, pp, dtype=f64)
+        colsum = torch.zeros(n_ckpt, n_cls, dtype=f64)
+        sumsq = torch.zeros(n_ckpt, dtype=f64)
+        coeffs = torch.zeros(n_ckpt, len(dirs), n_cls, dtype=f64)  # <dir, L column>
+        diag = torch.zeros(n_ckpt, p, n_cls, dtype=f64)  # sums of L along a + b = s
+        logits32 = torch.empty(n_ckpt, pp, n_cls, dtype=torch.float32)
+        for a0, a1, logits, post in grid_blocks(params, p, run.config.model.act_fn, rows):
+            neurons.add(a0, post)
+            del post
+            span = slice(a0 * p, a1 * p)
+            logits32[:, span] = logits
+            x = logits.to(f64)
+            del logits
+            nll[:, span], picked[:, span], hit = _pair_nll(x, labels[span])
+            correct[:, span] = hit
+            rowsum[:, span] = x.sum(-1)
+            colsum += x.sum(1)
+            sumsq += x.pow(2).sum((1, 2))
+            coeffs += torch.matmul(dirs[:, span], x)
+            diag.index_add_(1, plus[span], x)
+            del x
         cols: dict[str, torch.Tensor] = {}
-        x = logits.to(torch.float64)
-        del logits
-        # Split means as one matmul with per-split weights instead of gathered copies of the
-        # [ckpt, p^2, p] logits: column j of `weights` averages over split j's pairs.
+        # Split means as one matmul with per-split weights: column j averages over split j.
         splits = (("train", task.train_idx), ("test", task.test_idx))
-        weights = torch.zeros(p * p, len(splits), dtype=torch.float64)
+        weights = torch.zeros(pp, len(splits), dtype=f64)
         for j, (_, idx) in enumerate(splits):
             if len(idx):
                 weights[idx, j] = 1.0 / len(idx)
-        picked_idx = labels.expand(x.shape[0], -1).unsqueeze(-1)
 
         def split_means(values: torch.Tensor) -> torch.Tensor:  # [ckpt, pp] -> [ckpt, split]
             return values @ weights
 
-        nll, x_correct = _pair_nll(x, picked_idx)  # [ckpt, pp] each
-        top = x.amax(-1)
-        # Correct when the label's logit is the largest: an amax pass, cheaper than argmax's
-        # (they differ only on exact float ties, which trained logits do not have).
-        correct = (x_correct >= top).to(torch.float64)
         losses, accs = split_means(nll), split_means(correct)
         for j, (split, idx) in enumerate(splits):
             empty = torch.full_like(losses[:, j], float("nan"))
             cols[f"{split}_loss"] = losses[:, j] if len(idx) else empty
             cols[f"{split}_acc"] = accs[:, j] if len(idx) else empty
-        del nll, correct
-        # One projection serves the restricted and excluded logits and every share: the sum
-        # directions have zero mean over the grid, so P_S(L - mean) = P_S(L).
-        mean = x.mean(dim=1, keepdim=True)  # [ckpt, 1, cls]
-        projected = project_sum_directions(x, p, key)
-        excluded = x[:, task.train_idx] - projected[:, task.train_idx]
-        cols["excluded_loss"] = cross_entropy(excluded, labels[task.train_idx])
-        cols["excluded_acc"] = accuracy(excluded, labels[task.train_idx])
-        del excluded
-        # Linear statistics of the parts (L = mean + P_S(L) + mem) need no mem tensor:
-        # each part's correct-class logit and row sum follow from those of L, mean and P_S(L).
-        gen_correct = projected.gather(-1, picked_idx).squeeze(-1)
-        gen_rowsum = projected.sum(-1)
-        gen_sq = projected.pow(2).sum((1, 2))
-        restricted = projected.add_(mean)  # P_S(L) is not needed after this
-        del projected
-        valid_w = task.valid.to(torch.float64) / task.valid.sum()
-        r_nll, r_picked = _pair_nll(restricted, picked_idx)
-        cols["restricted_loss"] = r_nll @ valid_w
-        r_correct = (r_picked >= restricted.amax(-1)).to(torch.float64)
-        cols["restricted_acc"] = r_correct @ valid_w
-        del restricted, r_nll, r_correct
-        mean_correct = mean.squeeze(1).gather(-1, labels.expand(x.shape[0], -1))  # [ckpt, pp]
-        mem_correct = x_correct - mean_correct - gen_correct
-        mem_rowsum = x.sum(-1) - mean.sum((1, 2))[:, None] - gen_rowsum
-        n_cls = x.shape[-1]
-        centred_sq = x.pow(2).sum((1, 2)) - p * p * mean.pow(2).sum((1, 2))
+        mean = colsum / pp  # [ckpt, cls]: L_bias
+        # L = L_bias + P_S(L) + mem with P_S(L) = dirs^T coeffs (the sum directions have zero
+        # mean, so P_S(L - L_bias) = P_S(L)); the parts' linear statistics follow from L's.
+        centred_sq = sumsq - pp * mean.pow(2).sum(-1)
+        gen_sq = coeffs.pow(2).sum((1, 2))  # orthonormal directions: |P_S(L)|^2 = |coeffs|^2
         cols["key_logit_frac"] = gen_sq / centred_sq.clamp_min(1e-300)
         cols["gen_share"] = cols["key_logit_frac"].sqrt()
-        cols["gen_share_all"] = sum_direction_share(x, p, None)
+        # Every frequency: the part of L that depends on (a, b) through a + b only, i.e. each
+        # anti-diagonal's mean minus the overall mean (sum_direction_share with freqs=None).
+        all_sq = p * (diag / p - mean[:, None]).pow(2).sum((1, 2))
+        cols["gen_share_all"] = (all_sq / centred_sq.clamp_min(1e-300)).sqrt()
+        restricted_nll, restricted_hit = torch.empty_like(nll), torch.empty_like(nll)
+        for a0 in range(0, p, rows):
+            span = slice(a0 * p, min(p, a0 + rows) * p)
+            restricted = torch.baddbmm(
+                mean[:, None], dirs[:, span].T.expand(n_ckpt, -1, -1), coeffs
+            )
+            restricted_nll[:, span], _, hit = _pair_nll(restricted, labels[span])
+            restricted_hit[:, span] = hit
+        valid_w = task.valid.to(f64) / task.valid.sum()
+        cols["restricted_loss"] = restricted_nll @ valid_w
+        cols["restricted_acc"] = restricted_hit @ valid_w
+        train = task.train_idx
+        excluded = logits32[:, train].to(f64) - torch.matmul(dirs[:, train].T, coeffs)
+        del logits32
+        cols["excluded_loss"] = cross_entropy(excluded, labels[train])
+        cols["excluded_acc"] = accuracy(excluded, labels[train])
+        del excluded
+        gen_correct = torch.einsum("dq,kdq->kq", dirs, coeffs[:, :, labels])
+        gen_rowsum = torch.einsum("dq,kd->kq", dirs, coeffs.sum(-1))
+        mem_correct = picked - mean[:, labels] - gen_correct
+        mem_rowsum = rowsum - mean.sum(-1, keepdim=True) - gen_rowsum
         for name, part_correct, part_rowsum in (("gen", gen_correct, gen_rowsum), ("mem", mem_correct, mem_rowsum)):
             margin = part_correct - (part_rowsum - part_correct) / (n_cls - 1)
             logit_means, margin_means = split_means(part_correct), split_means(margin)
@@ -266,7 +305,6 @@ def _measure_chunk(
                 empty = torch.full_like(logit_means[:, j], float("nan"))
                 cols[f"{name}_logit_{split}"] = logit_means[:, j] if len(idx) else empty
                 cols[f"{name}_margin_{split}"] = margin_means[:, j] if len(idx) else empty
-        del x
         emb = embed_fourier_norms(params["embed.W_E"], p)  # [ckpt, p]
         nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
         cols["gini_embed"] = gini(emb[:, 1:])
@@ -274,7 +312,7 @@ def _measure_chunk(
         norms = stacked_weight_norms_sq(params)
         cols.update({f"norm_sq.{name}": sq for name, sq in norms.items()})
         cols["weight_norm_sq"] = torch.stack(list(norms.values())).sum(0)
-        fractions = neuron_frequency_fractions(post, p)
+        fractions = neurons.fractions()
         cluster, best = neuron_clusters(fractions)
         kidx = torch.tensor([k - 1 for k in key], dtype=torch.long)
         nkf = fractions[..., kidx].sum(-1) if len(key) else torch.zeros_like(best)

@@ -18,7 +18,8 @@ The result equals the hooked model's last-position logits and MLP activations (t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from circuits.store import is_buffer_key
 
-__all__ = ["grid_forward", "grid_resid_mid", "stack_state_dicts"]
+__all__ = ["grid_blocks", "grid_forward", "grid_resid_mid", "stack_state_dicts"]
 
 
 def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -36,8 +37,15 @@ def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tens
     return {k: torch.stack([sd[k] for sd in state_dicts]) for k in keys}
 
 
-def grid_resid_mid(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt pp d_model"]:
-    """Residual stream at the last position after attention, for every (a, b)."""
+class _AttentionTables(NamedTuple):
+    pattern: Tensor  # [ckpt, a, b, head, pos]: the last query's attention over positions 0-2
+    vo0: Tensor  # [ckpt, a, head, d_model]: head outputs for token a at position 0
+    vo1: Tensor  # [ckpt, b, head, d_model]
+    vo2: Tensor  # [ckpt, head, d_model]: the '=' token at position 2
+    const: Tensor  # [ckpt, d_model]: '=' residual + b_O
+
+
+def _attention_tables(params: Mapping[str, Tensor], p: int) -> _AttentionTables:
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     W_Q, W_K, W_V, W_O = (params[f"blocks.0.attn.W_{x}"] for x in "QKVO")
     b_Q, b_K, b_V, b_O = (params[f"blocks.0.attn.b_{x}"] for x in "QKVO")
@@ -55,16 +63,57 @@ def grid_resid_mid(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt 
     scores = torch.stack(
         torch.broadcast_tensors(s0[:, :, None], s1[:, None, :], s2[:, None, None]), dim=-1
     )  # [ckpt, a, b, h, pos]; the last query sees every position
-    pattern = torch.softmax(scores, dim=-1)
     bvo = torch.einsum("khe,khem->khm", b_V, W_O)
-    vo0 = torch.einsum("ktd,khde,khem->kthm", r0, W_V, W_O) + bvo[:, None]
-    vo1 = torch.einsum("ktd,khde,khem->kthm", r1, W_V, W_O) + bvo[:, None]
-    vo2 = torch.einsum("kd,khde,khem->khm", r2, W_V, W_O) + bvo
-    out = torch.matmul(pattern[..., 0], vo0)  # [k,a,b,h] @ [k,a,h,d]
-    out = out + torch.matmul(pattern[..., 1].transpose(1, 2), vo1).transpose(1, 2)
-    out = out + torch.matmul(pattern[..., 2], vo2[:, None])
-    out = out + (r2 + b_O)[:, None, None]
-    return out.reshape(out.shape[0], p * p, -1)
+    return _AttentionTables(
+        pattern=torch.softmax(scores, dim=-1),
+        vo0=torch.einsum("ktd,khde,khem->kthm", r0, W_V, W_O) + bvo[:, None],
+        vo1=torch.einsum("ktd,khde,khem->kthm", r1, W_V, W_O) + bvo[:, None],
+        vo2=torch.einsum("kd,khde,khem->khm", r2, W_V, W_O) + bvo,
+        const=r2 + b_O,
+    )
+
+
+def _resid_rows(t: _AttentionTables, a0: int, a1: int) -> Float[Tensor, "ckpt rows d_model"]:
+    """Residual stream after attention for the pairs a0 <= a < a1, all b (canonical order)."""
+    pattern = t.pattern[:, a0:a1]  # [k, m, b, h, pos]
+    out = torch.matmul(pattern[..., 0], t.vo0[:, a0:a1])  # [k,m,b,h] @ [k,m,h,d]
+    out += torch.matmul(pattern[..., 1].transpose(1, 2), t.vo1).transpose(1, 2)
+    out += torch.matmul(pattern[..., 2], t.vo2[:, None])
+    out += t.const[:, None, None]
+    return out.reshape(out.shape[0], -1, out.shape[-1])
+
+
+def grid_resid_mid(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt pp d_model"]:
+    """Residual stream at the last position after attention, for every (a, b)."""
+    return _resid_rows(_attention_tables(params, p), 0, p)
+
+
+def grid_blocks(
+    params: Mapping[str, Tensor], p: int, act_fn: str = "relu", block_rows: int | None = None
+) -> Iterator[tuple[int, int, Float[Tensor, "ckpt rows cls"], Float[Tensor, "ckpt rows neuron"]]]:
+    """The grid forward in blocks of ``block_rows`` values of a: ``(a0, a1, logits, post)``.
+
+    Each block holds the pairs a0 <= a < a1 (rows ``a0 * p`` to ``a1 * p`` of the canonical
+    order). A consumer that reduces each block before asking for the next keeps the
+    [ckpt, p^2, d_mlp] activations out of main memory altogether: on a CPU the per-pair
+    reductions of the analysis are memory-bound, and a block that fits the cache makes them
+    several times cheaper than passes over the whole grid (benchmarks/analyze.py).
+    Default: the whole grid in one block.
+    """
+    tables = _attention_tables(params, p)
+    W_in, b_in = params["blocks.0.mlp.W_in"], params["blocks.0.mlp.b_in"]
+    W_out, b_out = params["blocks.0.mlp.W_out"], params["blocks.0.mlp.b_out"]
+    W_U, b_U = params["unembed.W_U"], params["unembed.b_U"]
+    W_L = W_out @ W_U
+    bias = (b_U + torch.einsum("kd,kdc->kc", b_out, W_U))[:, None]
+    step = p if block_rows is None else max(1, block_rows)
+    for a0 in range(0, p, step):
+        a1 = min(p, a0 + step)
+        r = _resid_rows(tables, a0, a1)
+        pre = torch.baddbmm(b_in[:, None], r, W_in)
+        post = pre.relu_() if act_fn == "relu" else F.gelu(pre)
+        logits = torch.baddbmm(torch.baddbmm(bias, r, W_U), post, W_L)
+        yield a0, a1, logits, post
 
 
 def grid_forward(
@@ -75,13 +124,5 @@ def grid_forward(
     ``params`` are stacked one-layer state dicts (:func:`stack_state_dicts`). Returns
     ``(logits [ckpt, p^2, d_vocab_out], post [ckpt, p^2, d_mlp])`` in canonical order a*p + b.
     """
-    resid = grid_resid_mid(params, p)
-    W_in, b_in = params["blocks.0.mlp.W_in"], params["blocks.0.mlp.b_in"]
-    W_out, b_out = params["blocks.0.mlp.W_out"], params["blocks.0.mlp.b_out"]
-    W_U, b_U = params["unembed.W_U"], params["unembed.b_U"]
-    pre = torch.baddbmm(b_in[:, None], resid, W_in)
-    post = F.relu(pre) if act_fn == "relu" else F.gelu(pre)
-    bias = b_U + torch.einsum("kd,kdc->kc", b_out, W_U)
-    direct = torch.baddbmm(bias[:, None], resid, W_U)
-    logits = torch.baddbmm(direct, post, W_out @ W_U)
+    _, _, logits, post = next(grid_blocks(params, p, act_fn))
     return logits, post

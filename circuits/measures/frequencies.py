@@ -20,6 +20,7 @@ from circuits.fourier import _basis, fft1d, n_frequencies
 
 __all__ = [
     "neuron_frequency_fractions",
+    "NeuronFrequencySums",
     "neuron_clusters",
     "key_frequencies",
     "embed_fourier_norms",
@@ -44,33 +45,68 @@ def neuron_frequency_fractions(
     coefficients carry (1/p)(|R^(k)|^2 + |S^(k)|^2) for the row and column sums R, S (^ is the
     real 1D transform's cos k / sin k pair). Four line sums and 1D transforms replace the
     O(p^3)-per-neuron 2D transform with O(p^2) work (tested against the full transform).
+    :class:`NeuronFrequencySums` computes the same from row blocks of the grid.
     """
     x = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
     *lead, pp, n = x.shape
     if pp != p * p:
         raise ValueError(f"expected p^2 = {p * p} inputs on axis -2, got {pp}")
-    c = 1
-    for d in lead:
-        c *= d
-    grid = x.reshape(c, p, p, n)
-    a = torch.arange(p, device=x.device)
-    plus = ((a[:, None] + a[None, :]) % p).reshape(-1)  # diagonal index of (a, b)
-    minus = ((a[:, None] - a[None, :]) % p).reshape(-1)
-    flat = grid.view(c, p * p, n)
-    lines = torch.stack([
-        grid.sum(dim=2),  # R[a]: row sums
-        grid.sum(dim=1),  # S[b]: column sums
-        x.new_zeros(c, p, n).index_add_(1, plus, flat),  # Y+[s]
-        x.new_zeros(c, p, n).index_add_(1, minus, flat),  # Y-[d]
-    ], dim=1)  # [c, 4, p, n]
-    basis = _basis(p, x.dtype).to(x.device)
-    coeffs = torch.matmul(basis[1:], lines)  # [c, 4, p - 1, n]: cos 1, sin 1, cos 2, ...
-    k = n_frequencies(p)
-    block = coeffs.pow(2).view(c, 4, k, 2, n).sum(dim=(1, 3)) / p  # [c, k, n]
-    # The centred neuron's energy (Parseval: every coefficient but (Const, Const)).
-    total = (flat - flat.mean(dim=1, keepdim=True)).pow_(2).sum(dim=1)
-    frac = block / total.unsqueeze(1).clamp_min(1e-30)
-    return frac.transpose(1, 2).reshape(*lead, n, k)
+    sums = NeuronFrequencySums(x.reshape(-1, pp, n).shape[0], p, n, x.dtype, x.device)
+    sums.add(0, x.reshape(-1, pp, n))
+    return sums.fractions().reshape(*lead, n, n_frequencies(p))
+
+
+class NeuronFrequencySums:
+    """:func:`neuron_frequency_fractions` accumulated over row blocks of the (a, b) grid.
+
+    ``add(a0, block)`` takes the activations of the pairs with a0 <= a < a0 + rows (canonical
+    order, ``[ckpt, rows * p, neuron]``), blocks in any order, each row once; ``fractions()``
+    then gives ``[ckpt, neuron, freq]``. The four line sums are additive over blocks. The
+    centred energy is summed around the first block's mean and corrected to the grid mean at the
+    end (exact algebra; the shift keeps float32 block sums free of cancellation).
+    """
+
+    def __init__(self, n_ckpt: int, p: int, n_neurons: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.p = p
+        self.lines = torch.zeros(n_ckpt, 4, p, n_neurons, dtype=dtype, device=device)
+        self.shift: Tensor | None = None
+        self.shifted_sq = torch.zeros(n_ckpt, n_neurons, dtype=torch.float64, device=device)
+        a = torch.arange(p, device=device)
+        self._plus = ((a[:, None] + a[None, :]) % p).reshape(-1)  # diagonal index of (a, b)
+        self._minus = ((a[:, None] - a[None, :]) % p).reshape(-1)
+
+    def add(self, a0: int, block: Float[Tensor, "ckpt rows neuron"]) -> None:
+        """Accumulate the activations of rows a0 .. a0 + block.shape[1] // p - 1."""
+        p = self.p
+        c, rows, n = block.shape
+        m = rows // p
+        grid = block.reshape(c, m, p, n)
+        self.lines[:, 0, a0 : a0 + m] = grid.sum(dim=2)  # R[a]: row sums
+        self.lines[:, 1] += grid.sum(dim=1)  # S[b]: column sums
+        pairs = slice(a0 * p, (a0 + m) * p)
+        self.lines[:, 2].index_add_(1, self._plus[pairs], block)  # Y+[s]
+        self.lines[:, 3].index_add_(1, self._minus[pairs], block)  # Y-[d]
+        if self.shift is None:
+            self.shift = block.mean(dim=1, keepdim=True)
+        self.shifted_sq += (block - self.shift).pow_(2).sum(dim=1)
+
+    def fractions(self) -> Float[Tensor, "ckpt neuron freq"]:
+        """Each neuron's fraction of centred variance per frequency k = 1..(p-1)/2."""
+        p, lines = self.p, self.lines
+        c, _, _, n = lines.shape
+        basis = _basis(p, lines.dtype).to(lines.device)
+        coeffs = torch.matmul(basis[1:], lines)  # [c, 4, p - 1, n]: cos 1, sin 1, cos 2, ...
+        k = n_frequencies(p)
+        block = coeffs.pow(2).view(c, 4, k, 2, n).sum(dim=(1, 3)) / p  # [c, k, n]
+        if self.shift is None:
+            raise ValueError("no activations were added")
+        # The centred energy (Parseval: every coefficient but (Const, Const)), from the shifted
+        # sum of squares: sum (x - s)^2 - p^2 (mean - s)^2 = sum (x - mean)^2.
+        mean = lines[:, 0].sum(dim=1).double() / (p * p)
+        offset = mean - self.shift[:, 0].double()
+        total = (self.shifted_sq - p * p * offset.pow(2)).to(lines.dtype)
+        frac = block / total.unsqueeze(1).clamp_min(1e-30)
+        return frac.transpose(1, 2)
 
 
 def neuron_clusters(
