@@ -336,7 +336,7 @@ def _measure_chunk(
 def analyze(
     run: Run | str | Path,
     out: str | Path | None = None,
-    batch_size: int = 4,
+    batch_size: int = 2,
     key_freqs: list[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     write: bool = True,

@@ -222,7 +222,7 @@ def analyze_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Analysis folder (default: analyses/<run path under checkpoints/>)."
     ),
-    batch_size: int = typer.Option(4, "--batch-size", min=1, help="Checkpoints per batch."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Checkpoints per batch."),
 ) -> None:
     """Run every progress measure over every checkpoint (incremental; damaged files skipped)."""
     require_run_dir(run_dir)
