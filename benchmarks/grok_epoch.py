@@ -41,8 +41,10 @@ def main() -> None:
             wall = time.perf_counter() - t
             m = run.metrics
             fit, grok = first_epoch(m, "train_acc", 1.0), first_epoch(m, "test_acc", 0.99)
+            half = first_epoch(m, "test_acc", 0.5)
             epochs.append(grok)
-            print(f"{engine:<10} seed {s}: train 100% at {fit}, test >= 99% at {grok}, {wall:.0f} s", flush=True)
+            print(f"{engine:<10} seed {s}: train 100% at {fit}, test >= 50% at {half}, "
+                  f">= 99% at {grok}; final test acc {m.test_acc.iloc[-1]:.3f}; {wall:.0f} s", flush=True)
         results[engine] = epochs
     f, r = results["fused"], results["reference"]
     both = [(a, b) for a, b in zip(f, r) if a is not None and b is not None]
