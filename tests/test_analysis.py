@@ -277,11 +277,29 @@ def _assert_matches_hooked_model(analysis, run: circuits.Run, epochs: list[int])
 def test_every_column_and_array_equals_the_hooked_models_measures(
     tiny_run: circuits.Run, tmp_path: Path
 ) -> None:
-    # The analysis pass computes everything in row blocks of the (a, b) grid with shared
-    # reductions; each number must still be what a notebook gets from the hooked model's own
-    # forward and the public measure functions. Blocks of 3 rows leave a ragged last block.
+    # The analysis pass computes everything from shared reductions over the (a, b) grid; each
+    # number must still be what a notebook gets from the hooked model's own forward and the
+    # public measure functions.
     result = analyze(tiny_run, out=tmp_path / "a", key_freqs=[1, 3], batch_size=3)
     _assert_matches_hooked_model(result, tiny_run, tiny_run.epochs[::2])
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 4])
+def test_row_blocks_give_the_whole_grid_result(tiny_run: circuits.Run, block_rows: int) -> None:
+    # Blocks of a rows (p = 11: 11 blocks of 1, or 3 + 3 + 3 + 2, or 4 + 4 + 3) accumulate the
+    # same sums as the whole grid in one block, up to float32 rounding (the matmuls' own
+    # summation order depends on the block's size).
+    from circuits.analysis import _measure_chunk
+    from circuits.engine.grid import stack_state_dicts
+
+    params = stack_state_dicts([tiny_run.state_dict(e) for e in tiny_run.epochs[-3:]])
+    whole_cols, whole_arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=tiny_run.config.task.p)
+    cols, arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=block_rows)
+    assert set(cols) == set(whole_cols)
+    for name, value in whole_cols.items():
+        torch.testing.assert_close(cols[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, value in whole_arrays.items():
+        torch.testing.assert_close(arrays[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_grokked_checkpoint_equals_the_hooked_models_measures(
