@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from circuits.engine.grid import grid_blocks, grid_forward, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import CheckpointError
-from circuits.fourier import sum_directions
+from circuits.fourier import line_index, sum_directions
 from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
@@ -223,8 +223,7 @@ def _measure_chunk(
     pp = p * p
     rows = block_rows or _block_rows(n_ckpt, p, d_mlp)
     dirs = sum_directions(p, key, f64)  # [D, pp], orthonormal
-    a = torch.arange(p)
-    plus = ((a[:, None] + a[None, :]) % p).reshape(-1)
+    plus = line_index(p)
     with torch.no_grad():
         neurons = NeuronFrequencySums(n_ckpt, p, d_mlp, W_in.dtype, W_in.device)
         nll, picked = torch.empty(n_ckpt, pp, dtype=f64), torch.empty(n_ckpt, pp, dtype=f64)

@@ -24,6 +24,7 @@ __all__ = [
     "fft2d",
     "ifft2d",
     "sum_directions",
+    "line_index",
     "frequency_norms",
 ]
 
@@ -81,6 +82,13 @@ def ifft2d(coeffs: Float[Tensor, "p p *rest"]) -> Float[Tensor, "pp *rest"]:
     flat = coeffs.reshape(p, p, -1)
     out = einops.einsum(flat, basis, basis, "i j r, i a, j b -> a b r")
     return out.reshape(p * p, *coeffs.shape[2:])
+
+
+def line_index(p: int, sign: int = 1, device: torch.device | str | None = None) -> Tensor:
+    """``(a + sign * b) mod p`` for every pair in canonical order a*p + b: the anti-diagonal
+    (``sign=1``) or diagonal (``sign=-1``) each pair lies on."""
+    a = torch.arange(p, device=device)
+    return ((a[:, None] + sign * a[None, :]) % p).reshape(-1)
 
 
 def sum_directions(

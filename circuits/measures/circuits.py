@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.fourier import _basis
+from circuits.fourier import _basis, line_index
 from circuits.measures.losses import project_sum_directions
 
 __all__ = [
@@ -90,8 +90,7 @@ def sum_direction_share(
     if freqs is not None:
         gen_sq = project_sum_directions(x, p, freqs).pow(2).sum((-2, -1))
     else:
-        a = torch.arange(p, device=x.device)
-        diag = ((a[:, None] + a[None, :]) % p).reshape(-1)
+        diag = line_index(p, 1, x.device)
         sums = x.new_zeros(*x.shape[:-2], p, x.shape[-1]).index_add_(-2, diag, x)
         means = sums / p
         gen_sq = p * (means - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.fourier import _basis, fft1d, n_frequencies
+from circuits.fourier import _basis, fft1d, line_index, n_frequencies
 
 __all__ = [
     "neuron_frequency_fractions",
@@ -51,8 +51,9 @@ def neuron_frequency_fractions(
     *lead, pp, n = x.shape
     if pp != p * p:
         raise ValueError(f"expected p^2 = {p * p} inputs on axis -2, got {pp}")
-    sums = NeuronFrequencySums(x.reshape(-1, pp, n).shape[0], p, n, x.dtype, x.device)
-    sums.add(0, x.reshape(-1, pp, n))
+    flat = x.reshape(-1, pp, n)
+    sums = NeuronFrequencySums(flat.shape[0], p, n, x.dtype, x.device)
+    sums.add(0, flat)
     return sums.fractions().reshape(*lead, n, n_frequencies(p))
 
 
@@ -71,9 +72,8 @@ class NeuronFrequencySums:
         self.lines = torch.zeros(n_ckpt, 4, p, n_neurons, dtype=dtype, device=device)
         self.shift: Tensor | None = None
         self.shifted_sq = torch.zeros(n_ckpt, n_neurons, dtype=torch.float64, device=device)
-        a = torch.arange(p, device=device)
-        self._plus = ((a[:, None] + a[None, :]) % p).reshape(-1)  # diagonal index of (a, b)
-        self._minus = ((a[:, None] - a[None, :]) % p).reshape(-1)
+        self._plus = line_index(p, 1, device)
+        self._minus = line_index(p, -1, device)
 
     def add(self, a0: int, block: Float[Tensor, "ckpt rows neuron"]) -> None:
         """Accumulate the activations of rows a0 .. a0 + block.shape[1] // p - 1."""
@@ -92,14 +92,14 @@ class NeuronFrequencySums:
 
     def fractions(self) -> Float[Tensor, "ckpt neuron freq"]:
         """Each neuron's fraction of centred variance per frequency k = 1..(p-1)/2."""
+        if self.shift is None:
+            raise ValueError("no activations were added")
         p, lines = self.p, self.lines
         c, _, _, n = lines.shape
         basis = _basis(p, lines.dtype).to(lines.device)
         coeffs = torch.matmul(basis[1:], lines)  # [c, 4, p - 1, n]: cos 1, sin 1, cos 2, ...
         k = n_frequencies(p)
         block = coeffs.pow(2).view(c, 4, k, 2, n).sum(dim=(1, 3)) / p  # [c, k, n]
-        if self.shift is None:
-            raise ValueError("no activations were added")
         # The centred energy (Parseval: every coefficient but (Const, Const)), from the shifted
         # sum of squares: sum (x - s)^2 - p^2 (mean - s)^2 = sum (x - mean)^2.
         mean = lines[:, 0].sum(dim=1).double() / (p * p)
