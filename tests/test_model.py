@@ -142,7 +142,13 @@ def test_forward_matches_plain_reference(widths: dict) -> None:
     "overrides", [{}, {"act_fn": "gelu"}, {"d_model": 64, "n_heads": 2, "d_mlp": 96, "p": 23}]
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_forward_and_gradients_match_hooked_model(overrides: dict, dtype) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "dense"])
+def test_fused_forward_and_gradients_match_hooked_model(
+    overrides: dict, dtype, per_token: bool  # noqa: ANN001
+) -> None:
+    """Both fused paths: per-token MLP input (the CPU default for ReLU) and dense (CUDA, GELU)."""
+    if per_token and overrides.get("act_fn") == "gelu":
+        pytest.skip("the per-token path runs a ReLU MLP")
     overrides = dict(overrides)
     cfg = preset("quick").replace(p=overrides.pop("p", 13), train_biases=True, **overrides)
     model = make_model(cfg).to(dtype)
@@ -152,7 +158,7 @@ def test_fused_forward_and_gradients_match_hooked_model(overrides: dict, dtype) 
     params = list(model.parameters())
     ref = model(x)[:, -1]
     ref_grads = torch.autograd.grad(F.cross_entropy(ref.double(), y), params)
-    fused = last_logits(model, x)
+    fused = last_logits(model, x, per_token=per_token)
     fused_grads = torch.autograd.grad(F.cross_entropy(fused.double(), y), params)
     # float64: the same function exactly; float32: within rounding of the logits' scale.
     # (b_K's true gradient is 0: softmax ignores a shift shared by all keys; both sides are noise.)

@@ -8,7 +8,9 @@ of ``model`` models with the same shapes (an ensemble):
 * attention scores come from a table over (query token, key position, key token, head), so the
   per-example work is a gather of ``pos * head`` scalars instead of a batched dot product;
 * the value mix is an elementwise weighted sum, then one matmul with ``W_O`` over all heads;
-* the MLP and unembedding run on one row per example instead of ``n_ctx``.
+* the MLP and unembedding run on one row per example instead of ``n_ctx``; on the CPU, their
+  input side (``W_in``, and ``W_U``'s direct path) is applied per token before the attention
+  mix, and ``W_out W_U`` is one matrix (:mod:`circuits.engine.mix`).
 
 Every matmul over the batch is a batched matmul over the model axis, so an ensemble of E
 members is one computation. It computes the same function as :class:`circuits.model.Transformer`
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuits.engine.mix import MixMLPUnembed
 from circuits.model import Transformer
 
 __all__ = ["last_logits", "stacked_last_logits", "supports", "model_params"]
@@ -44,23 +47,30 @@ def model_params(model: Transformer) -> dict[str, Tensor]:
 
 
 def last_logits(
-    model: Transformer, tokens: Int[Tensor, "batch pos"]
+    model: Transformer, tokens: Int[Tensor, "batch pos"], per_token: bool | None = None
 ) -> Float[Tensor, "batch d_vocab_out"]:
-    """Logits at the last position, differentiable w.r.t. the model's parameters."""
+    """Logits at the last position, differentiable w.r.t. the model's parameters
+    (``per_token``: see :func:`stacked_last_logits`)."""
     if not supports(model):
         raise ValueError("the fused engine supports n_layers = 1; use engine='reference'")
     act_fn = model.cfg.act_fn
-    return stacked_last_logits(model_params(model), tokens.unsqueeze(0), act_fn)[0]
+    return stacked_last_logits(model_params(model), tokens.unsqueeze(0), act_fn, per_token)[0]
 
 
 def stacked_last_logits(
-    params: Mapping[str, Tensor], tokens: Int[Tensor, "model batch pos"], act_fn: str = "relu"
+    params: Mapping[str, Tensor],
+    tokens: Int[Tensor, "model batch pos"],
+    act_fn: str = "relu",
+    per_token: bool | None = None,
 ) -> Float[Tensor, "model batch d_vocab_out"]:
     """Last-position logits of a stack of one-block models.
 
     ``params`` maps the classic parameter names (``embed.W_E``, ``blocks.0.attn.W_Q``, ...) to
     tensors with a leading ``model`` axis; ``tokens`` holds each model's own batch (padding rows
     are fine: each row is computed independently); ``act_fn`` is the MLP's ``relu`` or ``gelu``.
+    ``per_token`` picks how the MLP input and unembedding are applied: per token, before the
+    attention mix (:mod:`circuits.engine.mix`; the default for a ReLU MLP on the CPU), or by
+    dense matmuls over the batch (the default elsewhere).
     """
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     a = "blocks.0.attn."
@@ -94,6 +104,12 @@ def stacked_last_logits(
     scores = F.embedding(score_idx, score_table.reshape(-1, n_heads))  # [model, batch, pos, head]
     # The last query sees every key under the causal mask, so no masking is needed.
     pattern = scores.softmax(dim=2)
+    if per_token is None:
+        per_token = act_fn == "relu" and tokens.device.type == "cpu"
+    if per_token:
+        if act_fn != "relu" or tokens.device.type != "cpu":
+            raise ValueError("the per-token MLP runs a ReLU MLP on the CPU; pass per_token=False")
+        return _per_token_logits(params, resid_table[:, last], v_table, pattern, tokens)
     v = F.embedding(pos_tok, v_table.reshape(-1, n_heads * d_head))
     v = v.view(n_models, batch, n_pos, n_heads, d_head)
     z = (pattern[..., None] * v).sum(dim=2)  # [model, batch, head, d_head]
@@ -110,6 +126,28 @@ def stacked_last_logits(
     post = F.gelu(torch.baddbmm(b_in[:, None], resid_mid, W_in))
     resid_post = resid_mid + torch.baddbmm(b_out[:, None], post, W_out)
     return torch.baddbmm(b_U[:, None], resid_post, W_U)
+
+
+def _per_token_logits(
+    params: Mapping[str, Tensor],
+    resid_last_table: Float[Tensor, "model vocab d_model"],
+    v_table: Float[Tensor, "model pos vocab head d_head"],
+    pattern: Float[Tensor, "model batch pos head"],
+    tokens: Int[Tensor, "model batch pos"],
+) -> Float[Tensor, "model batch d_vocab_out"]:
+    """The ReLU MLP and unembedding with W_in and W_U applied per token (circuits.engine.mix)."""
+    a, m = "blocks.0.attn.", "blocks.0.mlp."
+    W_O, b_O = params[a + "W_O"], params[a + "b_O"]
+    W_in, b_in, W_out, b_out = (params[m + n] for n in ("W_in", "b_in", "W_out", "b_out"))
+    W_U, b_U = params["unembed.W_U"], params["unembed.b_U"]
+    W_cat = torch.cat([W_in, W_U], dim=-1)  # everything linear in resid_mid, side by side
+    # Each head's value vectors through W_O and on into [W_in | W_U]: [model, pos, head, vocab, width].
+    head_out = einops.einsum(W_O, W_cat, "e h k d, e d w -> e h k w")
+    table = einops.einsum(v_table, head_out, "e p v h k, e h k w -> e p h v w")
+    bias = torch.cat([b_in, torch.baddbmm(b_U[:, None], b_out[:, None], W_U)[:, 0]], dim=-1)
+    base = torch.baddbmm(bias[:, None], resid_last_table + b_O[:, None], W_cat)
+    W_L = torch.bmm(W_out, W_U)
+    return MixMLPUnembed.apply(pattern, table, base, W_L, tokens)
 
 
 def _t(x: Tensor) -> Tensor:

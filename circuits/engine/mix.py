@@ -1,0 +1,213 @@
+"""Per-token contraction of the MLP input and the unembedding: the CPU kernels of the fused step.
+
+Before the block, the residual stream at each position is one of ``n_ctx * d_vocab`` vectors,
+and the last position's ``resid_mid`` is its own residual plus a softmax-weighted sum of
+per-(position, token, head) value vectors, each mapped by ``W_O``. Anything linear in
+``resid_mid`` (the MLP's pre-activation, the unembedding's direct path) is then the same
+weighted sum of small per-token tables:
+
+    mix[b] = base[t_last] + sum_{p, h} pattern[b, p, h] * table[p, h, t_p]
+
+with ``table[p, h, t] = V[p, t, h] W_O[h] [W_in | W_U]`` and ``base`` the last token's own
+residual (plus biases) through ``[W_in | W_U]``. That replaces the ``d_model``-deep matmul over
+the batch (and its two backward products) by ``n_ctx * n_heads + 1`` weighted row gathers per
+example: 13 instead of 128 multiply-adds per output, which is the issue's "apply W_in per token
+before the mixing" (Nanda et al. 2023 architecture; the factorisation is exact, only float32
+rounding differs).
+
+PyTorch has no fast fused op for a weighted gather and its backward (``embedding_bag`` with
+per-sample weights took 37 ms against 12 ms here), so the three loops are small Numba kernels.
+Every output element is computed by one thread in a fixed order, so the results are the same
+bits for any thread count. CPU only: on CUDA the fused step uses dense matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import no_type_check
+
+import numba
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+__all__ = ["MixMLPUnembed"]
+
+
+# Reassociation lets LLVM vectorise the dot products (8 partial sums on AVX2): the order is
+# fixed by the compiled code, so the bits depend on the CPU's vector width, as MKL's do, but
+# never on the thread count. No other fast-math flag: NaN and inf behave as in torch.
+# Kernels carry @no_type_check: the tests' jaxtyping import hook would otherwise wrap them in a
+# runtime checker that Numba can neither compile nor cache.
+_JIT = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
+
+
+@numba.njit(parallel=True, **_JIT)
+@no_type_check
+def _mix_forward(pattern, tokens, table, base, n_relu, out):  # pragma: no cover - compiled
+    n_models, batch, n_pos, n_heads = pattern.shape
+    width = table.shape[-1]
+    for r in numba.prange(n_models * batch):
+        e, b = r // batch, r % batch
+        o = out[e, b]
+        src = base[e, tokens[e, b, n_pos - 1]]
+        for j in range(width):
+            o[j] = src[j]
+        for p in range(n_pos):
+            t = tokens[e, b, p]
+            for h in range(n_heads):
+                a = pattern[e, b, p, h]
+                row = table[e, p, h, t]
+                for j in range(width):
+                    o[j] += a * row[j]
+        for j in range(n_relu):
+            o[j] = max(o[j], np.float32(0.0))
+
+
+@numba.njit(parallel=True, **_JIT)
+@no_type_check
+def _mix_grad_pattern(g_post, g_rest, out, tokens, table, g_pattern):  # pragma: no cover
+    # Also masks g_post in place by the ReLU (out > 0), for _mix_grad_tables.
+    n_models, batch, n_pos, n_heads = g_pattern.shape
+    n_relu, n_rest = g_post.shape[-1], g_rest.shape[-1]
+    for r in numba.prange(n_models * batch):
+        e, b = r // batch, r % batch
+        gp, gr, o = g_post[e, b], g_rest[e, b], out[e, b]
+        for j in range(n_relu):
+            if not o[j] > 0:
+                gp[j] = 0
+        for p in range(n_pos):
+            t = tokens[e, b, p]
+            for h in range(n_heads):
+                row = table[e, p, h, t]
+                acc = np.float32(0.0)
+                for j in range(n_relu):
+                    acc += gp[j] * row[j]
+                rest = row[n_relu:]
+                for j in range(n_rest):
+                    acc += gr[j] * rest[j]
+                g_pattern[e, b, p, h] = acc
+
+
+@numba.njit(parallel=True, **_JIT)
+@no_type_check
+def _mix_grad_tables(g_post, g_rest, pattern, tokens, n_split, g_table, g_base):  # pragma: no cover
+    n_models, batch, n_pos, n_heads = pattern.shape
+    d_vocab = g_table.shape[3]
+    n_relu, width = g_post.shape[-1], g_table.shape[-1]
+    # Rows grouped by token, per (model, position): a counting sort that keeps batch order.
+    order = np.empty((n_models, n_pos, batch), np.int64)
+    starts = np.zeros((n_models, n_pos, d_vocab + 1), np.int64)
+    for q in numba.prange(n_models * n_pos):
+        e, p = q // n_pos, q % n_pos
+        for b in range(batch):
+            starts[e, p, tokens[e, b, p] + 1] += 1
+        for t in range(d_vocab):
+            starts[e, p, t + 1] += starts[e, p, t]
+        fill = starts[e, p, :d_vocab].copy()
+        for b in range(batch):
+            t = tokens[e, b, p]
+            order[e, p, fill[t]] = b
+            fill[t] += 1
+    # Work items are (column range, model, position, token), range outermost: numba gives each
+    # thread a contiguous run of items, so the "=" position (one token, every row) is split
+    # across threads by its columns. One thread owns each gradient row's range and adds rows in
+    # batch order: every element's sum has the same order however many ranges there are.
+    step = ((width + n_split - 1) // n_split + 15) // 16 * 16
+    for q in numba.prange(n_split * n_models * n_pos * d_vocab):
+        t = q % d_vocab
+        p = (q // d_vocab) % n_pos
+        e = (q // (d_vocab * n_pos)) % n_models
+        c = q // (d_vocab * n_pos * n_models)
+        lo, hi = min(width, c * step), min(width, (c + 1) * step)
+        r_lo, r_hi = min(lo, n_relu), min(hi, n_relu)  # the range's ReLU columns: g_post
+        u_lo, u_hi = max(lo, n_relu) - n_relu, max(hi, n_relu) - n_relu  # the rest: g_rest
+        last = p == n_pos - 1
+        for h in range(n_heads):
+            g_table[e, p, h, t, lo:hi] = 0
+        if last:
+            g_base[e, t, lo:hi] = 0
+        for k in range(starts[e, p, t], starts[e, p, t + 1]):
+            b = order[e, p, k]
+            gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
+            for h in range(n_heads):
+                _axpy(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
+            if last:
+                _axpy(np.float32(1.0), gp, gr, g_base[e, t, lo:hi])
+
+
+@numba.njit(inline="always", **_JIT)
+@no_type_check
+def _axpy(a, x1, x2, y):
+    # y += a * concat(x1, x2)
+    n1 = x1.shape[0]
+    for j in range(n1):
+        y[j] += a * x1[j]
+    y2 = y[n1:]
+    for j in range(x2.shape[0]):
+        y2[j] += a * x2[j]
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
+
+
+def _threads() -> None:
+    # Numba's pool runs between torch's ops, never beside them: give it torch's thread count.
+    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+class MixMLPUnembed(torch.autograd.Function):
+    """Last-position logits ``mix[:, d_mlp:] + relu(mix[:, :d_mlp]) W_L`` from the per-token
+    tables, with ``W_L = W_out W_U`` (the MLP's path to the logits folded into one matrix).
+
+    Inputs: ``pattern [model, batch, pos, head]``, ``table [model, pos, head, vocab, width]``,
+    ``base [model, vocab, width]`` (width = d_mlp + d_vocab_out), ``W_L [model, d_mlp,
+    d_vocab_out]``, ``tokens [model, batch, pos]``. Differentiable in the first four.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        pattern: Float[Tensor, "model batch pos head"],
+        table: Float[Tensor, "model pos head vocab width"],
+        base: Float[Tensor, "model vocab width"],
+        W_L: Float[Tensor, "model d_mlp d_vocab_out"],
+        tokens: Int[Tensor, "model batch pos"],
+    ) -> Float[Tensor, "model batch d_vocab_out"]:
+        _threads()
+        n_models, batch = tokens.shape[:2]
+        d_mlp = W_L.shape[1]
+        pattern, table, base, tokens = (x.detach().contiguous() for x in (pattern, table, base, tokens))
+        out = torch.empty(n_models, batch, table.shape[-1], dtype=table.dtype)
+        _mix_forward(_np(pattern), _np(tokens), _np(table), _np(base), d_mlp, out.numpy())
+        post, rest = out[..., :d_mlp], out[..., d_mlp:]
+        logits = torch.baddbmm(rest, post, W_L.detach())
+        ctx.save_for_backward(pattern, table, tokens, out, W_L)
+        return logits
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g_logits: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        _threads()
+        pattern, table, tokens, out, W_L = ctx.saved_tensors
+        d_mlp = W_L.shape[1]
+        g_logits = g_logits.contiguous()
+        post = out[..., :d_mlp]
+        g_W_L = torch.bmm(post.transpose(1, 2), g_logits)
+        g_post = torch.bmm(g_logits, W_L.transpose(1, 2))
+        g_pattern = torch.empty_like(pattern)
+        _mix_grad_pattern(
+            g_post.numpy(), _np(g_logits), out.numpy(), _np(tokens), _np(table), g_pattern.numpy()
+        )
+        g_table = torch.empty_like(table)
+        g_base = torch.empty(table.shape[0], table.shape[3], table.shape[4], dtype=table.dtype)
+        n_split = max(1, -(-numba.get_num_threads() // table.shape[0]))
+        _mix_grad_tables(
+            g_post.numpy(), _np(g_logits), _np(pattern), _np(tokens), n_split,
+            g_table.numpy(), g_base.numpy(),
+        )
+        return g_pattern, g_table, g_base, g_W_L, None
