@@ -44,35 +44,45 @@ _JIT = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "erro
 
 @numba.njit(parallel=True, **_JIT)
 @no_type_check
-def _mix_forward(pattern, tokens, table, base, n_relu, out):  # pragma: no cover - compiled
+def _mix_forward(pattern, tokens, table, base, post, rest):  # pragma: no cover - compiled
+    # Writes relu(mix[:, :d_mlp]) to post and mix[:, d_mlp:] to rest: two contiguous buffers,
+    # so the W_L matmuls read post at full speed.
     n_models, batch, n_pos, n_heads = pattern.shape
-    width = table.shape[-1]
+    n_relu = post.shape[-1]
     for r in numba.prange(n_models * batch):
         e, b = r // batch, r % batch
-        o = out[e, b]
+        o1, o2 = post[e, b], rest[e, b]
         src = base[e, tokens[e, b, n_pos - 1]]
-        for j in range(width):
-            o[j] = src[j]
+        _copy2(src, o1, o2)
         for p in range(n_pos):
             t = tokens[e, b, p]
             for h in range(n_heads):
-                a = pattern[e, b, p, h]
-                row = table[e, p, h, t]
-                for j in range(width):
-                    o[j] += a * row[j]
+                _axpy(pattern[e, b, p, h], table[e, p, h, t], o1, o2)
         for j in range(n_relu):
-            o[j] = max(o[j], np.float32(0.0))
+            o1[j] = max(o1[j], np.float32(0.0))
+
+
+@numba.njit(inline="always", **_JIT)
+@no_type_check
+def _copy2(x, y1, y2):
+    # concat(y1, y2) = x
+    n1 = y1.shape[0]
+    for j in range(n1):
+        y1[j] = x[j]
+    x2 = x[n1:]
+    for j in range(y2.shape[0]):
+        y2[j] = x2[j]
 
 
 @numba.njit(parallel=True, **_JIT)
 @no_type_check
-def _mix_grad_pattern(g_post, g_rest, out, tokens, table, g_pattern):  # pragma: no cover
-    # Also masks g_post in place by the ReLU (out > 0), for _mix_grad_tables.
+def _mix_grad_pattern(g_post, g_rest, post, tokens, table, g_pattern):  # pragma: no cover
+    # Also masks g_post in place by the ReLU (post > 0), for _mix_grad_tables.
     n_models, batch, n_pos, n_heads = g_pattern.shape
     n_relu, n_rest = g_post.shape[-1], g_rest.shape[-1]
     for r in numba.prange(n_models * batch):
         e, b = r // batch, r % batch
-        gp, gr, o = g_post[e, b], g_rest[e, b], out[e, b]
+        gp, gr, o = g_post[e, b], g_rest[e, b], post[e, b]
         for j in range(n_relu):
             if not o[j] > 0:
                 gp[j] = 0
@@ -131,20 +141,32 @@ def _mix_grad_tables(g_post, g_rest, pattern, tokens, n_split, g_table, g_base):
             b = order[e, p, k]
             gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
             for h in range(n_heads):
-                _axpy(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
+                _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
             if last:
-                _axpy(np.float32(1.0), gp, gr, g_base[e, t, lo:hi])
+                _axpy_into(np.float32(1.0), gp, gr, g_base[e, t, lo:hi])
 
 
 @numba.njit(inline="always", **_JIT)
 @no_type_check
-def _axpy(a, x1, x2, y):
+def _axpy_into(a, x1, x2, y):
     # y += a * concat(x1, x2)
     n1 = x1.shape[0]
     for j in range(n1):
         y[j] += a * x1[j]
     y2 = y[n1:]
     for j in range(x2.shape[0]):
+        y2[j] += a * x2[j]
+
+
+@numba.njit(inline="always", **_JIT)
+@no_type_check
+def _axpy(a, x, y1, y2):
+    # concat(y1, y2) += a * x
+    n1 = y1.shape[0]
+    for j in range(n1):
+        y1[j] += a * x[j]
+    x2 = x[n1:]
+    for j in range(y2.shape[0]):
         y2[j] += a * x2[j]
 
 
@@ -181,11 +203,11 @@ class MixMLPUnembed(torch.autograd.Function):
         n_models, batch = tokens.shape[:2]
         d_mlp = W_L.shape[1]
         pattern, table, base, tokens = (x.detach().contiguous() for x in (pattern, table, base, tokens))
-        out = torch.empty(n_models, batch, table.shape[-1], dtype=table.dtype)
-        _mix_forward(_np(pattern), _np(tokens), _np(table), _np(base), d_mlp, out.numpy())
-        post, rest = out[..., :d_mlp], out[..., d_mlp:]
-        logits = torch.baddbmm(rest, post, W_L.detach())
-        ctx.save_for_backward(pattern, table, tokens, out, W_L)
+        post = torch.empty(n_models, batch, d_mlp, dtype=table.dtype)
+        logits = torch.empty(n_models, batch, table.shape[-1] - d_mlp, dtype=table.dtype)
+        _mix_forward(_np(pattern), _np(tokens), _np(table), _np(base), post.numpy(), logits.numpy())
+        logits.baddbmm_(post, W_L.detach())
+        ctx.save_for_backward(pattern, table, tokens, post, W_L)
         return logits
 
     @staticmethod
@@ -193,15 +215,13 @@ class MixMLPUnembed(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g_logits: Tensor
     ) -> tuple[Tensor | None, ...]:
         _threads()
-        pattern, table, tokens, out, W_L = ctx.saved_tensors
-        d_mlp = W_L.shape[1]
+        pattern, table, tokens, post, W_L = ctx.saved_tensors
         g_logits = g_logits.contiguous()
-        post = out[..., :d_mlp]
         g_W_L = torch.bmm(post.transpose(1, 2), g_logits)
         g_post = torch.bmm(g_logits, W_L.transpose(1, 2))
         g_pattern = torch.empty_like(pattern)
         _mix_grad_pattern(
-            g_post.numpy(), _np(g_logits), out.numpy(), _np(tokens), _np(table), g_pattern.numpy()
+            g_post.numpy(), _np(g_logits), post.numpy(), _np(tokens), _np(table), g_pattern.numpy()
         )
         g_table = torch.empty_like(table)
         g_base = torch.empty(table.shape[0], table.shape[3], table.shape[4], dtype=table.dtype)
