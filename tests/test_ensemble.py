@@ -10,6 +10,7 @@ import torch
 
 import circuits
 from circuits.config import RunConfig
+from circuits.engine.ensemble import stacked_loss
 from circuits.engine.stacked import StackedAdamW, check_stackable
 from circuits.trainer import StepInfo, TrainingInterrupted
 from tests.conftest import tiny_config
@@ -47,6 +48,27 @@ def test_each_member_matches_its_run_trained_alone(tmp_path: Path) -> None:
     # Members really differ (the stack does not tie them together).
     w = [r.state_dict(60)["embed.W_E"] for r in runs]
     assert not torch.allclose(w[0], w[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_loss_equals_weighted_float64_cross_entropy(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # Large logits (a grokked model's) and zero-weight padding rows, as training sees them.
+    logits = (torch.randn(3, 50, 17, generator=gen) * 30).to(dtype).requires_grad_()
+    labels = torch.randint(0, 17, (3, 50), generator=gen)
+    weights = torch.rand(3, 50, generator=gen, dtype=torch.float64)
+    weights[:, 40:] = 0
+    ours = stacked_loss(logits, labels, weights)
+    (g_ours,) = torch.autograd.grad(ours * 2.5, logits)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).double(), labels.flatten(), reduction="none"
+    )
+    ref = (ce.view_as(weights) * weights).sum()
+    (g_ref,) = torch.autograd.grad(ref * 2.5, logits)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-12)
+    assert g_ours.dtype == dtype and (g_ours[:, 40:] == 0).all()
 
 
 def test_stacked_adamw_matches_torch_adamw_per_member() -> None:

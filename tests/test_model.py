@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformer_lens import ActivationCache
 
 from circuits.config import preset
-from circuits.engine.fused import last_logits
+from circuits.engine.fused import last_logits, stacked_last_logits
 from circuits.model import make_model
 from circuits.tasks import make_task
 
@@ -168,6 +168,30 @@ def test_fused_forward_and_gradients_match_hooked_model(
     for (name, _), a, b in zip(model.named_parameters(), fused_grads, ref_grads):
         atol = scale * max(b.abs().max().item(), 1e-2 * largest)
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("query", ["shared", "mixed"])
+def test_per_token_path_matches_hooked_model_for_any_last_token(query: str) -> None:
+    """The per-token path folds the last position's value into one base row when every example
+    shares its last token (the tasks' "="), and gathers it per example otherwise; both paths,
+    including an ensemble of two members with different shared tokens, match the hooked model."""
+    cfg = preset("quick").replace(p=13, train_biases=True)
+    models = [make_model(cfg.replace(seed=s)) for s in (3, 4)]
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, cfg.d_vocab, (2, 40, 3), generator=gen)
+    if query == "shared":
+        tokens[0, :, -1], tokens[1, :, -1] = cfg.d_vocab - 1, 4
+    params = {}
+    for name, _ in models[0].named_parameters():
+        params[name] = torch.stack([dict(m.named_parameters())[name] for m in models])
+    fused = stacked_last_logits(params, tokens, "relu", per_token=True)
+    target = torch.randn(fused.shape, generator=gen)
+    fused_grads = torch.autograd.grad((fused * target).sum(), [m.blocks[0].mlp.W_in for m in models])
+    for i, m in enumerate(models):
+        ref = m(tokens[i])[:, -1]
+        torch.testing.assert_close(fused[i], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+        (g_ref,) = torch.autograd.grad((ref * target[i]).sum(), m.blocks[0].mlp.W_in)
+        torch.testing.assert_close(fused_grads[i], g_ref, rtol=1e-4, atol=1e-5 * g_ref.abs().max().item())
 
 
 def test_zero_ablating_attention_output_changes_logits() -> None:

@@ -44,7 +44,7 @@ _JIT = {"nogil": True, "cache": True, "fastmath": {"reassoc", "contract"}, "erro
 
 @numba.njit(parallel=True, **_JIT)
 @no_type_check
-def _mix_forward(pattern, tokens, table, base, post, rest):  # pragma: no cover - compiled
+def _mix_forward(pattern, tokens, table, base, base_tokens, post, rest):  # pragma: no cover
     # Writes relu(mix[:, :d_mlp]) to post and mix[:, d_mlp:] to rest: two contiguous buffers,
     # so the W_L matmuls read post at full speed.
     n_models, batch, n_pos, n_heads = pattern.shape
@@ -52,8 +52,7 @@ def _mix_forward(pattern, tokens, table, base, post, rest):  # pragma: no cover 
     for r in numba.prange(n_models * batch):
         e, b = r // batch, r % batch
         o1, o2 = post[e, b], rest[e, b]
-        src = base[e, tokens[e, b, n_pos - 1]]
-        _copy2(src, o1, o2)
+        _copy2(base[e, base_tokens[e, b]], o1, o2)
         for p in range(n_pos):
             t = tokens[e, b, p]
             for h in range(n_heads):
@@ -101,48 +100,55 @@ def _mix_grad_pattern(g_post, g_rest, post, tokens, table, g_pattern):  # pragma
 
 @numba.njit(parallel=True, **_JIT)
 @no_type_check
-def _mix_grad_tables(g_post, g_rest, pattern, tokens, n_split, g_table, g_base):  # pragma: no cover
+def _mix_grad_tables(
+    g_post, g_rest, pattern, tokens, base_tokens, n_split, g_table, g_base
+):  # pragma: no cover
     n_models, batch, n_pos, n_heads = pattern.shape
-    d_vocab = g_table.shape[3]
+    n_keys = max(g_table.shape[3], g_base.shape[1])
     n_relu, width = g_post.shape[-1], g_table.shape[-1]
-    # Rows grouped by token, per (model, position): a counting sort that keeps batch order.
-    order = np.empty((n_models, n_pos, batch), np.int64)
-    starts = np.zeros((n_models, n_pos, d_vocab + 1), np.int64)
-    for q in numba.prange(n_models * n_pos):
-        e, p = q // n_pos, q % n_pos
+    # Rows grouped by token, per (model, position), and by base token as position n_pos:
+    # a counting sort that keeps batch order.
+    order = np.empty((n_models, n_pos + 1, batch), np.int64)
+    starts = np.zeros((n_models, n_pos + 1, n_keys + 1), np.int64)
+    for q in numba.prange(n_models * (n_pos + 1)):
+        e, p = q // (n_pos + 1), q % (n_pos + 1)
+        keys = tokens[e, :, p] if p < n_pos else base_tokens[e]
         for b in range(batch):
-            starts[e, p, tokens[e, b, p] + 1] += 1
-        for t in range(d_vocab):
+            starts[e, p, keys[b] + 1] += 1
+        for t in range(n_keys):
             starts[e, p, t + 1] += starts[e, p, t]
-        fill = starts[e, p, :d_vocab].copy()
+        fill = starts[e, p, :n_keys].copy()
         for b in range(batch):
-            t = tokens[e, b, p]
-            order[e, p, fill[t]] = b
-            fill[t] += 1
+            order[e, p, fill[keys[b]]] = b
+            fill[keys[b]] += 1
     # Work items are (column range, model, position, token), range outermost: numba gives each
-    # thread a contiguous run of items, so the "=" position (one token, every row) is split
+    # thread a contiguous run of items, so a position with one token in every row is split
     # across threads by its columns. One thread owns each gradient row's range and adds rows in
     # batch order: every element's sum has the same order however many ranges there are.
     step = ((width + n_split - 1) // n_split + 15) // 16 * 16
-    for q in numba.prange(n_split * n_models * n_pos * d_vocab):
-        t = q % d_vocab
-        p = (q // d_vocab) % n_pos
-        e = (q // (d_vocab * n_pos)) % n_models
-        c = q // (d_vocab * n_pos * n_models)
+    for q in numba.prange(n_split * n_models * (n_pos + 1) * n_keys):
+        t = q % n_keys
+        p = (q // n_keys) % (n_pos + 1)
+        e = (q // (n_keys * (n_pos + 1))) % n_models
+        c = q // (n_keys * (n_pos + 1) * n_models)
         lo, hi = min(width, c * step), min(width, (c + 1) * step)
         r_lo, r_hi = min(lo, n_relu), min(hi, n_relu)  # the range's ReLU columns: g_post
         u_lo, u_hi = max(lo, n_relu) - n_relu, max(hi, n_relu) - n_relu  # the rest: g_rest
-        last = p == n_pos - 1
-        for h in range(n_heads):
-            g_table[e, p, h, t, lo:hi] = 0
-        if last:
-            g_base[e, t, lo:hi] = 0
-        for k in range(starts[e, p, t], starts[e, p, t + 1]):
-            b = order[e, p, k]
-            gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
+        if p < n_pos:
+            if t >= g_table.shape[3]:
+                continue
             for h in range(n_heads):
-                _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
-            if last:
+                g_table[e, p, h, t, lo:hi] = 0
+            for k in range(starts[e, p, t], starts[e, p, t + 1]):
+                b = order[e, p, k]
+                gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
+                for h in range(n_heads):
+                    _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
+        elif t < g_base.shape[1]:
+            g_base[e, t, lo:hi] = 0
+            for k in range(starts[e, p, t], starts[e, p, t + 1]):
+                b = order[e, p, k]
+                gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
                 _axpy_into(np.float32(1.0), gp, gr, g_base[e, t, lo:hi])
 
 
@@ -182,12 +188,15 @@ def _threads() -> None:
 
 
 class MixMLPUnembed(torch.autograd.Function):
-    """Last-position logits ``mix[:, d_mlp:] + relu(mix[:, :d_mlp]) W_L`` from the per-token
-    tables, with ``W_L = W_out W_U`` (the MLP's path to the logits folded into one matrix).
+    """Last-position logits ``mix[:, d_mlp:] + relu(mix[:, :d_mlp]) W_L``, with ``W_L = W_out
+    W_U`` (the MLP's path to the logits folded into one matrix) and
+
+        mix[b] = base[base_tokens[b]] + sum_{p, h} pattern[b, p, h] * table[p, h, tokens[b, p]]
 
     Inputs: ``pattern [model, batch, pos, head]``, ``table [model, pos, head, vocab, width]``,
-    ``base [model, vocab, width]`` (width = d_mlp + d_vocab_out), ``W_L [model, d_mlp,
-    d_vocab_out]``, ``tokens [model, batch, pos]``. Differentiable in the first four.
+    ``base [model, n_base, width]`` (width = d_mlp + d_vocab_out), ``W_L [model, d_mlp,
+    d_vocab_out]``, ``tokens [model, batch, pos]``, ``base_tokens [model, batch]``.
+    Differentiable in the first four.
     """
 
     @staticmethod
@@ -195,19 +204,26 @@ class MixMLPUnembed(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx,
         pattern: Float[Tensor, "model batch pos head"],
         table: Float[Tensor, "model pos head vocab width"],
-        base: Float[Tensor, "model vocab width"],
+        base: Float[Tensor, "model n_base width"],
         W_L: Float[Tensor, "model d_mlp d_vocab_out"],
         tokens: Int[Tensor, "model batch pos"],
+        base_tokens: Int[Tensor, "model batch"],
     ) -> Float[Tensor, "model batch d_vocab_out"]:
         _threads()
         n_models, batch = tokens.shape[:2]
         d_mlp = W_L.shape[1]
-        pattern, table, base, tokens = (x.detach().contiguous() for x in (pattern, table, base, tokens))
+        pattern, table, tokens, base_tokens = (
+            x.detach().contiguous() for x in (pattern, table, tokens, base_tokens)
+        )
         post = torch.empty(n_models, batch, d_mlp, dtype=table.dtype)
         logits = torch.empty(n_models, batch, table.shape[-1] - d_mlp, dtype=table.dtype)
-        _mix_forward(_np(pattern), _np(tokens), _np(table), _np(base), post.numpy(), logits.numpy())
+        _mix_forward(
+            pattern.numpy(), tokens.numpy(), table.numpy(), _np(base), base_tokens.numpy(),
+            post.numpy(), logits.numpy(),
+        )
         logits.baddbmm_(post, W_L.detach())
-        ctx.save_for_backward(pattern, table, tokens, post, W_L)
+        ctx.n_base = base.shape[1]
+        ctx.save_for_backward(pattern, table, tokens, base_tokens, post, W_L)
         return logits
 
     @staticmethod
@@ -215,19 +231,20 @@ class MixMLPUnembed(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, g_logits: Tensor
     ) -> tuple[Tensor | None, ...]:
         _threads()
-        pattern, table, tokens, post, W_L = ctx.saved_tensors
+        pattern, table, tokens, base_tokens, post, W_L = ctx.saved_tensors
         g_logits = g_logits.contiguous()
         g_W_L = torch.bmm(post.transpose(1, 2), g_logits)
         g_post = torch.bmm(g_logits, W_L.transpose(1, 2))
         g_pattern = torch.empty_like(pattern)
         _mix_grad_pattern(
-            g_post.numpy(), _np(g_logits), post.numpy(), _np(tokens), _np(table), g_pattern.numpy()
+            g_post.numpy(), g_logits.numpy(), post.numpy(), tokens.numpy(), table.numpy(),
+            g_pattern.numpy(),
         )
         g_table = torch.empty_like(table)
-        g_base = torch.empty(table.shape[0], table.shape[3], table.shape[4], dtype=table.dtype)
+        g_base = torch.empty(table.shape[0], ctx.n_base, table.shape[4], dtype=table.dtype)
         n_split = max(1, -(-numba.get_num_threads() // table.shape[0]))
         _mix_grad_tables(
-            g_post.numpy(), _np(g_logits), _np(pattern), _np(tokens), n_split,
-            g_table.numpy(), g_base.numpy(),
+            g_post.numpy(), g_logits.numpy(), pattern.numpy(), tokens.numpy(),
+            base_tokens.numpy(), n_split, g_table.numpy(), g_base.numpy(),
         )
-        return g_pattern, g_table, g_base, g_W_L, None
+        return g_pattern, g_table, g_base, g_W_L, None, None
