@@ -157,7 +157,7 @@ def _per_token_logits(
         own_out = einops.einsum(own_v, head_out, "e h k, e h k w -> e h w")
         # (T_p - T_last) = (v_p - v_last) W_O [W_in | W_U]: subtract d_head-wide vectors.
         table = einops.einsum(
-            v_table[:, :last] - own_v[:, None, None], head_out, "e p v h k, e h k w -> e p h v w"
+            v_table[:, :last] - own_v[:, None, None], head_out, "e p v h k, e h k w -> e h p v w"
         )
         resid = resid_last_table[member, query[:, 0]] + b_O  # [model, d_model]
         base = torch.baddbmm(bias[:, None], resid[:, None], W_cat) + own_out.sum(1, keepdim=True)
@@ -165,7 +165,7 @@ def _per_token_logits(
         return MixMLPUnembed.apply(
             pattern[:, :, :last], table, base, W_L, tokens[..., :last], base_tokens
         )
-    table = einops.einsum(v_table, head_out, "e p v h k, e h k w -> e p h v w")
+    table = einops.einsum(v_table, head_out, "e p v h k, e h k w -> e h p v w")
     base = torch.baddbmm(bias[:, None], resid_last_table + b_O[:, None], W_cat)
     return MixMLPUnembed.apply(pattern, table, base, W_L, tokens, tokens[..., last])
 

@@ -6,18 +6,20 @@ per-(position, token, head) value vectors, each mapped by ``W_O``. Anything line
 ``resid_mid`` (the MLP's pre-activation, the unembedding's direct path) is then the same
 weighted sum of small per-token tables:
 
-    mix[b] = base[t_last] + sum_{p, h} pattern[b, p, h] * table[p, h, t_p]
+    mix[b] = base[t_last] + sum_{h, p} pattern[b, p, h] * table[h, p, t_p]
 
-with ``table[p, h, t] = V[p, t, h] W_O[h] [W_in | W_U]`` and ``base`` the last token's own
+with ``table[h, p, t] = V[p, t, h] W_O[h] [W_in | W_U]`` and ``base`` the last token's own
 residual (plus biases) through ``[W_in | W_U]``. That replaces the ``d_model``-deep matmul over
-the batch (and its two backward products) by ``n_ctx * n_heads + 1`` weighted row gathers per
-example: 13 instead of 128 multiply-adds per output, which is the issue's "apply W_in per token
-before the mixing" (Nanda et al. 2023 architecture; the factorisation is exact, only float32
-rounding differs).
+the batch (and its two backward products) by a few weighted row gathers per example, which is
+the issue's "apply W_in per token before the mixing" (Nanda et al. 2023 architecture; the
+factorisation is exact, only float32 rounding differs). When every example shares its last
+token (the "=" of every task here), the caller folds that position into ``base`` (see
+:func:`circuits.engine.fused.stacked_last_logits`), leaving ``2 * n_heads`` rows per example.
 
 PyTorch has no fast fused op for a weighted gather and its backward (``embedding_bag`` with
-per-sample weights took 37 ms against 12 ms here), so the three loops are small Numba kernels.
-Every output element is computed by one thread in a fixed order, so the results are the same
+per-sample weights took 43 ms forward and backward at the Nanda size, against 9-16 ms for these
+kernels on the same 2-core machine), so the three loops are small Numba kernels.
+Every output element is computed by one thread in a fixed order, so the kernels give the same
 bits for any thread count. CPU only: on CUDA the fused step uses dense matmuls.
 """
 
@@ -56,7 +58,7 @@ def _mix_forward(pattern, tokens, table, base, base_tokens, post, rest):  # prag
         for p in range(n_pos):
             t = tokens[e, b, p]
             for h in range(n_heads):
-                _axpy(pattern[e, b, p, h], table[e, p, h, t], o1, o2)
+                _axpy(pattern[e, b, p, h], table[e, h, p, t], o1, o2)
         for j in range(n_relu):
             o1[j] = max(o1[j], np.float32(0.0))
 
@@ -88,7 +90,7 @@ def _mix_grad_pattern(g_post, g_rest, post, tokens, table, g_pattern):  # pragma
         for p in range(n_pos):
             t = tokens[e, b, p]
             for h in range(n_heads):
-                row = table[e, p, h, t]
+                row = table[e, h, p, t]
                 acc = np.float32(0.0)
                 for j in range(n_relu):
                     acc += gp[j] * row[j]
@@ -138,12 +140,12 @@ def _mix_grad_tables(
             if t >= g_table.shape[3]:
                 continue
             for h in range(n_heads):
-                g_table[e, p, h, t, lo:hi] = 0
+                g_table[e, h, p, t, lo:hi] = 0
             for k in range(starts[e, p, t], starts[e, p, t + 1]):
                 b = order[e, p, k]
                 gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
                 for h in range(n_heads):
-                    _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, p, h, t, lo:hi])
+                    _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, h, p, t, lo:hi])
         elif t < g_base.shape[1]:
             g_base[e, t, lo:hi] = 0
             for k in range(starts[e, p, t], starts[e, p, t + 1]):
@@ -191,9 +193,9 @@ class MixMLPUnembed(torch.autograd.Function):
     """Last-position logits ``mix[:, d_mlp:] + relu(mix[:, :d_mlp]) W_L``, with ``W_L = W_out
     W_U`` (the MLP's path to the logits folded into one matrix) and
 
-        mix[b] = base[base_tokens[b]] + sum_{p, h} pattern[b, p, h] * table[p, h, tokens[b, p]]
+        mix[b] = base[base_tokens[b]] + sum_{h, p} pattern[b, p, h] * table[h, p, tokens[b, p]]
 
-    Inputs: ``pattern [model, batch, pos, head]``, ``table [model, pos, head, vocab, width]``,
+    Inputs: ``pattern [model, batch, pos, head]``, ``table [model, head, pos, vocab, width]``,
     ``base [model, n_base, width]`` (width = d_mlp + d_vocab_out), ``W_L [model, d_mlp,
     d_vocab_out]``, ``tokens [model, batch, pos]``, ``base_tokens [model, batch]``.
     Differentiable in the first four.
@@ -203,7 +205,7 @@ class MixMLPUnembed(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
         pattern: Float[Tensor, "model batch pos head"],
-        table: Float[Tensor, "model pos head vocab width"],
+        table: Float[Tensor, "model head pos vocab width"],
         base: Float[Tensor, "model n_base width"],
         W_L: Float[Tensor, "model d_mlp d_vocab_out"],
         tokens: Int[Tensor, "model batch pos"],
