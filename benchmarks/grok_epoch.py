@@ -30,9 +30,12 @@ def main() -> None:
                         help="model seeds per engine (seed s: model seed 999 + s); the comparison is of the means")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="start at seed index s (model seed 999 + s), to extend an earlier comparison")
+    parser.add_argument("--engines", nargs="+", choices=["fused", "reference"],
+                        default=["fused", "reference"],
+                        help="engines to train (a finished run already under --out is reused)")
     args = parser.parse_args()
     results: dict[str, list[int | None]] = {}
-    for engine in ("fused", "reference"):
+    for engine in args.engines:
         epochs = []
         for s in range(args.first_seed, args.first_seed + args.seeds):
             cfg = circuits.preset("quick").replace(engine=engine, seed=999 + s)
@@ -46,6 +49,8 @@ def main() -> None:
             print(f"{engine:<10} seed {s}: train 100% at {fit}, test >= 50% at {half}, "
                   f">= 99% at {grok}; final test acc {m.test_acc.iloc[-1]:.3f}; {wall:.0f} s", flush=True)
         results[engine] = epochs
+    if len(results) < 2:
+        return
     f, r = results["fused"], results["reference"]
     both = [(a, b) for a, b in zip(f, r) if a is not None and b is not None]
     missed = len(f) - len(both)

@@ -5,7 +5,8 @@ loss, train step only (forward, backward, optimizer), no evaluation on either si
 step ``circuits train`` runs (the fused stacked forward, stacked AdamW, float64 loss) for one
 model, and for ensembles of E models (ms per model-epoch against E separate runs). The paths
 run interleaved in one process on the same machine, so the ratios are fair. Also printed:
-FLOPs per epoch (forward + backward, matmuls only) and the machine's measured matmul rate.
+FLOPs per epoch (forward + backward, over the batch: matmuls and, on the CPU, the fused step's
+weighted row gathers) and the machine's measured matmul rate.
 
     python benchmarks/train_step.py                       # nanda and quick, single runs
     python benchmarks/train_step.py --preset nanda --ensembles 8 64
@@ -36,11 +37,14 @@ from circuits.trainer import loss_fn
 
 
 def flops_per_epoch(cfg: RunConfig, engine: str) -> float:
-    """Matmul FLOPs of one epoch, forward + backward (backward = 2x forward)."""
+    """Multiply-add FLOPs over the batch of one epoch, forward + backward (backward = 2x
+    forward): matmuls, and the fused step's weighted row gathers."""
     m, n = cfg.model, cfg.task.n_train
     d, dm, v = m.d_model, m.d_mlp, cfg.d_vocab_out
     if engine == "fused":  # last position only; per-token tables are O(vocab), not O(batch)
-        per_example = d * d + 2 * d * dm + d * v  # W_O, W_in, W_out, W_U
+        # On the CPU: W_L = W_out W_U, and 2 * n_heads weighted rows of [W_in | W_U] per
+        # example (circuits/engine/mix.py; the shared "=" folded into one base row).
+        per_example = dm * v + 2 * m.n_heads * (dm + v)
         rows = n
     else:  # every position: Q, K, V, O, the MLP and the unembedding
         per_example = 4 * d * d + 2 * d * dm + d * v
