@@ -147,7 +147,7 @@ def _per_token_logits(
     W_L = torch.bmm(W_out, W_U)
     n_models, last = tokens.shape[0], tokens.shape[2] - 1
     query = tokens[:, :1, last]  # [model, 1]
-    if bool((tokens[..., last] == query).all()):
+    if tokens.shape[1] > 0 and bool((tokens[..., last] == query).all()):
         # One query token per member (the "=" of every task here). The attention weights sum
         # to 1 over positions, so the last position's own value term folds into the base:
         # sum_p a_p T_p = T_last + sum_{p < last} a_p (T_p - T_last), one row of base, and 4
