@@ -54,25 +54,17 @@ def _mix_forward(pattern, tokens, table, base, base_tokens, post, rest):  # prag
     for r in numba.prange(n_models * batch):
         e, b = r // batch, r % batch
         o1, o2 = post[e, b], rest[e, b]
-        _copy2(base[e, base_tokens[e, b]], o1, o2)
+        src = base[e, base_tokens[e, b]]
+        o1[:] = src[:n_relu]
+        o2[:] = src[n_relu:]
         for p in range(n_pos):
             t = tokens[e, b, p]
             for h in range(n_heads):
-                _axpy(pattern[e, b, p, h], table[e, h, p, t], o1, o2)
+                row = table[e, h, p, t]
+                _axpy(pattern[e, b, p, h], row[:n_relu], o1)
+                _axpy(pattern[e, b, p, h], row[n_relu:], o2)
         for j in range(n_relu):
             o1[j] = max(o1[j], np.float32(0.0))
-
-
-@numba.njit(inline="always", **_JIT)
-@no_type_check
-def _copy2(x, y1, y2):
-    # concat(y1, y2) = x
-    n1 = y1.shape[0]
-    for j in range(n1):
-        y1[j] = x[j]
-    x2 = x[n1:]
-    for j in range(y2.shape[0]):
-        y2[j] = x2[j]
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -145,41 +137,26 @@ def _mix_grad_tables(
                 b = order[e, p, k]
                 gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
                 for h in range(n_heads):
-                    _axpy_into(pattern[e, b, p, h], gp, gr, g_table[e, h, p, t, lo:hi])
+                    acc = g_table[e, h, p, t, lo:hi]
+                    _axpy(pattern[e, b, p, h], gp, acc[: r_hi - r_lo])
+                    _axpy(pattern[e, b, p, h], gr, acc[r_hi - r_lo :])
         elif t < g_base.shape[1]:
-            g_base[e, t, lo:hi] = 0
+            acc = g_base[e, t, lo:hi]
+            acc[:] = 0
             for k in range(starts[e, p, t], starts[e, p, t + 1]):
                 b = order[e, p, k]
                 gp, gr = g_post[e, b, r_lo:r_hi], g_rest[e, b, u_lo:u_hi]
-                _axpy_into(np.float32(1.0), gp, gr, g_base[e, t, lo:hi])
+                _axpy(np.float32(1.0), gp, acc[: r_hi - r_lo])
+                _axpy(np.float32(1.0), gr, acc[r_hi - r_lo :])
 
 
 @numba.njit(inline="always", **_JIT)
 @no_type_check
-def _axpy_into(a, x1, x2, y):
-    # y += a * concat(x1, x2)
-    n1 = x1.shape[0]
-    for j in range(n1):
-        y[j] += a * x1[j]
-    y2 = y[n1:]
-    for j in range(x2.shape[0]):
-        y2[j] += a * x2[j]
-
-
-@numba.njit(inline="always", **_JIT)
-@no_type_check
-def _axpy(a, x, y1, y2):
-    # concat(y1, y2) += a * x
-    n1 = y1.shape[0]
-    for j in range(n1):
-        y1[j] += a * x[j]
-    x2 = x[n1:]
-    for j in range(y2.shape[0]):
-        y2[j] += a * x2[j]
-
-
-def _np(x: Tensor) -> np.ndarray:
-    return x.detach().contiguous().numpy()
+def _axpy(a, x, y):
+    # y += a * x. The kernels' ReLU and logits columns live in separate buffers, so each
+    # 625-wide row update is two of these.
+    for j in range(y.shape[0]):
+        y[j] += a * x[j]
 
 
 def _threads() -> None:
@@ -214,13 +191,13 @@ class MixMLPUnembed(torch.autograd.Function):
         _threads()
         n_models, batch = tokens.shape[:2]
         d_mlp = W_L.shape[1]
-        pattern, table, tokens, base_tokens = (
-            x.detach().contiguous() for x in (pattern, table, tokens, base_tokens)
+        pattern, table, base, tokens, base_tokens = (
+            x.detach().contiguous() for x in (pattern, table, base, tokens, base_tokens)
         )
         post = torch.empty(n_models, batch, d_mlp, dtype=table.dtype)
         logits = torch.empty(n_models, batch, table.shape[-1] - d_mlp, dtype=table.dtype)
         _mix_forward(
-            pattern.numpy(), tokens.numpy(), table.numpy(), _np(base), base_tokens.numpy(),
+            pattern.numpy(), tokens.numpy(), table.numpy(), base.numpy(), base_tokens.numpy(),
             post.numpy(), logits.numpy(),
         )
         logits.baddbmm_(post, W_L.detach())
