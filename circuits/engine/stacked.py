@@ -102,27 +102,31 @@ class StackedAdamW:
         """One AdamW update of every member (PyTorch's single-tensor order of operations)."""
         lr = self.lr_at(self.step_count)
         self.step_count += 1
-        # Scalars per member, computed in float64 as PyTorch does in Python, then cast once.
         bc1 = 1 - self.beta1**self.step_count
         bc2_sqrt = (1 - self.beta2**self.step_count).sqrt()
         decay = 1 - lr * self.weight_decay
         step_size = lr / bc1
+        # Scalars per member, computed in float64 as PyTorch does in Python, then cast once per
+        # step and viewed once per parameter rank: per parameter, only the update's own ops run
+        # (casting inside the loop cost ~70 small ops a step, about 1 ms at the Nanda size).
+        scalars = (decay, 1 - self.beta1, self.beta2, 1 - self.beta2, bc2_sqrt, self.eps, step_size)
+        cast: dict[tuple[torch.dtype, int], list[Tensor]] = {}
         for name, p in self.params.items():
             grad = p.grad
             if grad is None:
                 continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-
-            def per(x: Tensor) -> Tensor:
-                return x.to(p.dtype).view(shape)
-
+            key = (p.dtype, p.dim())
+            if key not in cast:
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                cast[key] = [x.to(p.dtype).view(shape) for x in scalars]
+            p_decay, one_m_beta1, beta2, one_m_beta2, bc2, eps, size = cast[key]
             st = self.state[name]
             exp_avg, exp_avg_sq = st["exp_avg"], st["exp_avg_sq"]
-            p.mul_(per(decay))
-            exp_avg.lerp_(grad, per(1 - self.beta1))
-            exp_avg_sq.mul_(per(self.beta2)).addcmul_(grad * per(1 - self.beta2), grad)
-            denom = (exp_avg_sq.sqrt() / per(bc2_sqrt)).add_(per(self.eps))
-            p.sub_(per(step_size) * exp_avg / denom)
+            p.mul_(p_decay)
+            exp_avg.lerp_(grad, one_m_beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad * one_m_beta2, grad)
+            denom = (exp_avg_sq.sqrt() / bc2).add_(eps)
+            p.sub_(size * exp_avg / denom)
 
     def zero_grad(self) -> None:
         """Drop every gradient (set to None, as ``Optimizer.zero_grad`` does by default)."""
