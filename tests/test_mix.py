@@ -15,9 +15,11 @@ import torch
 from circuits.engine import mix
 
 
-def _inputs(n_models: int, n_heads: int, dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
+def _inputs(
+    n_models: int, n_heads: int, dtype: np.dtype, seed: int = 0, n_pos: int = 2
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    batch, n_pos, vocab, n_relu, n_rest, n_base = 37, 2, 9, 21, 7, 2
+    batch, vocab, n_relu, n_rest, n_base = 37, 9, 21, 7, 2
     width = n_relu + n_rest
     return {
         "pattern": rng.random((n_models, batch, n_pos, n_heads)).astype(dtype),
@@ -37,11 +39,15 @@ def _kernels(x: dict[str, np.ndarray], n_split: int) -> dict[str, np.ndarray]:
     rest = np.empty((n_models, batch, x["g_rest"].shape[-1]), x["table"].dtype)
     mix._mix_forward(x["pattern"], x["tokens"], x["table"], x["base"], x["base_tokens"], post, rest)
     g_post, g_pattern = x["g_post"].copy(), np.empty_like(x["pattern"])
-    mix._mix_grad_pattern(g_post, x["g_rest"], post, x["tokens"], x["table"], g_pattern)
     g_table, g_base = np.empty_like(x["table"]), np.empty_like(x["base"])
+    tokens = torch.from_numpy(x["tokens"]).transpose(1, 2)
+    order, starts = (t.numpy() for t in mix._group_rows(tokens, x["table"].shape[3]))
     mix._mix_grad_tables(
-        g_post, x["g_rest"], x["pattern"], x["tokens"], x["base_tokens"], n_split, g_table, g_base
+        g_post, x["g_rest"], post, x["pattern"], order, starts, x["table"], g_table, g_pattern
     )
+    order, starts = (t.numpy() for t in mix._group_rows(torch.from_numpy(x["base_tokens"]), x["base"].shape[1]))
+    mask = x["pattern"].shape[2] == 0  # as MixMLPUnembed.backward calls it
+    mix._mix_grad_base(g_post, x["g_rest"], post, order, starts, n_split, mask, g_base)
     return {"post": post, "rest": rest, "g_pattern": g_pattern, "g_table": g_table, "g_base": g_base}
 
 
@@ -68,10 +74,13 @@ def _reference(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("n_heads", [1, 3, 4, 6])
+@pytest.mark.parametrize(
+    ("n_heads", "n_pos"), [(1, 2), (3, 2), (4, 2), (6, 2), (4, 3), (4, 0)],
+    ids=["1 head", "3 heads", "4 heads", "6 heads", "3 positions", "no positions"],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_kernels_equal_dense_einsums(n_heads: int, dtype: np.dtype) -> None:
-    x = _inputs(2, n_heads, dtype)
+def test_kernels_equal_dense_einsums(n_heads: int, n_pos: int, dtype: np.dtype) -> None:
+    x = _inputs(2, n_heads, dtype, n_pos=n_pos)
     ours, ref = _kernels(x, n_split=2), _reference(x)
     tol = 1e-5 if dtype == np.float32 else 1e-12
     for k, v in ref.items():
