@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.engine.mix import MixMLPUnembed
+from circuits.engine.mix import MixMLPUnembed, gather_rows
 from circuits.model import Transformer
 
 __all__ = ["last_logits", "stacked_last_logits", "supports", "model_params"]
@@ -100,8 +100,10 @@ def stacked_last_logits(
     score_idx = (
         (model_idx * d_vocab + tokens[..., last:]) * n_pos + pos_idx
     ) * d_vocab + tokens
-    # F.embedding: its backward is a deterministic row accumulation on CPU and CUDA.
-    scores = F.embedding(score_idx, score_table.reshape(-1, n_heads))  # [model, batch, pos, head]
+    # Both give a deterministic row accumulation backward; torch's CPU one is a sort that took
+    # ~2 ms an epoch at the Nanda size, against well under 0.1 ms for gather_rows.
+    gather = gather_rows if tokens.device.type == "cpu" else F.embedding
+    scores = gather(score_idx, score_table.reshape(-1, n_heads))  # [model, batch, pos, head]
     # The last query sees every key under the causal mask, so no masking is needed.
     pattern = scores.softmax(dim=2)
     if per_token is None:
