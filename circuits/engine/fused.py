@@ -6,7 +6,8 @@ of ``model`` models with the same shapes (an ensemble):
 
 * queries, keys and values come from small per-(position, token) tables;
 * attention scores come from a table over (query token, key position, key token, head), so the
-  per-example work is a gather of ``pos * head`` scalars instead of a batched dot product;
+  per-example work is a gather of ``pos * head`` scalars instead of a batched dot product; when
+  every example shares its query token (the "=" of every task here), only that token's slice;
 * the value mix is an elementwise weighted sum, then one matmul with ``W_O`` over all heads;
 * the MLP and unembedding run on one row per example instead of ``n_ctx``; on the CPU, their
   input side (``W_in``, and ``W_U``'s direct path) is applied per token before the attention
@@ -86,20 +87,26 @@ def stacked_last_logits(
     last = n_pos - 1
     # Residual stream before the block for every (position, token): [model, pos, vocab, d_model].
     resid_table = W_E[:, None] + W_pos[:, :n_pos, None]
-    q_table = einops.einsum(resid_table[:, last], W_Q, "e v d, e h d k -> e v h k") + b_Q[:, None]
     k_table = einops.einsum(resid_table, W_K, "e p v d, e h d k -> e p v h k") + b_K[:, None, None]
     v_table = einops.einsum(resid_table, W_V, "e p v d, e h d k -> e p v h k") + b_V[:, None, None]
-    score_table = einops.einsum(
-        q_table, k_table, "e vq h k, e p vk h k -> e vq p vk h"
-    ) / math.sqrt(d_head)
 
     # Flat row indices into the tables: (model, position, token) and (model, query token, ...).
     model_idx = torch.arange(n_models, device=tokens.device)[:, None, None]
     pos_idx = torch.arange(n_pos, device=tokens.device)
     pos_tok = (model_idx * n_pos + pos_idx) * d_vocab + tokens  # [model, batch, pos]
-    score_idx = (
-        (model_idx * d_vocab + tokens[..., last:]) * n_pos + pos_idx
-    ) * d_vocab + tokens
+    query = tokens[:, :1, last]  # [model, 1]
+    if tokens.shape[1] > 0 and bool((tokens[..., last] == query).all()):
+        # One query token per member (the "=" of every task here): score only its row, not
+        # every query token's (1/d_vocab of the table, its einsum and its gather backward).
+        member = torch.arange(n_models, device=tokens.device)
+        q = einops.einsum(resid_table[member, last, query[:, 0]], W_Q, "e d, e h d k -> e h k")
+        score_table = einops.einsum(q + b_Q, k_table, "e h k, e p vk h k -> e p vk h")
+        score_idx = pos_tok
+    else:
+        q_table = einops.einsum(resid_table[:, last], W_Q, "e v d, e h d k -> e v h k") + b_Q[:, None]
+        score_table = einops.einsum(q_table, k_table, "e vq h k, e p vk h k -> e vq p vk h")
+        score_idx = ((model_idx * d_vocab + tokens[..., last:]) * n_pos + pos_idx) * d_vocab + tokens
+    score_table = score_table / math.sqrt(d_head)
     # Both give a deterministic row accumulation backward; torch's CPU one is a sort that took
     # ~2 ms an epoch at the Nanda size, against well under 0.1 ms for gather_rows.
     gather = gather_rows if tokens.device.type == "cpu" else F.embedding
