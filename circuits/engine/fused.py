@@ -95,9 +95,12 @@ def stacked_last_logits(
     pos_idx = torch.arange(n_pos, device=tokens.device)
     pos_tok = (model_idx * n_pos + pos_idx) * d_vocab + tokens  # [model, batch, pos]
     query = tokens[:, :1, last]  # [model, 1]
-    if tokens.shape[1] > 0 and bool((tokens[..., last] == query).all()):
-        # One query token per member (the "=" of every task here): score only its row, not
-        # every query token's (1/d_vocab of the table, its einsum and its gather backward).
+    # One query token per member (the "=" of every task here)? Checked once: the per-token
+    # path folds on the same condition.
+    shared_query = tokens.shape[1] > 0 and bool((tokens[..., last] == query).all())
+    if shared_query:
+        # Score only the query token's row, not every query token's (1/d_vocab of the table,
+        # its einsum and its gather backward).
         member = torch.arange(n_models, device=tokens.device)
         q = einops.einsum(resid_table[member, last, query[:, 0]], W_Q, "e d, e h d k -> e h k")
         score_table = einops.einsum(q + b_Q, k_table, "e h k, e p vk h k -> e p vk h")
@@ -118,7 +121,9 @@ def stacked_last_logits(
     if per_token:
         if act_fn != "relu" or tokens.device.type != "cpu":
             raise ValueError("the per-token MLP runs a ReLU MLP on the CPU; pass per_token=False")
-        return _per_token_logits(params, resid_table[:, last], v_table, pattern, tokens)
+        return _per_token_logits(
+            params, resid_table[:, last], v_table, pattern, tokens, shared_query
+        )
     v = F.embedding(pos_tok, v_table.reshape(-1, n_heads * d_head))
     v = v.view(n_models, batch, n_pos, n_heads, d_head)
     z = (pattern[..., None] * v).sum(dim=2)  # [model, batch, head, d_head]
@@ -143,8 +148,10 @@ def _per_token_logits(
     v_table: Float[Tensor, "model pos vocab head d_head"],
     pattern: Float[Tensor, "model batch pos head"],
     tokens: Int[Tensor, "model batch pos"],
+    shared_query: bool,
 ) -> Float[Tensor, "model batch d_vocab_out"]:
-    """The ReLU MLP and unembedding with W_in and W_U applied per token (circuits.engine.mix)."""
+    """The ReLU MLP and unembedding with W_in and W_U applied per token (circuits.engine.mix);
+    ``shared_query``: every example of each member has the same last token."""
     a, m = "blocks.0.attn.", "blocks.0.mlp."
     W_O, b_O = params[a + "W_O"], params[a + "b_O"]
     W_in, b_in, W_out, b_out = (params[m + n] for n in ("W_in", "b_in", "W_out", "b_out"))
@@ -156,7 +163,7 @@ def _per_token_logits(
     W_L = torch.bmm(W_out, W_U)
     n_models, last = tokens.shape[0], tokens.shape[2] - 1
     query = tokens[:, :1, last]  # [model, 1]
-    if tokens.shape[1] > 0 and bool((tokens[..., last] == query).all()):
+    if shared_query:
         # One query token per member (the "=" of every task here). The attention weights sum
         # to 1 over positions, so the last position's own value term folds into the base:
         # sum_p a_p T_p = T_last + sum_{p < last} a_p (T_p - T_last), one row of base, and 4
