@@ -27,21 +27,23 @@ from collections.abc import Callable
 import torch
 
 from circuits.config import RunConfig, preset
-from circuits.engine.ensemble import stacked_loss
-from circuits.engine.fused import stacked_last_logits
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, stack_models
+from circuits.engine.step import WARMUP_STEPS, TrainStep
 from circuits.model import make_model
 from circuits.tasks import make_task
 from circuits.trainer import loss_fn
 
 
-def flops_per_epoch(cfg: RunConfig, engine: str) -> float:
+def flops_per_epoch(cfg: RunConfig, engine: str, device: str = "cpu") -> float:
     """Multiply-add FLOPs over the batch of one epoch, forward + backward (backward = 2x
     forward): matmuls, and the fused step's weighted row gathers."""
     m, n = cfg.model, cfg.task.n_train
     d, dm, v = m.d_model, m.d_mlp, cfg.d_vocab_out
-    if engine == "fused":  # last position only; per-token tables are O(vocab), not O(batch)
+    if engine == "fused" and device != "cpu":  # last position, dense: W_O, the MLP, W_U
+        per_example = m.n_heads * m.d_head * d + 2 * d * dm + d * v
+        rows = n
+    elif engine == "fused":  # last position only; per-token tables are O(vocab), not O(batch)
         # On the CPU: W_L = W_out W_U, and 2 * n_heads weighted rows of [W_in | W_U] per
         # example (circuits/engine/mix.py; the shared "=" folded into one base row).
         per_example = dm * v + 2 * m.n_heads * (dm + v)
@@ -77,19 +79,26 @@ def baseline_step(cfg: RunConfig, device: str = "cpu") -> Callable[[], None]:
     return step
 
 
-def engine_step(cfg: RunConfig, n_models: int, device: str = "cpu") -> Callable[[], None]:
-    """The training step of circuits.engine.ensemble for ``n_models`` seeds of ``cfg``."""
+def engine_step(
+    cfg: RunConfig, n_models: int, device: str = "cpu", graph: bool | None = None, tf32: bool = False
+) -> Callable[[], None]:
+    """The training step of circuits.engine.ensemble for ``n_models`` seeds of ``cfg``
+    (``graph``: a CUDA graph, the default on CUDA; ``tf32``: TF32 matmuls, GPU only)."""
     configs = [cfg.replace(seed=cfg.model.seed + i) for i in range(n_models)]
     x, y = (t.to(device) for t in make_task(cfg.task).train_data())
     params = stack_models([make_model(c) for c in configs], device)
     opt = StackedAdamW(params, configs)
     xs, ys = x.expand(n_models, -1, -1), y.expand(n_models, -1)
     w = torch.full(ys.shape, 1.0 / len(y), dtype=torch.float64, device=device)
+    train_step = TrainStep(params, opt, xs, ys, w, cfg.model.act_fn, graph=graph)
 
     def step() -> None:
-        stacked_loss(stacked_last_logits(params, xs, cfg.model.act_fn), ys, w).backward()
-        opt.step()
-        opt.zero_grad()
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # read when a matmul is issued or captured
+        try:
+            train_step()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
 
     return step
 
@@ -100,7 +109,7 @@ def _sync() -> None:
 
 
 def time_ms(step: Callable[[], None], steps: int) -> float:
-    for _ in range(2):
+    for _ in range(WARMUP_STEPS + 2):  # on CUDA: the eager warm-up and the graph's capture
         step()
     _sync()
     t = time.perf_counter()
@@ -133,6 +142,8 @@ def main() -> None:
     parser.add_argument("--ensembles", type=int, nargs="*", default=[], metavar="E")
     parser.add_argument("--memory", type=int, nargs="*", default=[], metavar="E")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: both paths run there")
+    parser.add_argument("--tf32", action="store_true",
+                        help="also time each ensemble with TF32 matmuls (GPU; circuits train uses float32)")
     args = parser.parse_args()
     keep_freed_memory()  # process-wide: the baseline gets the same allocator behaviour
     # No deterministic mode here: the baseline is what a notebook runs (with it, the baseline's
@@ -145,22 +156,26 @@ def main() -> None:
         cfg = preset(name)
         dev = args.device
         steps = {"baseline": baseline_step(cfg, dev), "fused": engine_step(cfg, 1, dev)}
+        if dev != "cpu":  # what the CUDA graph buys
+            steps["eager"] = engine_step(cfg, 1, dev, graph=False)
         steps.update({f"E={e}": engine_step(cfg, e, dev) for e in args.ensembles})
+        if args.tf32:
+            steps.update({f"E={e} tf32": engine_step(cfg, e, dev, tf32=True) for e in args.ensembles})
         times: dict[str, list[float]] = {k: [] for k in steps}
         for _ in range(args.repeats):
             for key, step in steps.items():
-                e = 1 if not key.startswith("E=") else int(key[2:])
-                times[key].append(time_ms(step, max(2, args.steps // e)) / e)
+                e = int(key[2:].split()[0]) if key.startswith("E=") else 1
+                times[key].append(time_ms(step, max(3, args.steps // e)) / e)
         med = {k: statistics.median(v) for k, v in times.items()}
         base = med["baseline"]
         print(f"\n{name}: n_train {cfg.task.n_train}; FLOPs/epoch fused "
-              f"{flops_per_epoch(cfg, 'fused') / 1e9:.2f} G, baseline "
+              f"{flops_per_epoch(cfg, 'fused', dev) / 1e9:.2f} G, baseline "
               f"{flops_per_epoch(cfg, 'baseline') / 1e9:.2f} G")
-        print(f"{'path':<10} {'ms per model-epoch':>19} {'speed-up':>9} {'GFLOP/s':>8}")
+        print(f"{'path':<12} {'ms per model-epoch':>19} {'speed-up':>9} {'GFLOP/s':>8}")
         for key, ms in med.items():
             engine = "baseline" if key == "baseline" else "fused"
-            rate = flops_per_epoch(cfg, engine) / (ms / 1000) / 1e9
-            print(f"{key:<10} {ms:>19.2f} {base / ms:>8.2f}x {rate:>8.1f}")
+            rate = flops_per_epoch(cfg, engine, dev) / (ms / 1000) / 1e9
+            print(f"{key:<12} {ms:>19.4f} {base / ms:>8.2f}x {rate:>8.1f}")
         if dev != "cpu":
             print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
         for e in args.memory:

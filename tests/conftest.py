@@ -20,6 +20,10 @@ from circuits.config import RunConfig, preset
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: Marks a test that needs a CUDA GPU (CI has none; run them on a GPU machine).
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
 def tiny_config(**overrides: object) -> RunConfig:
     """A small run: p = 11, narrow widths, lr 1e-2, 60 epochs (memorises), checkpoints every 10."""
     base = preset("quick").replace(

@@ -11,9 +11,12 @@ import torch
 import circuits
 from circuits.config import RunConfig
 from circuits.engine.ensemble import stacked_loss
-from circuits.engine.stacked import StackedAdamW, check_stackable
+from circuits.engine.stacked import StackedAdamW, check_stackable, stack_models
+from circuits.engine.step import TrainStep
+from circuits.model import make_model
+from circuits.tasks import make_task
 from circuits.trainer import StepInfo, TrainingInterrupted
-from tests.conftest import tiny_config
+from tests.conftest import needs_cuda, tiny_config
 
 
 def _members() -> list[RunConfig]:
@@ -166,7 +169,7 @@ def test_explicit_cpu_device_gives_the_same_files(tmp_path: Path) -> None:
         assert ra.store.read_manifest() == rb.store.read_manifest()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@needs_cuda
 def test_cuda_ensemble_matches_the_cpu_run(tmp_path: Path) -> None:
     configs = _members()
     gpu = circuits.train_ensemble(configs, [tmp_path / f"g{i}" for i in range(3)], device="cuda")
@@ -175,6 +178,48 @@ def test_cuda_ensemble_matches_the_cpu_run(tmp_path: Path) -> None:
         _assert_close_runs(g, c, rtol=1e-3)
     # A GPU run resumes on the CPU from the same files (and the reverse): folders are portable.
     assert gpu[0].store.read_resume() is not None
+
+
+def _stack_step(device: str, graph: bool | None) -> tuple[dict[str, torch.Tensor], StackedAdamW, TrainStep]:
+    configs = _members()
+    tasks = [make_task(c.task) for c in configs]
+    n = min(len(t.train_idx) for t in tasks)
+    x = torch.stack([t.train_data()[0][:n] for t in tasks]).to(device)
+    y = torch.stack([t.train_data()[1][:n] for t in tasks]).to(device)
+    w = torch.full(y.shape, 1.0 / n, dtype=torch.float64, device=device)
+    params = stack_models([make_model(c) for c in configs], device)
+    opt = StackedAdamW(params, configs)
+    return params, opt, TrainStep(params, opt, x, y, w, configs[0].model.act_fn, graph=graph)
+
+
+@needs_cuda
+def test_cuda_graph_step_takes_the_eager_steps_bit_for_bit() -> None:
+    """The captured step replays exactly the eager step's kernels: same bits after the warm-up,
+    the capture and many replays, in the weights and in AdamW's moments and step counts."""
+    runs = {}
+    for graph in (False, True):
+        params, opt, step = _stack_step("cuda", graph)
+        for _ in range(12):
+            step()
+        assert (step.graph is not None) == graph
+        runs[graph] = (params, opt)
+    (pa, oa), (pb, ob) = runs[False], runs[True]
+    for name in pa:
+        assert torch.equal(pa[name], pb[name]), name
+    for name in oa.state:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(oa.state[name][key], ob.state[name][key]), (name, key)
+    assert torch.equal(oa.step_count, ob.step_count) and float(ob.step_count[0]) == 12
+
+
+def test_cuda_graph_needs_a_cuda_stack() -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need"):
+        _stack_step("cpu", graph=True)
+    params, opt, step = _stack_step("cpu", graph=None)  # the CPU default: eager
+    before = {k: v.clone() for k, v in params.items()}
+    step()
+    assert step.graph is None and float(opt.step_count[0]) == 1
+    assert not torch.equal(before["embed.W_E"], params["embed.W_E"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

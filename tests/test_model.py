@@ -13,6 +13,7 @@ from circuits.config import preset
 from circuits.engine.fused import last_logits, stacked_last_logits
 from circuits.model import make_model
 from circuits.tasks import make_task
+from tests.conftest import needs_cuda
 
 # The parameter list of a HookedTransformer with normalization_type=None, 1 layer.
 CLASSIC_PARAMS = {
@@ -143,18 +144,20 @@ def test_forward_matches_plain_reference(widths: dict) -> None:
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "dense"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_fused_forward_and_gradients_match_hooked_model(
-    overrides: dict, dtype, per_token: bool  # noqa: ANN001
+    overrides: dict, dtype, per_token: bool, device: str  # noqa: ANN001
 ) -> None:
     """Both fused paths: per-token MLP input (the CPU default for ReLU) and dense (CUDA, GELU)."""
-    if per_token and overrides.get("act_fn") == "gelu":
-        pytest.skip("the per-token path runs a ReLU MLP")
+    if per_token and (overrides.get("act_fn") == "gelu" or device != "cpu"):
+        pytest.skip("the per-token path runs a ReLU MLP on the CPU")
     overrides = dict(overrides)
     cfg = preset("quick").replace(p=overrides.pop("p", 13), train_biases=True, **overrides)
     model = make_model(cfg).to(dtype)
     _randomise(model, seed=2)
+    model.to(device)
     task = make_task(cfg.task)
-    x, y = task.train_data()
+    x, y = (t.to(device) for t in task.train_data())
     params = list(model.parameters())
     ref = model(x)[:, -1]
     ref_grads = torch.autograd.grad(F.cross_entropy(ref.double(), y), params)

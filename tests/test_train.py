@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.deterministic
 
 import circuits
 from circuits.config import preset
@@ -41,10 +42,16 @@ def test_nanda_width_training_is_bitwise_repeatable(tmp_path: Path) -> None:
     # At real widths the embedding backward runs on several threads; without deterministic
     # kernels two runs drifted apart within a few epochs (the tiny config above cannot show it).
     cfg = preset("quick").replace(epochs=20, checkpoint_every=20, log_every=20)
-    a = circuits.train(cfg, out=tmp_path / "a")
+    # Deterministic kernels, but no NaN fill of every torch.empty (a debugging aid that costs
+    # a kernel per allocation, one of the extra kernels a CUDA graph would replay each epoch).
+    modes = []
+    a = circuits.train(cfg, out=tmp_path / "a", on_step=lambda info: modes.append(
+        (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)))
     b = circuits.train(cfg, out=tmp_path / "b")
     _assert_same_checkpoints(a, b)
-    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
+    assert set(modes) == {(True, False)}
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's settings are restored
+    assert torch.utils.deterministic.fill_uninitialized_memory
 
 
 def test_training_learns_and_logs_every_checkpoint(tiny_run: circuits.Run) -> None:

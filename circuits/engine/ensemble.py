@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.config import RunConfig
 from circuits.engine.fused import stacked_last_logits
+from circuits.engine.loss import stacked_loss
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
+from circuits.engine.step import TrainStep
 from circuits.model import Transformer
 from circuits.store import RunStore, is_buffer_key
 from circuits.tasks import Task
@@ -52,51 +53,6 @@ class _Member:
     model: Transformer
     opt_tensors: dict[str, Tensor]
     epoch: int
-
-
-def stacked_loss(
-    logits: Float[Tensor, "model batch d_vocab_out"],
-    labels: Int[Tensor, "model batch"],
-    weights: Float[Tensor, "model batch"],
-) -> Float[Tensor, ""]:
-    """Sum over members of each member's weighted cross-entropy (float64 log-softmax).
-
-    With ``weights`` = 1/n on a member's n real rows and 0 on padding, each member's term is its
-    own mean loss, so the gradient of the sum w.r.t. one member's weights is that member's alone.
-    """
-    return _WeightedCrossEntropy.apply(logits.flatten(0, 1), labels.flatten(), weights.flatten())
-
-
-class _WeightedCrossEntropy(torch.autograd.Function):
-    """``sum_r w_r CE(logits_r, label_r)``, log-softmax in float64, hand-differentiated.
-
-    The same value and gradient as ``(F.cross_entropy(logits.double(), labels, reduction=
-    "none") * w).sum()`` (tested), in half the time: one float64 buffer of exponentials serves
-    the forward and becomes the gradient in place, with no one-hot fill or second pass.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, logits: Tensor, labels: Tensor, weights: Tensor
-    ) -> Tensor:
-        x = logits.detach().to(torch.float64, copy=True)  # never the caller's tensor
-        x -= x.amax(-1, keepdim=True)
-        picked = x.gather(1, labels[:, None])[:, 0]
-        exp = x.exp_()
-        total = exp.sum(-1)
-        ctx.save_for_backward(exp, total, labels, weights)
-        ctx.dtype = logits.dtype
-        return (weights * (total.log() - picked)).sum()
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        exp, total, labels, weights = ctx.saved_tensors
-        gw = g * weights
-        grad = exp.mul_((gw / total)[:, None])  # the softmax, scaled, in place
-        grad[torch.arange(len(labels), device=grad.device), labels] -= gw
-        return grad.to(ctx.dtype), None, None
 
 
 def resolve_device(device: str | torch.device | None, engine: str = "fused") -> torch.device:
@@ -260,10 +216,9 @@ def _train_segment(
         if on_step:
             on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows)))
 
+    step = TrainStep(params, opt, x, y, w, act_fn)  # a CUDA graph on a GPU
     for epoch in range(start + 1, stop + 1):
-        stacked_loss(stacked_last_logits(params, x, act_fn), y, w).backward()
-        opt.step()
-        opt.zero_grad()
+        step()
         is_ckpt = train.is_checkpoint(epoch)
         rows = None
         if is_ckpt or epoch % train.log_every == 0:

@@ -34,7 +34,7 @@ from torch import Tensor
 from circuits.engine.mix import MixMLPUnembed, gather_rows
 from circuits.model import Transformer
 
-__all__ = ["last_logits", "stacked_last_logits", "supports", "model_params"]
+__all__ = ["last_logits", "stacked_last_logits", "has_shared_query", "supports", "model_params"]
 
 
 def supports(model: Transformer) -> bool:
@@ -58,11 +58,19 @@ def last_logits(
     return stacked_last_logits(model_params(model), tokens.unsqueeze(0), act_fn, per_token)[0]
 
 
+def has_shared_query(tokens: Int[Tensor, "model batch pos"]) -> bool:
+    """Whether each member's examples all end in the same token (one host read of the batch)."""
+    if tokens.shape[1] == 0:
+        return False
+    return bool((tokens[..., -1] == tokens[:, :1, -1]).all())
+
+
 def stacked_last_logits(
     params: Mapping[str, Tensor],
     tokens: Int[Tensor, "model batch pos"],
     act_fn: str = "relu",
     per_token: bool | None = None,
+    shared_query: bool | None = None,
 ) -> Float[Tensor, "model batch d_vocab_out"]:
     """Last-position logits of a stack of one-block models.
 
@@ -71,7 +79,9 @@ def stacked_last_logits(
     are fine: each row is computed independently); ``act_fn`` is the MLP's ``relu`` or ``gelu``.
     ``per_token`` picks how the MLP input and unembedding are applied: per token, before the
     attention mix (:mod:`circuits.engine.mix`; the default for a ReLU MLP on the CPU), or by
-    dense matmuls over the batch (the default elsewhere).
+    dense matmuls over the batch (the default elsewhere). ``shared_query``: whether every
+    example of each member has the same last token; ``None`` checks, which reads the tokens on
+    the host (a training loop passes it once, so a CUDA graph can capture the step).
     """
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     a = "blocks.0.attn."
@@ -97,7 +107,8 @@ def stacked_last_logits(
     query = tokens[:, :1, last]  # [model, 1]
     # One query token per member (the "=" of every task here)? Checked once: the per-token
     # path folds on the same condition.
-    shared_query = tokens.shape[1] > 0 and bool((tokens[..., last] == query).all())
+    if shared_query is None:
+        shared_query = has_shared_query(tokens)
     if shared_query:
         # Score only the query token's row, not every query token's (1/d_vocab of the table,
         # its einsum and its gather backward).
