@@ -17,6 +17,6 @@ py=${PYTHON:-python3}
 timeout "${TESTS_S:-150}" $py -m pytest -q -p no:cacheprovider -k cuda \
     tests/test_ensemble.py tests/test_model.py 2>&1 | tee "$out/tests.txt" | tail -20
 timeout "${BENCH_S:-150}" $py benchmarks/train_step.py --device cuda --preset nanda --steps 1000 \
-    --repeats 3 --ensembles 64 256 512 --tf32 2>&1 | tee "$out/train_step.txt"
-timeout "${GROK_S:-240}" $py benchmarks/grok_seeds.py --device cuda --seeds "${SEEDS:-256}" --tf32 \
-    --out "$out/grok_seeds.csv" 2>&1 | grep -v "UserWarning\|masked_fill" | tee "$out/grok_seeds.txt"
+    --repeats 3 --ensembles ${ENSEMBLES:-64 256 512} --tf32 2>&1 | tee "$out/train_step.txt"
+timeout "${GROK_S:-240}" $py benchmarks/grok_seeds.py --device cuda --seeds "${SEEDS:-256}" ${GROK_TF32---tf32} \
+    --out "$out/grok_seeds.csv" 2>&1 | tee "$out/grok_seeds.txt"

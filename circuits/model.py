@@ -89,7 +89,9 @@ class Attention(nn.Module):
         )
         scores = einops.einsum(q, k, "b q h dh, b k h dh -> b h q k") / self.attn_scale
         n = resid.shape[1]
-        scores = self.hook_attn_scores(scores.masked_fill(~self.mask[:n, :n], self.IGNORE))
+        # The Python float, not the IGNORE buffer (the same -inf): masked_fill with a tensor
+        # value reads it on the host, a sync per forward on a GPU that also breaks CUDA graphs.
+        scores = self.hook_attn_scores(scores.masked_fill(~self.mask[:n, :n], -math.inf))
         pattern = self.hook_pattern(F.softmax(scores, dim=-1))
         z = self.hook_z(einops.einsum(pattern, v, "b h q k, b k h dh -> b q h dh"))
         return einops.einsum(z, self.W_O, "b q h dh, h dh d -> b q d") + self.b_O
