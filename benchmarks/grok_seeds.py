@@ -50,6 +50,13 @@ def hooked_forward(template: torch.nn.Module):  # noqa: ANN201
     return lambda params, tokens: batched(dict(params), tokens)
 
 
+def read_csv(path: Path) -> dict[int, dict[str, int]]:
+    """Per-seed grokking epochs (-1: not within the schedule) of an earlier run's ``--out``."""
+    head, *rows = path.read_text().split()
+    cols = head.split(",")[1:]
+    return {int(r.split(",")[0]): dict(zip(cols, map(int, r.split(",")[1:]))) for r in rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="quick")
@@ -60,12 +67,21 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="add a fused arm with TF32 matmuls")
     parser.add_argument("--report-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None, help="CSV of per-seed epochs")
+    parser.add_argument("--arms", nargs="+", choices=["fused", "reference"], default=["fused", "reference"])
+    parser.add_argument("--seeds-from", type=Path, default=None,
+                        help="train the seeds that grokked on any arm of this earlier CSV instead")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="also compare the fused arm with the reference column of this CSV "
+                             "(e.g. this machine's CPU engine against a GPU run's reference)")
     args = parser.parse_args()
 
     base = preset(args.preset)
     epochs = args.epochs or base.train.epochs
     dev = resolve_device(args.device)  # sets cuBLAS's deterministic workspace before first use
     seeds = [999 + s for s in range(args.first_seed, args.first_seed + args.seeds)]
+    if args.seeds_from:
+        seeds = [s for s, row in read_csv(args.seeds_from).items() if max(row.values()) >= 0]
+    earlier = read_csv(args.against) if args.against else {}
     configs = [base.replace(seed=s) for s in seeds]
     task = make_task(base.task)
     x, y = (t.to(dev) for t in task.train_data())
@@ -78,7 +94,7 @@ def main() -> None:
     template = make_model(base).to(dev)
 
     arms: dict[str, tuple[dict[str, torch.Tensor], TrainStep, bool]] = {}
-    names = ["fused", "reference"] + (["tf32"] if args.tf32 else [])
+    names = list(args.arms) + (["tf32"] if args.tf32 else [])
     for name in names:
         params = stack_models([make_model(c) for c in configs], dev)
         forward = hooked_forward(template) if name == "reference" else None
@@ -96,23 +112,31 @@ def main() -> None:
             accs.append((pred[:, test_idx] == labels[test_idx]).float().mean(1))
         return torch.cat(accs)
 
+    def compare(label: str, f: torch.Tensor, r: torch.Tensor) -> None:
+        both = (f >= 0) & (r >= 0)
+        if both.sum() < 2:
+            return
+        a, b = f[both].double(), r[both].double()
+        d = a - b
+        se = d.std().item() / math.sqrt(len(d))
+        print(f"  {label}: {int(both.sum())} seeds grok on both; mean {a.mean():.0f} vs "
+              f"{b.mean():.0f}: {(a.mean() - b.mean()) / b.mean():+.1%} "
+              f"(paired s.e. {se / b.mean():.1%}); later on {int((d > 0).sum())}, "
+              f"earlier on {int((d < 0).sum())}, same on {int((d == 0).sum())}", flush=True)
+
     def report(epoch: int, wall: float) -> None:
         got = {k: v.cpu() for k, v in first.items()}
         print(f"epoch {epoch}: {wall:.0f} s; grokked: "
               + ", ".join(f"{k} {int((v >= 0).sum())}/{n}" for k, v in got.items()), flush=True)
-        for other in names[1:]:  # the reference against fused; TF32 against float32 fused
-            f, r = (got["fused"], got[other]) if other == "reference" else (got[other], got["fused"])
-            both = (f >= 0) & (r >= 0)
-            if both.sum() < 2:
-                continue
-            a, b = f[both].double(), r[both].double()
-            d = a - b
-            se = d.std().item() / math.sqrt(len(d))
-            label = "tf32 vs fused" if other == "tf32" else "fused vs reference"
-            print(f"  {label}: {int(both.sum())} seeds grok on both; mean {a.mean():.0f} vs "
-                  f"{b.mean():.0f}: {(a.mean() - b.mean()) / b.mean():+.1%} "
-                  f"(paired s.e. {se / b.mean():.1%}); later on {int((d > 0).sum())}, "
-                  f"earlier on {int((d < 0).sum())}, same on {int((d == 0).sum())}", flush=True)
+        if "fused" in got and "reference" in got:
+            compare("fused vs reference", got["fused"], got["reference"])
+        if "fused" in got and "tf32" in got:
+            compare("tf32 vs fused", got["tf32"], got["fused"])
+        if earlier and "fused" in got:
+            # Seeds still short of 99% by this epoch count as not grokked on the other side too.
+            ref = torch.tensor([earlier[s]["reference"] for s in seeds])
+            ref = torch.where(ref <= epoch, ref, -1)
+            compare(f"fused vs reference of {args.against.name}", got["fused"], ref)
         if args.out:
             lines = ["seed," + ",".join(names)]
             lines += [f"{s}," + ",".join(str(int(got[k][i])) for k in names) for i, s in enumerate(seeds)]
