@@ -54,14 +54,18 @@ def flops_per_epoch(cfg: RunConfig, engine: str, device: str = "cpu") -> float:
     return 2 * 3 * per_example * rows
 
 
-def matmul_gflops() -> float:
-    a, b = torch.randn(3830, 128), torch.randn(128, 512)
+def matmul_gflops(device: str = "cpu") -> float:
+    """float32 rate of the Nanda MLP's matmul shape on ``device`` (E=64 stacked on a GPU)."""
+    e = 1 if device == "cpu" else 64
+    a, b = torch.randn(e, 3830, 128, device=device), torch.randn(e, 128, 512, device=device)
     for _ in range(3):
         a @ b
+    _sync()
     t = time.perf_counter()
     for _ in range(30):
         a @ b
-    return 2 * 3830 * 128 * 512 * 30 / (time.perf_counter() - t) / 1e9
+    _sync()
+    return 2 * e * 3830 * 128 * 512 * 30 / (time.perf_counter() - t) / 1e9
 
 
 def baseline_step(cfg: RunConfig, device: str = "cpu") -> Callable[[], None]:
@@ -151,7 +155,7 @@ def main() -> None:
     # under it; on our step its cost is within this machine's noise.
     names = ["nanda", "quick"] if args.preset == "all" else [args.preset]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, matmul {matmul_gflops():.0f} GFLOP/s")
+          f"{torch.get_num_threads()} threads, {args.device} float32 matmul {matmul_gflops(args.device):.0f} GFLOP/s")
     for name in names:
         cfg = preset(name)
         dev = args.device
