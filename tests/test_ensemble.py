@@ -80,30 +80,47 @@ def test_stacked_loss_equals_weighted_float64_cross_entropy(dtype: torch.dtype) 
 
 
 def test_stacked_adamw_matches_torch_adamw_per_member() -> None:
+    """Per-member hyperparameters and warm-up; parameters of several shapes and two dtypes (one
+    flat buffer each); a parameter left without a gradient keeps its weights and moments."""
     configs = [tiny_config(lr=1e-2, weight_decay=1.0),
                tiny_config(lr=3e-3, weight_decay=0.1, beta1=0.8, beta2=0.95, warmup_steps=5)]
     g = torch.Generator().manual_seed(0)
-    init = torch.randn(2, 6, 5, generator=g)
-    stacked = {"w": init.clone().requires_grad_(True)}
+    init = {"w": torch.randn(2, 6, 5, generator=g), "v": torch.randn(2, 3, generator=g),
+            "u": torch.randn(2, 4, generator=g, dtype=torch.float64)}
+    stacked = {k: t.clone().requires_grad_(True) for k, t in init.items()}
     opt = StackedAdamW(stacked, configs)
-    singles = [init[i].clone().requires_grad_(True) for i in range(2)]
+    singles = [{k: t[i].clone().requires_grad_(True) for k, t in init.items()} for i in range(2)]
     torch_opts = [
-        torch.optim.AdamW([singles[i]], lr=c.train.lr, betas=(c.train.beta1, c.train.beta2),
+        torch.optim.AdamW(list(singles[i].values()), lr=c.train.lr, betas=(c.train.beta1, c.train.beta2),
                           eps=c.train.eps, weight_decay=c.train.weight_decay, foreach=False)
         for i, c in enumerate(configs)
     ]
     for step in range(40):
-        grads = torch.randn(2, 6, 5, generator=g)
-        stacked["w"].grad = grads.clone()
+        grads = {k: torch.randn(t.shape, generator=g, dtype=t.dtype) for k, t in init.items()}
+        for k in stacked:
+            stacked[k].grad = grads[k].clone()
         opt.step()
         for i, (w, o) in enumerate(zip(singles, torch_opts)):
             t = configs[i].train
             for group in o.param_groups:  # the trainer's warm-up rule
                 group["lr"] = t.lr * (min(step / t.warmup_steps, 1.0) if t.warmup_steps else 1.0)
-            w.grad = grads[i].clone()
+            for k in w:
+                w[k].grad = grads[k][i].clone()
             o.step()
     for i in range(2):
-        torch.testing.assert_close(stacked["w"][i].detach(), singles[i].detach(), rtol=1e-6, atol=1e-7)
+        for k in init:
+            torch.testing.assert_close(stacked[k][i].detach(), singles[i][k].detach(), rtol=1e-6, atol=1e-7)
+            st = torch_opts[i].state[singles[i][k]]
+            torch.testing.assert_close(opt.state[k]["exp_avg"][i], st["exp_avg"], rtol=1e-6, atol=1e-7)
+    # The parameters are still the tensors the caller passed in, now views of the flat buffers.
+    assert all(opt.params[k] is stacked[k] for k in stacked)
+    # No gradient for v: v and its moments stay as they were; the others move.
+    before = {k: (stacked[k].detach().clone(), opt.state[k]["exp_avg_sq"].clone()) for k in stacked}
+    stacked["v"].grad = None
+    opt.step()
+    for k, (weights, second) in before.items():
+        same = torch.equal(weights, stacked[k]) and torch.equal(second, opt.state[k]["exp_avg_sq"])
+        assert same == (k == "v"), k
 
 
 def _interrupt_at(epoch: int):  # noqa: ANN202

@@ -96,7 +96,7 @@ class StackedAdamW:
         self._groups: list[_FlatGroup] = []
         for dtype in dict.fromkeys(p.dtype for p in self.params.values()):
             names = [k for k, p in self.params.items() if p.dtype == dtype]
-            group = _FlatGroup(names, [self.params[k] for k in names], n)
+            group = _FlatGroup([self.params[k] for k in names], n)
             self._groups.append(group)
             for k, m, v in zip(names, group.view(group.exp_avg), group.view(group.exp_avg_sq)):
                 self.state[k] = {"exp_avg": m, "exp_avg_sq": v}
@@ -125,8 +125,9 @@ class StackedAdamW:
                 continue
             cast = torch.stack(scalars).to(group.flat.dtype)[:, :, None]  # one cast, not 7
             p_decay, one_m_beta1, beta2, one_m_beta2, bc2, eps, size = cast
-            # torch.optim.AdamW skips a parameter without a gradient: so do we, by putting back
-            # its slices after the flat update (never the case in this package's training).
+            # A parameter without a gradient keeps its weights and moments, as torch.optim.AdamW
+            # skips it (never the case in this package's training; unlike torch, the step count
+            # is per member, not per parameter).
             kept = [
                 (sl, [t[:, sl].clone() for t in (group.flat, group.exp_avg, group.exp_avg_sq)])
                 for sl, g in zip(group.slices, grads) if g is None
@@ -178,7 +179,7 @@ class StackedAdamW:
 class _FlatGroup:
     """Same-dtype parameters re-homed as column blocks of one ``[model, n_params]`` buffer."""
 
-    def __init__(self, names: list[str], params: list[Tensor], n_models: int) -> None:
+    def __init__(self, params: list[Tensor], n_models: int) -> None:
         self.params = params
         self.flat = torch.cat([p.detach().reshape(n_models, -1) for p in params], dim=1)
         self.slices, start = [], 0

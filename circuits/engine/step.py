@@ -1,7 +1,7 @@
 """One full-batch update of a stack of models, as the training loop runs it.
 
 On the CPU the update runs eagerly. On a GPU one update of a single Nanda-sized run is a few
-hundred small kernels (forward, backward and AdamW over 13 parameters), each far shorter than
+hundred small kernels (forward, backward, loss and AdamW), most of them far shorter than
 its launch: the device would mostly wait on Python. So on CUDA the update is captured once
 into a CUDA graph (``torch.cuda.CUDAGraph``) and replayed each epoch, with one launch from the
 host. Replay runs the captured kernels on the same buffers, so it computes exactly what the
