@@ -3,7 +3,8 @@
 Baseline (design.md): the hooked model trained eagerly with ``torch.optim.AdamW`` and a float64
 loss, train step only (forward, backward, optimizer), no evaluation on either side. Ours: the
 step ``circuits train`` runs (the fused stacked forward, stacked AdamW, float64 loss) for one
-model, and for ensembles of E models (ms per model-epoch against E separate runs). The paths
+model, and for ensembles of E models (ms per model-epoch against E separate runs); on CUDA that
+step is a replayed CUDA graph, and the eager step is timed beside it. The paths
 run interleaved in one process on the same machine, so the ratios are fair. Also printed:
 FLOPs per epoch (forward + backward, over the batch: matmuls and, on the CPU, the fused step's
 weighted row gathers) and the machine's measured matmul rate.
@@ -11,6 +12,7 @@ weighted row gathers) and the machine's measured matmul rate.
     python benchmarks/train_step.py                       # nanda and quick, single runs
     python benchmarks/train_step.py --preset nanda --ensembles 8 64
     python benchmarks/train_step.py --memory 64            # peak RSS of a 64-member nanda ensemble
+    python benchmarks/train_step.py --device cuda --preset nanda --ensembles 256 512 --tf32
 """
 
 from __future__ import annotations
