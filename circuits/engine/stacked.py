@@ -184,7 +184,7 @@ class _FlatGroup:
         self.flat = torch.cat([p.detach().reshape(n_models, -1) for p in params], dim=1)
         self.slices, start = [], 0
         for p in params:
-            size = p[0].numel() if n_models else 0
+            size = p[0].numel()  # an ensemble has at least one member (check_stackable)
             self.slices.append(slice(start, start + size))
             start += size
         for p, view in zip(params, self.view(self.flat)):
