@@ -1,0 +1,282 @@
+"""Figures over many runs: comparisons and the experiment protocols of Varma et al. (2023),
+"Explaining grokking through circuit efficiency" (efficiency vs dataset size, ungrokking), and of
+the zone maps and phase diagrams over data size, model size and weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+from circuits.plots.style import (
+    LINE,
+    PALETTE,
+    RUN_COLORS,
+    ZONE_COLORS,
+    _curve_layout,
+    _f32,
+    _layout,
+    _line,
+    _log_axis,
+    _np,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def plot_comparison(
+    runs: Mapping[str, pd.DataFrame],
+    columns: Sequence[str],
+    title: str,
+    ylabel: str,
+    log_y: bool = False,
+    percent: bool = False,
+) -> go.Figure:
+    """Overlay ``columns`` of several runs' measures tables: a colour per run, a dash per column.
+
+    ``runs`` maps a label (``"wd=0.3"``) to that run's measures table. Columns are drawn solid
+    for the first (test, say) and dashed/dotted for the rest.
+    """
+    dashes = ("solid", "dash", "dot", "dashdot")
+    fig = go.Figure()
+    for i, (label, m) in enumerate(runs.items()):
+        color = RUN_COLORS[i % len(RUN_COLORS)]
+        for j, col in enumerate(columns):
+            if col not in m:
+                continue
+            name = label if len(columns) == 1 else f"{label} · {col.replace('_', ' ')}"
+            fig.add_trace(_line(
+                m.epoch, m[col], name, color, fmt=".1%" if percent else ".3g",
+                line={"dash": dashes[j % len(dashes)], "width": 2.2 if j == 0 else 1.6}, legendgroup=label,
+            ))
+    _curve_layout(fig, title, ylabel)
+    if log_y:
+        _log_axis(fig, [t.y for t in fig.data])
+    if percent:
+        fig.update_yaxes(tickformat=".0%", range=[-0.02, 1.04])
+    return fig
+
+
+# ---- experiment protocols ------------------------------------------------------------------------
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise ValueError(f"{what} needs columns {list(columns)}; missing {missing}")
+
+
+def _crossing(x: np.ndarray, diff: np.ndarray) -> float | None:
+    """First x where ``diff`` changes sign, interpolated in log x."""
+    for i in range(len(x) - 1):
+        if diff[i] == 0:
+            return float(x[i])
+        if diff[i] * diff[i + 1] < 0:
+            lx0, lx1 = math.log(x[i]), math.log(x[i + 1])
+            t = diff[i] / (diff[i] - diff[i + 1])
+            return float(math.exp(lx0 + t * (lx1 - lx0)))
+    return None
+
+
+_DATASET_SIZE_VALUES = {
+    "efficiency": ("Circuit efficiency vs training-set size", "efficiency (logit per unit parameter norm)"),
+    "weight_norm": ("Parameter norm at convergence vs training-set size", "parameter norm ‖θ‖ at the end"),
+}
+
+
+def plot_efficiency_vs_dataset_size(df: pd.DataFrame, value: str = "efficiency") -> go.Figure:
+    """Circuit efficiency (or parameter norm) against training-set size D (Varma et al. 2023, Fig. 2).
+
+    ``df`` columns: ``dataset_size`` (int, training pairs), ``circuit`` (``"mem"`` or ``"gen"``),
+    ``value`` (float; ``"efficiency"`` or ``"weight_norm"``); optional ``seed``. Each row is a
+    point; lines join the means per D. The memorising circuit's efficiency falls (its norm
+    rises) with D while the generalising one's does not; the crossing of the means is the
+    critical dataset size D_crit, marked when present.
+    """
+    _require(df, ("dataset_size", "circuit", value), "plot_efficiency_vs_dataset_size")
+    title, ylabel = _DATASET_SIZE_VALUES.get(value, (f"{value} vs training-set size", value))
+    fig = go.Figure()
+    means: dict[str, Any] = {}
+    for circuit, label in (("mem", "memorising"), ("gen", "generalising")):
+        part = df[(df.circuit == circuit) & df[value].notna()]
+        if not len(part):
+            continue
+        fig.add_trace(go.Scatter(
+            x=_np(part.dataset_size), y=_f32(part[value]), mode="markers", name=f"{label} (runs)",
+            marker={"color": PALETTE[circuit], "size": 7, "opacity": 0.45}, legendgroup=circuit,
+            showlegend=False, hovertemplate=f"{label}<br>D=%{{x}}<br>{value} %{{y:.3g}}<extra></extra>",
+        ))
+        mean = part.groupby("dataset_size")[value].mean()
+        means[circuit] = mean
+        fig.add_trace(go.Scatter(
+            x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name=label,
+            line={**LINE, "color": PALETTE[circuit]}, marker={"size": 8}, legendgroup=circuit,
+            hovertemplate=f"{label} (mean)<br>D=%{{x}}<br>{value} %{{y:.3g}}<extra></extra>",
+        ))
+    if "mem" in means and "gen" in means:
+        both = means["mem"].to_frame("mem").join(means["gen"].to_frame("gen"), how="inner").sort_index()
+        d = _crossing(_np(both.index).astype(float), _np(both["mem"] - both["gen"]).astype(float))
+        if d is not None:
+            fig.add_vline(x=d, line={"color": "#444", "dash": "dash", "width": 1.5})
+            fig.add_annotation(x=math.log10(d), xref="x", y=1.0, yref="paper", yanchor="bottom",
+                               text=f"D_crit ≈ {d:,.0f}", showarrow=False, font={"size": 12})
+    _layout(fig, title, "training-set size D (pairs, log scale)", ylabel)
+    fig.update_xaxes(type="log")
+    return fig
+
+
+def plot_reference_circuits(df: pd.DataFrame, chance: float | None = None) -> go.Figure:
+    """Trig-subspace share of the logits of the reference networks (Varma et al. 2023, App. B).
+
+    ``df`` columns: ``kind`` (``"mem"``: random labels, ``"gen"``: large training set),
+    ``gen_share_all`` and ``gen_share`` (0-1), optional ``seed``. ``chance`` marks the share a
+    network with no a+b structure has by chance, 1/sqrt(p+1).
+    """
+    _require(df, ("kind", "gen_share_all", "gen_share"), "plot_reference_circuits")
+    names = {"mem": "memorisation only (random labels)", "gen": "generalisation only (large data)"}
+    fig = go.Figure()
+    for col, symbol, label in (("gen_share_all", "circle", "all frequencies"), ("gen_share", "diamond", "key frequencies")):
+        fig.add_trace(go.Scatter(
+            x=[names.get(k, k) for k in df.kind], y=_f32(df[col]), mode="markers", name=label,
+            marker={"symbol": symbol, "size": 10, "opacity": 0.75,
+                    "color": [PALETTE.get(k, "#777") for k in df.kind]},
+            hovertemplate=f"{label}<br>%{{x}}<br>share %{{y:.3f}}<extra></extra>",
+        ))
+    if chance is not None:
+        fig.add_hline(y=chance, line={"color": "#444", "dash": "dot", "width": 1.5},
+                      annotation_text=f"chance 1/√(p+1) = {chance:.3f}", annotation_position="top left")
+    fig.add_hline(y=0.95, line={"color": PALETTE["gen"], "dash": "dash", "width": 1.2},
+                  annotation_text="0.95 (Varma's criterion)", annotation_position="bottom left")
+    _layout(fig, "Reference circuits: share of the logit norm in the a+b Fourier subspace", "network",
+            "‖P_S(L)‖ / ‖L − mean‖")
+    fig.update_yaxes(range=[-0.02, 1.04])
+    return fig
+
+
+def plot_capacity(df: pd.DataFrame, x: str = "d_model") -> go.Figure:
+    """Memorisation capacity against model width (Huang et al. 2024, Fig. 4).
+
+    ``df`` columns: ``x`` (the width), ``capacity`` (pairs memorised), optional ``seed``.
+    """
+    _require(df, (x, "capacity"), "plot_capacity")
+    mean = df.groupby(x).capacity.mean()
+    fig = go.Figure([
+        go.Scatter(x=_np(df[x]), y=_f32(df.capacity), mode="markers", name="runs", showlegend=False,
+                   marker={"color": PALETTE["mem"], "size": 7, "opacity": 0.45},
+                   hovertemplate=f"{x}=%{{x}}<br>capacity %{{y:,.0f}}<extra></extra>"),
+        go.Scatter(x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name="mean over seeds",
+                   line={**LINE, "color": PALETTE["mem"]},
+                   hovertemplate=f"{x}=%{{x}}<br>capacity %{{y:,.0f}}<extra></extra>"),
+    ])
+    _layout(fig, "Memorisation capacity vs model width", x.replace("_", " "),
+            "random-label pairs memorised")
+    return fig
+
+
+def plot_ungrokking(df: pd.DataFrame, critical_size: int | float | None = None) -> go.Figure:
+    """Ungrokking: test accuracy after further training on a smaller set of size D (Varma et al. 2023).
+
+    ``df`` columns: ``dataset_size`` (int), ``test_acc`` (0-1); optional ``weight_decay`` (one
+    line per value) and ``seed`` (several points per D, line through the mean). A grokked
+    network retrained below D_crit forgets the general solution: accuracy drops sharply there.
+    """
+    _require(df, ("dataset_size", "test_acc"), "plot_ungrokking")
+    groups = list(df.groupby("weight_decay")) if "weight_decay" in df else [(None, df)]
+    fig = go.Figure()
+    for i, (wd, part) in enumerate(groups):
+        color = RUN_COLORS[i % len(RUN_COLORS)] if wd is not None else PALETTE["test"]
+        name = f"wd={wd:g}" if wd is not None else "test accuracy"
+        mean = part.groupby("dataset_size").test_acc.mean()
+        if len(mean) < len(part):
+            fig.add_trace(go.Scatter(
+                x=_np(part.dataset_size), y=_f32(part.test_acc), mode="markers", showlegend=False,
+                marker={"color": color, "size": 6, "opacity": 0.4}, legendgroup=name,
+                hovertemplate=f"{name}<br>D=%{{x}}<br>test acc %{{y:.1%}}<extra></extra>",
+            ))
+        fig.add_trace(go.Scatter(
+            x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name=name, legendgroup=name,
+            line={**LINE, "color": color}, marker={"size": 7},
+            hovertemplate=f"{name}<br>D=%{{x}}<br>test acc %{{y:.1%}}<extra></extra>",
+        ))
+    if critical_size is not None:
+        fig.add_vline(x=critical_size, line={"color": "#444", "dash": "dash", "width": 1.5},
+                      annotation_text=f"D_crit ≈ {critical_size:,.0f}", annotation_position="top")
+    _layout(fig, "Ungrokking: test accuracy after retraining on D pairs", "training-set size D (pairs)",
+            "test accuracy")
+    fig.update_yaxes(tickformat=".0%", range=[-0.02, 1.04])
+    return fig
+
+
+def _axis_values(values: Any) -> list[str]:
+    return [f"{v:g}" if isinstance(v, (int, float, np.integer, np.floating)) else str(v) for v in values]
+
+
+def plot_zone_map(
+    df: pd.DataFrame, x: str = "dataset_size", y: str = "weight_decay", zone: str = "zone"
+) -> go.Figure:
+    """Which regime each (x, y) setting lands in: a categorical heatmap of ``zone`` names.
+
+    ``df`` has one row per run (or per setting) with columns ``x``, ``y`` and ``zone`` (a name
+    such as ``"grokking"``, ``"memorisation"``, ``"ungrokking"``, ``"semi-grokking"``,
+    ``"comprehension"``; see :data:`ZONE_COLORS`). Several rows at one setting: the most
+    common zone wins. Axes are categorical, so log-spaced sweeps stay evenly spaced.
+    """
+    _require(df, (x, y, zone), "plot_zone_map")
+    table = df.groupby([y, x])[zone].agg(lambda s: s.value_counts().index[0]).unstack(x)
+    table = table.sort_index().sort_index(axis=1)
+    names = sorted(set(df[zone].astype(str)), key=lambda n: (n not in ZONE_COLORS, list(ZONE_COLORS).index(n) if n in ZONE_COLORS else 0, n))
+    code = {n: i for i, n in enumerate(names)}
+    fallback = ("#BBBBBB", "#777777", "#E5C494", "#B3B3B3")
+    colors = [ZONE_COLORS.get(n, fallback[i % len(fallback)]) for i, n in enumerate(names)]
+    k = len(names)
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / k, c], [(i + 1) / k, c]]
+    z = np.array([[code[str(v)] if isinstance(v, str) or v == v else np.nan for v in row] for row in table.to_numpy(dtype=object)], dtype=float)
+    text = np.array([[str(v) if isinstance(v, str) else "" for v in row] for row in table.to_numpy(dtype=object)])
+    fig = go.Figure(go.Heatmap(
+        x=_axis_values(table.columns), y=_axis_values(table.index), z=z, text=text, zmin=-0.5, zmax=k - 0.5,
+        colorscale=scale, xgap=2, ygap=2,
+        colorbar={"tickvals": list(range(k)), "ticktext": names, "thickness": 14, "title": {"text": "zone"}},
+        hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>%{{text}}<extra></extra>",
+    ))
+    _layout(fig, "Zone map", x.replace("_", " "), y.replace("_", " "))
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", showgrid=False)
+    return fig
+
+
+def plot_phase_diagram(
+    df: pd.DataFrame,
+    value: str,
+    x: str = "dataset_size",
+    y: str = "weight_decay",
+    title: str | None = None,
+    log_color: bool = False,
+) -> go.Figure:
+    """A phase diagram: ``value`` (mean over seeds) as a heatmap over two swept settings.
+
+    ``df`` has one row per run with columns ``x``, ``y`` and ``value`` (for example
+    ``grok_epoch`` or ``final_test_acc``). With ``log_color`` the colour is log10(value).
+    Axes are categorical, so log-spaced sweeps stay evenly spaced; empty cells are blank.
+    """
+    _require(df, (x, y, value), "plot_phase_diagram")
+    table = df.groupby([y, x])[value].mean().unstack(x).sort_index().sort_index(axis=1)
+    z = table.to_numpy(dtype=float)
+    shown = np.log10(np.where(z > 0, z, np.nan)) if log_color else z
+    label = value.replace("_", " ")
+    fig = go.Figure(go.Heatmap(
+        x=_axis_values(table.columns), y=_axis_values(table.index), z=shown.astype(np.float32),
+        customdata=z.astype(np.float32), colorscale="Viridis", xgap=2, ygap=2,
+        colorbar={"title": {"text": f"log10 {label}" if log_color else label}, "thickness": 14},
+        hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>{label} %{{customdata:.3g}}<extra></extra>",
+    ))
+    _layout(fig, title or f"Phase diagram: {label}", x.replace("_", " "), y.replace("_", " "))
+    fig.update_xaxes(type="category", showgrid=False)
+    fig.update_yaxes(type="category", showgrid=False)
+    return fig
