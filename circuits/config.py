@@ -212,6 +212,10 @@ class TrainConfig:
     init_from: str | None = None
     """Start from the weights of this checkpoint file (fresh AdamW moments) instead of the
     seeded initialisation: Varma et al.'s ungrokking continues a grokked network."""
+    init_sha256: str | None = None
+    """sha256 of the ``init_from`` file, filled in when training starts. With it, the weights
+    started from (not the path they were read from) identify the run: a moved experiment folder
+    still resumes, and a changed parent checkpoint is refused by name."""
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
@@ -235,6 +239,12 @@ class TrainConfig:
             raise ConfigError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
             raise ConfigError(f"init_from must be a checkpoint file path, got {self.init_from!r}")
+        if self.init_sha256 is not None:
+            if self.init_from is None:
+                raise ConfigError("init_sha256 is set without init_from; give the checkpoint file as init_from")
+            if (not isinstance(self.init_sha256, str) or len(self.init_sha256) != 64
+                    or any(c not in "0123456789abcdef" for c in self.init_sha256)):
+                raise ConfigError(f"init_sha256 must be 64 lowercase hex digits, got {self.init_sha256!r}")
 
     def is_checkpoint(self, epoch: int) -> bool:
         """Whether the weights after ``epoch`` updates are saved (epoch 0 = initialisation)."""
@@ -296,9 +306,15 @@ class RunConfig:
 
     @property
     def science_dict(self) -> dict[str, Any]:
-        """The fields that change the weights (everything but the preset's name)."""
+        """The fields that change the weights (everything but the preset's name).
+
+        A run started from a checkpoint whose digest is known is identified by that digest, not
+        by the path the checkpoint was read from.
+        """
         d = self.to_dict()
         d.pop("preset")
+        if d["train"]["init_sha256"] is not None:
+            d["train"].pop("init_from")
         return d
 
     def short_hash(self) -> str:
@@ -336,7 +352,9 @@ class RunConfig:
         """A copy with flat field overrides (``p=59, weight_decay=0.5``), validated.
 
         Field names are unique across task, model and train, so a flat name is unambiguous.
-        Setting ``train_size`` clears ``frac`` and vice versa unless both are given.
+        Setting ``train_size`` clears ``frac`` and vice versa unless both are given; setting
+        ``init_from`` clears ``init_sha256`` unless both are given (the new file's digest is
+        taken when training starts).
         """
         groups: dict[str, dict[str, Any]] = {"task": {}, "model": {}, "train": {}}
         top: dict[str, Any] = {}
@@ -353,6 +371,8 @@ class RunConfig:
             task["frac"] = None
         if "frac" in task and task["frac"] is not None and "train_size" not in task:
             task["train_size"] = None
+        if "init_from" in groups["train"] and "init_sha256" not in groups["train"]:
+            groups["train"]["init_sha256"] = None
         return RunConfig(
             task=dataclasses.replace(self.task, **task),
             model=dataclasses.replace(self.model, **groups["model"]),

@@ -156,8 +156,9 @@ def train(
     ``out`` defaults to :func:`default_run_dir`. A folder holding a different config is
     refused (:class:`~circuits.trainer.RunExistsError`) unless ``force``, which deletes it first.
     """
-    from circuits.trainer import train_run
+    from circuits.trainer import train_run, with_init_digest
 
+    config = with_init_digest(config)  # the folder name hashes the weights started from, not a path
     path = Path(out) if out is not None else default_run_dir(config)
     if force and path.exists():
         shutil.rmtree(path)
@@ -181,8 +182,9 @@ def train_ensemble(
     read it as they read a single run.
     """
     from circuits.engine.ensemble import train_ensemble as _train
+    from circuits.trainer import with_init_digest
 
-    configs = list(configs)
+    configs = [with_init_digest(c) for c in configs]
     paths = [Path(o) for o in outs] if outs is not None else [default_run_dir(c) for c in configs]
     if len(paths) != len(configs):
         raise ValueError(f"{len(configs)} configs but {len(paths)} output folders")

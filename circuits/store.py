@@ -52,6 +52,7 @@ __all__ = [
     "RunStore",
     "atomic_write_bytes",
     "checkpoint_name",
+    "file_sha256",
 ]
 
 CONFIG_FILE = "config.json"
@@ -80,6 +81,11 @@ def is_buffer_key(key: str) -> bool:
 def checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint after ``epoch`` updates (zero-padded, sorts by epoch)."""
     return f"epoch_{epoch:09d}.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file's bytes: what the manifest records for a checkpoint."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 _UMASK = os.umask(0)

@@ -28,11 +28,11 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.model import Transformer, make_model
-from circuits.store import RunFolderError, RunStore, is_buffer_key, read_safetensors
+from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
 from circuits.tasks import Task, make_task
 
 __all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn",
-           "initial_model"]
+           "initial_model", "with_init_digest"]
 
 
 class RunExistsError(RunFolderError):
@@ -210,17 +210,36 @@ def prepare_store(config: RunConfig, store: RunStore) -> Task:
     return task
 
 
+def with_init_digest(config: RunConfig) -> RunConfig:
+    """``config`` with ``train.init_sha256`` filled in from its ``init_from`` file.
+
+    Unchanged when there is no ``init_from``, when the digest is already known, or when the file
+    is not there to read (a resumed run does not need it; a fresh one reports it missing).
+    """
+    t = config.train
+    if t.init_from is None or t.init_sha256 is not None or not Path(t.init_from).is_file():
+        return config
+    return config.replace(init_from=t.init_from, init_sha256=file_sha256(Path(t.init_from)))
+
+
 def initial_model(config: RunConfig) -> Transformer:
     """The model at epoch 0: the seeded initialisation, or the weights of ``train.init_from``.
 
     A checkpoint inside a run folder is read through that run's manifest, so a damaged parent
     is named rather than silently continued from (Varma et al. 2023 continue a grokked network
-    on a smaller training set: ungrokking).
+    on a smaller training set: ungrokking). With ``train.init_sha256`` set, a file whose bytes
+    have another digest (the parent was retrained or replaced) is refused by name.
     """
     model = make_model(config)
     source = config.train.init_from
     if source is None:
         return model
+    want = config.train.init_sha256
+    if want is not None and Path(source).is_file() and file_sha256(Path(source)) != want:
+        raise RunFolderError(
+            f"init_from {source} is not the checkpoint this run started from (sha256 {want[:12]}...); "
+            "restore that file, or train a new run from this one"
+        )
     weights = read_weights_file(Path(source))
     own = _weights(model)
     missing = sorted(set(own) - set(weights))
@@ -250,10 +269,12 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
 
 
 def _config_diff(a: RunConfig, b: RunConfig) -> str:
-    da, db = a.science_dict, b.science_dict
+    da, db = a.to_dict(), b.to_dict()
     diffs = []
-    for section in da:
+    for section in ("task", "model", "train"):
         for key in da[section]:
+            if key == "init_from" and None not in (da["train"]["init_sha256"], db["train"]["init_sha256"]):
+                continue  # the digests identify the weights; the paths may differ
             if da[section][key] != db[section][key]:
                 diffs.append(f"{key}: {da[section][key]!r} there, {db[section][key]!r} here")
     return "; ".join(diffs) or "different"
@@ -273,6 +294,7 @@ def train_run(
     Returns the model after the last epoch. ``device`` (fused engine only): where the
     computation runs, e.g. ``"cuda"`` (default: the CPU).
     """
+    config = with_init_digest(config)
     if config.train.engine == "fused":
         # A fused run is an ensemble of one (circuits.engine.ensemble): one code path.
         from circuits.engine.ensemble import train_ensemble
@@ -289,10 +311,11 @@ def _train_run(
     config: RunConfig, store: RunStore, on_step: Callable[[StepInfo], None] | None
 ) -> Transformer:
     task = prepare_store(config, store)
-    model = initial_model(config)
+    resume = store.read_resume()
+    # A resumed run's weights come from its resume point: its init_from file may be gone.
+    model = make_model(config) if resume is not None else initial_model(config)
     opt = _make_optimizer(model, config)
     start = 0
-    resume = store.read_resume()
     if resume is not None:
         tensors, meta = resume
         _load_resume(model, opt, tensors)

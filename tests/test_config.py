@@ -54,6 +54,8 @@ def test_wrong_types_are_rejected() -> None:
         ({"epochs": 0}, "epochs"),
         ({"beta2": 1.0}, "beta2"),
         ({"n_layers": 2}, "engine fused supports n_layers = 1"),
+        ({"init_sha256": "0" * 64}, "without init_from"),
+        ({"init_from": "a.safetensors", "init_sha256": "abc"}, "64 lowercase hex digits"),
     ],
 )
 def test_bad_values_name_the_problem(overrides: dict, needle: str) -> None:
@@ -67,6 +69,20 @@ def test_frac_and_train_size_exclude_each_other() -> None:
     cfg = preset("quick").replace(train_size=100)
     assert cfg.task.frac is None and cfg.task.n_train == 100
     assert cfg.replace(frac=0.2).task.train_size is None
+
+
+def test_init_digest_stands_for_the_path_and_a_new_path_clears_it() -> None:
+    digest = "ab" * 32
+    a = preset("quick").replace(init_from="/x/epoch.safetensors", init_sha256=digest)
+    b = preset("quick").replace(init_from="/elsewhere/epoch.safetensors", init_sha256=digest)
+    assert a.short_hash() == b.short_hash()
+    assert a.short_hash() != a.replace(init_from="/x/epoch.safetensors", init_sha256="cd" * 32).short_hash()
+    assert a.replace(init_from="/y/other.safetensors").train.init_sha256 is None
+    assert RunConfig.from_json(a.to_json()) == a
+    # A config written before the digest existed still loads, identified by its path.
+    old = json.loads(preset("quick").replace(init_from="/x/epoch.safetensors").to_json())
+    del old["train"]["init_sha256"]
+    assert RunConfig.from_dict(old).train.init_sha256 is None
 
 
 def test_division_pool_excludes_zero_divisor() -> None:

@@ -28,7 +28,7 @@ from circuits.experiments import (
     ungrokking,
 )
 from circuits.tasks import make_task
-from circuits.trainer import TrainingInterrupted
+from circuits.trainer import TrainingInterrupted, with_init_digest
 from tests.conftest import run_cli, tiny_config
 
 
@@ -93,6 +93,56 @@ def test_init_from_refuses_damaged_or_mismatched_checkpoints(tiny_run, tmp_path)
         circuits.train(tiny_config(init_from=str(tmp_path / "nope.safetensors"), epochs=5), out=tmp_path / "c")
 
 
+def test_a_run_from_a_checkpoint_is_named_by_its_weights_not_their_path(tiny_run, tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    last = tiny_run.epochs[-1]
+    here, there = tmp_path / "parent", tmp_path / "moved" / "parent"
+    shutil.copytree(tiny_run.path, here)
+    shutil.copytree(tiny_run.path, there)
+    name = tiny_run.store.checkpoint_path(last).name
+    at_here = tiny_config(init_from=str(here / "checkpoints" / name), epochs=5)
+    at_there = tiny_config(init_from=str(there / "checkpoints" / name), epochs=5)
+    assert with_init_digest(at_here).short_hash() == with_init_digest(at_there).short_hash()
+    assert at_here.short_hash() != at_there.short_hash()  # without the digest, only the paths
+
+    child = circuits.train(at_here, out=tmp_path / "child")
+    digest = tiny_run.store.read_manifest()[name]["sha256"]
+    assert child.config.train.init_sha256 == digest
+    # The same run read from its moved parent: recognised as finished, not refused or retrained.
+    again = circuits.train(at_there, out=tmp_path / "child")
+    assert again.epochs == child.epochs
+
+    # A parent replaced by other weights under the same name is refused by name.
+    other = tiny_run.store.checkpoint_path(tiny_run.epochs[-2])
+    (here / "checkpoints" / name).write_bytes(other.read_bytes())
+    (here / "manifest.json").unlink()
+    with pytest.raises(RunFolderError, match="not the checkpoint this run started from"):
+        circuits.train(child.config, out=tmp_path / "fresh")
+
+
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_a_killed_child_resumes_after_its_parent_checkpoint_is_gone(tiny_run, tmp_path, engine: str) -> None:  # noqa: ANN001
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_run.path, parent)
+    source = parent / "checkpoints" / tiny_run.store.checkpoint_path(tiny_run.epochs[-1]).name
+    cfg = tiny_config(init_from=str(source), epochs=20, engine=engine)
+
+    def kill(info) -> None:  # noqa: ANN001
+        if info.epoch == 12:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        circuits.train(cfg, out=tmp_path / "killed", on_step=kill)
+    whole = circuits.train(cfg, out=tmp_path / "whole")
+    shutil.rmtree(parent)
+    resumed = circuits.train(circuits.load_run(tmp_path / "killed").config, out=tmp_path / "killed")
+    sa, sb = resumed.state_dict(20), whole.state_dict(20)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 # ---- protocols on real runs -------------------------------------------------------------------------
 
 
@@ -134,6 +184,19 @@ def test_ungrokking_loses_test_accuracy_far_below_d_crit(tmp_path) -> None:  # n
     assert set(child.task.train_idx.tolist()) <= set(parent.task.train_idx.tolist())
     p_last = parent.state_dict(parent.epochs[-1])
     assert all(torch.equal(child.state_dict(0)[k], p_last[k]) for k in p_last)
+
+    # The experiment folder moved (another disk, a cluster's mount): running the protocol
+    # again finds every run finished and trains nothing.
+    import shutil
+
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    moved.mkdir()
+    shutil.move(tmp_path / "runs", moved / "runs")
+    groups: list[int] = []
+    again = ungrokking(moved, sizes=[30, 300], base=small(), parent_frac=0.8, epochs=800, seeds=1,
+                       on_group=lambda i, n, m: groups.append(m))
+    assert groups == []
+    pd.testing.assert_frame_equal(again.table, result.table)
 
 
 def test_capacity_grows_with_width(tmp_path) -> None:  # noqa: ANN001

@@ -26,7 +26,7 @@ from circuits.engine.loss import stacked_loss
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
 from circuits.engine.step import TrainStep
-from circuits.model import Transformer
+from circuits.model import Transformer, make_model
 from circuits.store import RunStore, is_buffer_key
 from circuits.tasks import Task
 from circuits.trainer import (
@@ -34,6 +34,7 @@ from circuits.trainer import (
     TrainingInterrupted,
     deterministic,
     initial_model,
+    with_init_digest,
     prepare_store,
     sigint_flag,
     split_metrics,
@@ -112,6 +113,7 @@ def train_ensemble(
     """
     if len(configs) != len(stores):
         raise ValueError(f"{len(configs)} configs but {len(stores)} run folders")
+    configs = [with_init_digest(c) for c in configs]
     check_stackable(configs)
     dev = resolve_device(device)
     keep_freed_memory()
@@ -134,8 +136,9 @@ def train_ensemble(
 
 def _open_member(config: RunConfig, store: RunStore) -> _Member:
     task = prepare_store(config, store)
-    model = initial_model(config)
     resume = store.read_resume()
+    # A resumed member's weights come from its resume point: its init_from file may be gone.
+    model = make_model(config) if resume is not None else initial_model(config)
     epoch, opt_tensors = 0, {}
     if resume is not None:
         tensors, meta = resume

@@ -27,7 +27,7 @@ from circuits.measures.frequencies import key_frequencies, neuron_frequency_frac
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
 from circuits.store import atomic_write_bytes
-from circuits.trainer import StepInfo, split_metrics
+from circuits.trainer import StepInfo, split_metrics, with_init_digest
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -119,7 +119,7 @@ def run_members(
         raise ProtocolError("two protocol members share a name; each needs its own run folder")
     root = Path(out) / RUNS_DIR
     paths = {m.name: root / m.name for m in members}
-    todo = [m for m in members if not _is_done(paths[m.name], m.config)]
+    todo = [m for m in members if not _is_done(paths[m.name], with_init_digest(m.config))]
     groups: dict[str, list[Member]] = {}
     for m in todo:
         groups.setdefault(_stack_key(m.config), []).append(m)
