@@ -36,10 +36,10 @@ from circuits.trainer import (
     TrainingInterrupted,
     deterministic,
     initial_model,
-    with_init_digest,
     prepare_store,
     sigint_flag,
     split_metrics,
+    with_init_digest,
 )
 
 __all__ = ["train_ensemble", "stacked_loss", "evaluate_stack", "resolve_device"]
