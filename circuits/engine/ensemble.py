@@ -4,10 +4,8 @@ Members share shapes (p and the model widths) and the schedule (epochs, checkpoi
 and may differ in everything else: seeds, split, training-set size, operation, random labels,
 learning rate, weight decay, betas, warm-up. Each member's batch is padded to the largest
 training set with zero-weight rows, and its loss is its own mean cross-entropy (float64
-log-softmax), so no member's gradient depends on another's. On the CPU a member's weights are
-bit for bit those of the same config trained alone (the padding rows get no gradient, and the
-matmuls run member by member; tested). A single fused run is an ensemble of one: ``circuits
-train`` goes through this same loop.
+log-softmax), so no member's gradient depends on another's. A single fused run is an
+ensemble of one: ``circuits train`` goes through this same loop.
 
 Crash safety is the single run's: each member's folder gets its checkpoint, metrics and resume
 point at every checkpoint epoch. A kill between two members' writes leaves them one checkpoint
@@ -156,9 +154,8 @@ def _open_member(config: RunConfig, store: RunStore) -> _Member:
     return _Member(config, store, task, model, opt_tensors, epoch)
 
 
-def _batches(members: Sequence[_Member]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Stacked training inputs, labels and loss weights, padded to the largest training set,
-    and each member's number of real rows."""
+def _batches(members: Sequence[_Member]) -> tuple[Tensor, Tensor, Tensor]:
+    """Stacked training inputs, labels and loss weights, padded to the largest training set."""
     n_max = max(len(m.task.train_idx) for m in members)
     xs, ys, ws = [], [], []
     for m in members:
@@ -169,8 +166,7 @@ def _batches(members: Sequence[_Member]) -> tuple[Tensor, Tensor, Tensor, Tensor
         w = torch.full((n_max,), 1.0 / len(y), dtype=torch.float64)
         w[len(y) :] = 0.0
         ws.append(w)
-    rows = torch.tensor([len(m.task.train_idx) for m in members])
-    return torch.stack(xs), torch.stack(ys), torch.stack(ws), rows
+    return torch.stack(xs), torch.stack(ys), torch.stack(ws)
 
 
 def _train_segment(
@@ -188,8 +184,7 @@ def _train_segment(
     opt = StackedAdamW(params, configs)
     for i, m in enumerate(members):
         opt.load_member(i, m.opt_tensors)
-    x, y, w, n_rows = _batches(members)
-    x, y, w = x.to(device), y.to(device), w.to(device)
+    x, y, w = (t.to(device) for t in _batches(members))
     tasks = [m.task for m in members]
     pending: list[list[dict[str, float | int]]] = [[] for _ in members]
 
@@ -224,7 +219,7 @@ def _train_segment(
         if on_step:
             on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows)))
 
-    step = TrainStep(params, opt, x, y, w, act_fn, rows=n_rows)  # a CUDA graph on a GPU
+    step = TrainStep(params, opt, x, y, w, act_fn)  # a CUDA graph on a GPU
     for epoch in range(start + 1, stop + 1):
         step()
         is_ckpt = train.is_checkpoint(epoch)

@@ -35,8 +35,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.engine.stacked import aligned, mm_into
-
 __all__ = ["MixMLPUnembed", "gather_rows"]
 
 
@@ -230,33 +228,28 @@ def _axpy4_dot4(a0, a1, a2, a3, x0, x1, x2, x3, t, y):  # pragma: no cover
     return s0, s1, s2, s3
 
 
-def _group_rows(
-    keys: Int[Tensor, "... batch"], n_keys: int, counts: list[int] | None = None
-) -> tuple[Tensor, Tensor]:
+def _group_rows(keys: Int[Tensor, "... batch"], n_keys: int) -> tuple[Tensor, Tensor]:
     """Rows grouped by key, in batch order within a key: the rows with key t are
-    ``order[..., starts[..., t]:starts[..., t + 1]]``. ``counts``: how many leading rows of
-    each (flattened) row of keys to group (default all; the rest is padding)."""
+    ``order[..., starts[..., t]:starts[..., t + 1]]``."""
     flat = keys.reshape(math.prod(keys.shape[:-1]), keys.shape[-1]).contiguous()
     order = torch.empty_like(flat)
     starts = torch.zeros(flat.shape[0], n_keys + 1, dtype=torch.int64)
-    n = np.full(flat.shape[0], flat.shape[1], dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
-    _counting_sort(flat.numpy(), n, order.numpy(), starts.numpy())
+    _counting_sort(flat.numpy(), order.numpy(), starts.numpy())
     return order.view(keys.shape), starts.view(*keys.shape[:-1], n_keys + 1)
 
 
 @numba.njit(**_JIT)
 @no_type_check
-def _counting_sort(keys, counts, order, starts):  # pragma: no cover
-    # A stable counting sort of the first counts[i] keys of each row: microseconds, where
-    # torch's argsort took ~0.6 ms.
+def _counting_sort(keys, order, starts):  # pragma: no cover
+    # A stable counting sort per row of keys: microseconds, where torch's argsort took ~0.6 ms.
     n_keys = starts.shape[1] - 1
     for i in range(keys.shape[0]):
-        for b in range(counts[i]):
+        for b in range(keys.shape[1]):
             starts[i, keys[i, b] + 1] += 1
         for t in range(n_keys):
             starts[i, t + 1] += starts[i, t]
         fill = starts[i, :n_keys].copy()
-        for b in range(counts[i]):
+        for b in range(keys.shape[1]):
             order[i, fill[keys[i, b]]] = b
             fill[keys[i, b]] += 1
 
@@ -276,10 +269,8 @@ class MixMLPUnembed(torch.autograd.Function):
 
     Inputs: ``pattern [model, batch, pos, head]``, ``table [model, head, pos, vocab, width]``,
     ``base [model, n_base, width]`` (width = d_mlp + d_vocab_out), ``W_L [model, d_mlp,
-    d_vocab_out]``, ``tokens [model, batch, pos]``, ``base_tokens [model, batch]``, and
-    optionally ``rows [model]``: each member's number of real examples, the rest padding (their
-    logits are not meaningful and get no gradient). Differentiable in the first four. A
-    member's bits depend on its own rows only, not on the stack it is in.
+    d_vocab_out]``, ``tokens [model, batch, pos]``, ``base_tokens [model, batch]``.
+    Differentiable in the first four.
     """
 
     @staticmethod
@@ -291,11 +282,9 @@ class MixMLPUnembed(torch.autograd.Function):
         W_L: Float[Tensor, "model d_mlp d_vocab_out"],
         tokens: Int[Tensor, "model batch pos"],
         base_tokens: Int[Tensor, "model batch"],
-        rows: Int[Tensor, " model"] | None = None,
     ) -> Float[Tensor, "model batch d_vocab_out"]:
         _threads()
         n_models, batch = tokens.shape[:2]
-        counts = [batch] * n_models if rows is None else [int(n) for n in rows]
         d_mlp = W_L.shape[1]
         pattern, table, base, tokens, base_tokens = (
             x.detach().contiguous() for x in (pattern, table, base, tokens, base_tokens)
@@ -306,13 +295,8 @@ class MixMLPUnembed(torch.autograd.Function):
             pattern.numpy(), tokens.numpy(), table.numpy(), base.numpy(), base_tokens.numpy(),
             post.numpy(), logits.numpy(),
         )
-        # One product per member (circuits.engine.stacked.member_bmm): a member's bits do not
-        # depend on the stack it trains in.
-        W_L_data = W_L.detach()
-        for i, n in enumerate(counts):
-            mm_into(logits[i, :n], post[i, :n], W_L_data[i], accumulate=True)
+        logits.baddbmm_(post, W_L.detach())
         ctx.n_base = base.shape[1]
-        ctx.counts = counts
         ctx.save_for_backward(pattern, table, tokens, base_tokens, post, W_L)
         return logits
 
@@ -323,31 +307,23 @@ class MixMLPUnembed(torch.autograd.Function):
         _threads()
         pattern, table, tokens, base_tokens, post, W_L = ctx.saved_tensors
         g_logits = g_logits.contiguous()
-        counts = ctx.counts
-        g_W_L = torch.empty_like(W_L)
-        g_post = torch.empty_like(post)
+        g_W_L = torch.bmm(post.transpose(1, 2), g_logits)
+        g_post = torch.bmm(g_logits, W_L.transpose(1, 2))
         g_pattern, g_table = torch.empty_like(pattern), torch.empty_like(table)
-        for i, n in enumerate(counts):
-            g_rows = aligned(g_logits[i, :n])  # once for both products
-            mm_into(g_W_L[i], post[i, :n].t(), g_rows, accumulate=False)
-            mm_into(g_post[i, :n], g_rows, W_L[i].t(), accumulate=False)
-            g_post[i, n:] = 0
-            g_pattern[i, n:] = 0  # the kernels below see only the real rows
         g_base = torch.empty(table.shape[0], ctx.n_base, table.shape[4], dtype=table.dtype)
-        n_pos = tokens.shape[2]
-        order, starts = _group_rows(tokens.transpose(1, 2), table.shape[3], [n for n in counts for _ in range(n_pos)])
+        order, starts = _group_rows(tokens.transpose(1, 2), table.shape[3])
         _mix_grad_tables(
             g_post.numpy(), g_logits.numpy(), post.numpy(), pattern.numpy(), order.numpy(),
             starts.numpy(), table.numpy(), g_table.numpy(), g_pattern.numpy(),
         )
         # _mix_grad_tables masked g_post, unless there was no position to do it in.
         n_split = max(1, -(-numba.get_num_threads() // table.shape[0]))
-        order, starts = _group_rows(base_tokens, ctx.n_base, counts)
+        order, starts = _group_rows(base_tokens, ctx.n_base)
         _mix_grad_base(
             g_post.numpy(), g_logits.numpy(), post.numpy(), order.numpy(), starts.numpy(),
             n_split, pattern.shape[2] == 0, g_base.numpy(),
         )
-        return g_pattern, g_table, g_base, g_W_L, None, None, None
+        return g_pattern, g_table, g_base, g_W_L, None, None
 
 
 def gather_rows(

@@ -13,13 +13,12 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from circuits.config import RunConfig
 from circuits.model import Transformer
 
-__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable", "member_bmm", "mm_into", "aligned"]
+__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable"]
 
 #: Training fields that must agree across an ensemble: they set the shared loop and schedule.
 SHARED_TRAIN_FIELDS = (
@@ -51,58 +50,6 @@ def check_stackable(configs: Sequence[RunConfig]) -> None:
                 )
         if cfg.train.engine != "fused":
             raise ValueError(f"member {i} uses engine {cfg.train.engine!r}; ensembles are fused")
-
-
-def member_bmm(
-    a: Float[Tensor, "batch m k"], b: Float[Tensor, "batch k n"], add: Tensor | None = None, group: int = 1
-) -> Float[Tensor, "batch m n"]:
-    """``a @ b`` (``+ add``) over a stack whose batch holds ``group`` matrices per member (its
-    heads, say), with each member's bits independent of the stack: the same as in a stack of one.
-
-    On the CPU, MKL picks its kernel by the batch size and by the operands' memory alignment
-    (measured: a [1, 128] x [128, 571] product rounds differently in a batch of 3 than alone,
-    and a [121, 64] x [64, 11] one differently into an output 4 bytes off a 64-byte boundary).
-    So an ensemble member drifted from its solo run by float32 rounding, which thousands of
-    epochs amplify into a different grokking epoch. Here each member is its own ``bmm`` of
-    ``group`` matrices, on operands aligned as a fresh tensor is; a stack of one is a single
-    call, as before. On other devices (CUDA) it is one ``bmm`` for the whole stack.
-    """
-    if add is not None:
-        add = add.expand(a.shape[0], a.shape[1], b.shape[2])
-    if a.device.type != "cpu":
-        return torch.bmm(a, b) if add is None else torch.baddbmm(add, a, b)
-
-    def product(x: Tensor, y: Tensor, c: Tensor | None) -> Tensor:
-        x, y = aligned(x), aligned(y)
-        return torch.bmm(x, y) if c is None else torch.baddbmm(c, x, y)
-
-    if a.shape[0] == group:
-        return product(a, b, add)
-    # split, not indexing: its backward is one cat, not a full-size zero tensor per member.
-    adds = [None] * (a.shape[0] // group) if add is None else add.split(group)
-    return torch.cat([product(x, y, c) for x, y, c in zip(a.split(group), b.split(group), adds)])
-
-
-def mm_into(out: Float[Tensor, "m n"], a: Float[Tensor, "m k"], b: Float[Tensor, "k n"], accumulate: bool) -> None:
-    """``out = a @ b`` (``out += a @ b`` with ``accumulate``) in place, with the bits a freshly
-    allocated ``out`` would get: one member's slice of a stacked buffer (see :func:`member_bmm`)."""
-    a, b = aligned(a)[None], aligned(b)[None]
-    if out.data_ptr() % _ALIGN == 0:
-        if accumulate:
-            out[None].baddbmm_(a, b)
-        else:
-            torch.bmm(a, b, out=out[None])
-    else:  # into a fresh, aligned result, then copied over (a copy changes no bits)
-        out.copy_((torch.baddbmm(out[None], a, b) if accumulate else torch.bmm(a, b))[0])
-
-
-#: PyTorch's CPU allocator aligns every tensor to 64 bytes; MKL sees no finer difference.
-_ALIGN = 64
-
-
-def aligned(x: Tensor) -> Tensor:
-    """``x``, or a copy of it with the same strides starting on a 64-byte boundary."""
-    return x if x.data_ptr() % _ALIGN == 0 else x.clone(memory_format=torch.preserve_format)
 
 
 def stack_models(models: Sequence[Transformer], device: torch.device | str = "cpu") -> dict[str, Tensor]:

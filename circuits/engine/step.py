@@ -35,8 +35,7 @@ class TrainStep:
     :data:`WARMUP_STEPS` calls run eagerly on a side stream, the next one captures and
     replays. If the capture fails the step warns once and stays eager. ``forward`` replaces
     the fused forward (``params, tokens -> last-position logits``): benchmarks train the hooked
-    model's own forward with it. ``rows``: each member's number of real examples, when shorter
-    batches are padded to the longest (see :func:`~circuits.engine.fused.stacked_last_logits`).
+    model's own forward with it.
     """
 
     def __init__(
@@ -49,10 +48,8 @@ class TrainStep:
         act_fn: str,
         graph: bool | None = None,
         forward: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None,
-        rows: Int[Tensor, " model"] | None = None,
     ) -> None:
         self.params, self.opt, self.act_fn, self.forward = params, opt, act_fn, forward
-        self.rows = rows
         self.tokens, self.labels, self.weights = tokens, labels, weights
         # Read once here: inside the step it would be a host sync, which a capture forbids.
         self.shared_query = has_shared_query(tokens)
@@ -68,7 +65,7 @@ class TrainStep:
             logits = self.forward(self.params, self.tokens)
         else:
             logits = stacked_last_logits(
-                self.params, self.tokens, self.act_fn, shared_query=self.shared_query, rows=self.rows
+                self.params, self.tokens, self.act_fn, shared_query=self.shared_query
             )
         stacked_loss(logits, self.labels, self.weights).backward()
         self.opt.step()
