@@ -219,7 +219,7 @@ def with_init_digest(config: RunConfig) -> RunConfig:
     t = config.train
     if t.init_from is None or t.init_sha256 is not None or not Path(t.init_from).is_file():
         return config
-    return config.replace(init_from=t.init_from, init_sha256=file_sha256(Path(t.init_from)))
+    return config.replace(init_sha256=file_sha256(Path(t.init_from)))
 
 
 def initial_model(config: RunConfig) -> Transformer:

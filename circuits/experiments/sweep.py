@@ -119,7 +119,9 @@ def run_members(
         raise ProtocolError("two protocol members share a name; each needs its own run folder")
     root = Path(out) / RUNS_DIR
     paths = {m.name: root / m.name for m in members}
-    todo = [m for m in members if not _is_done(paths[m.name], with_init_digest(m.config))]
+    # Once here: the check below and the training after it then see the same digest.
+    members = [dataclasses.replace(m, config=with_init_digest(m.config)) for m in members]
+    todo = [m for m in members if not _is_done(paths[m.name], m.config)]
     groups: dict[str, list[Member]] = {}
     for m in todo:
         groups.setdefault(_stack_key(m.config), []).append(m)
