@@ -9,7 +9,9 @@ cut short still compares them at the same epoch. Arms:
 * ``fused``: the step ``circuits train`` runs (circuits.engine.step.TrainStep);
 * ``reference``: the hooked model (circuits.model.Transformer, every position) through
   ``torch.func.functional_call``, vmapped over the stack: the reference engine's arithmetic;
-* ``tf32`` (``--tf32``, GPU): the fused step with TF32 matmuls.
+* ``tf32`` (``--tf32``, GPU): the fused step with TF32 matmuls;
+* ``unflushed``: the fused step with float32 subnormals kept (IEEE arithmetic, the bits of the
+  code before circuits.engine.subnormal): what flushing them does to the science.
 
 Every ``log_every`` epochs each member's test accuracy on its test split is taken (fused
 forward, float32, no TF32), and the first epoch at >= 99% is its grokking epoch, as in
@@ -18,11 +20,13 @@ that grok on both arms, with the paired difference's standard error.
 
     python benchmarks/grok_seeds.py --seeds 8 --device cpu        # small, slow
     python benchmarks/grok_seeds.py --seeds 256 --device cuda --tf32
+    python benchmarks/grok_seeds.py --seeds 32 --device cpu --arms fused unflushed
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -35,6 +39,7 @@ from circuits.engine.ensemble import resolve_device
 from circuits.engine.fused import stacked_last_logits
 from circuits.engine.stacked import StackedAdamW, stack_models
 from circuits.engine.step import TrainStep
+from circuits.engine.subnormal import flush_subnormals
 from circuits.model import make_model
 from circuits.tasks import make_task
 from circuits.trainer import deterministic
@@ -67,7 +72,7 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="add a fused arm with TF32 matmuls")
     parser.add_argument("--report-every", type=int, default=500)
     parser.add_argument("--out", type=Path, default=None, help="CSV of per-seed epochs")
-    parser.add_argument("--arms", nargs="+", choices=["fused", "reference"], default=["fused", "reference"])
+    parser.add_argument("--arms", nargs="+", choices=["fused", "reference", "unflushed"], default=["fused", "reference"])
     parser.add_argument("--seeds-from", type=Path, default=None,
                         help="train the seeds that grokked on any arm of this earlier CSV instead")
     parser.add_argument("--against", type=Path, default=None,
@@ -101,6 +106,14 @@ def main() -> None:
         step = TrainStep(params, StackedAdamW(params, configs), xs, ys, w, act_fn, forward=forward)
         arms[name] = (params, step, name == "tf32")
     first = {name: torch.full((n,), -1, dtype=torch.long, device=dev) for name in names}
+    # With an unflushed arm: the first logged epoch at which each seed's weights differ.
+    diverged = torch.full((n,), -1, dtype=torch.long)
+
+    def check_divergence(epoch: int) -> None:
+        a, b = arms["fused"][0], arms["unflushed"][0]
+        for i in range(n):
+            if diverged[i] < 0 and not all(torch.equal(a[k][i], b[k][i]) for k in a):
+                diverged[i] = epoch
 
     @torch.no_grad()
     def test_acc(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,6 +145,11 @@ def main() -> None:
             compare("fused vs reference", got["fused"], got["reference"])
         if "fused" in got and "tf32" in got:
             compare("tf32 vs fused", got["tf32"], got["fused"])
+        if "fused" in got and "unflushed" in got:
+            compare("fused vs unflushed", got["fused"], got["unflushed"])
+            apart = diverged[diverged >= 0].tolist()
+            print(f"  fused vs unflushed weights: bitwise equal on {n - len(apart)}/{n} seeds; "
+                  f"the others first differ at epochs {sorted(apart)}", flush=True)
         if earlier and "fused" in got:
             # Seeds still short of 99% by this epoch count as not grokked on the other side too.
             ref = torch.tensor([earlier[s]["reference"] for s in seeds])
@@ -145,16 +163,20 @@ def main() -> None:
     print(f"{args.preset}: {n} seeds per arm ({seeds[0]}-{seeds[-1]}), {epochs} epochs, "
           f"arms {names}, device {dev}", flush=True)
     t0 = time.perf_counter()
-    with deterministic():
+    # Each arm sets its own subnormal handling: flushed (as circuits train), or kept.
+    with deterministic(flush=False):
         for epoch in range(1, epochs + 1):
             for name, (params, step, tf32) in arms.items():
                 torch.backends.cuda.matmul.allow_tf32 = tf32
-                step()
+                with flush_subnormals() if name != "unflushed" else contextlib.nullcontext():
+                    step()
             torch.backends.cuda.matmul.allow_tf32 = False
             if epoch % base.train.log_every == 0:
                 for name, (params, _, _) in arms.items():
                     hit = (test_acc(params) >= 0.99) & (first[name] < 0)
                     first[name] = torch.where(hit, epoch, first[name])
+                if "fused" in arms and "unflushed" in arms:
+                    check_divergence(epoch)
             if epoch % args.report_every == 0 or epoch == epochs:
                 report(epoch, time.perf_counter() - t0)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from circuits.config import RunConfig
 from circuits.engine import fused
+from circuits.engine.subnormal import flush_subnormals
 from circuits.model import Transformer, make_model
 from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
 from circuits.tasks import Task, make_task
@@ -150,13 +151,18 @@ def _load_resume(model: Transformer, opt: torch.optim.AdamW, tensors: dict[str, 
 
 
 @contextmanager
-def deterministic() -> Iterator[None]:
+def deterministic(flush: bool = True) -> Iterator[None]:
     """Deterministic kernels for the duration of training, then the caller's setting again.
 
     On a multi-core CPU the backward of an embedding lookup (``index_put_`` with accumulate)
     adds rows from several threads in a racy order, so two runs of the same config differed in
     the last bits of W_E and W_pos after one step and visibly after a few hundred (measured).
     Deterministic mode serialises it at no measurable cost for these sizes.
+
+    With ``flush`` (as training runs), float32 subnormals are flushed to zero on every
+    computing thread too (:func:`circuits.engine.subnormal.flush_subnormals`): after
+    memorisation they made each step several times slower on CPUs that take a slow path for
+    them, and flushing on every thread keeps the bits thread-invariant.
     """
     previous = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -166,7 +172,8 @@ def deterministic() -> Iterator[None]:
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        yield
+        with flush_subnormals() if flush else nullcontext():
+            yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = fill
