@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import bisect
-import shutil
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from circuits.config import RunConfig
 from circuits.errors import CheckpointError, RunFolderError, require_run_dir
-from circuits.store import RunStore
+from circuits.store import RunStore, clear_run_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -154,14 +153,16 @@ def train(
     ``device``: where the fused engine computes (``"cuda"``; default the CPU).
 
     ``out`` defaults to :func:`default_run_dir`. A folder holding a different config is
-    refused (:class:`~circuits.trainer.RunExistsError`) unless ``force``, which deletes it first.
+    refused (:class:`~circuits.trainer.RunExistsError`) unless ``force``, which first deletes
+    the run's own files there (:func:`circuits.store.clear_run_folder`: never a folder that is
+    not a run, never files the run-folder contract does not name).
     """
     from circuits.trainer import train_run, with_init_digest
 
     config = with_init_digest(config)  # the folder name hashes the weights started from, not a path
     path = Path(out) if out is not None else default_run_dir(config)
-    if force and path.exists():
-        shutil.rmtree(path)
+    if force:
+        clear_run_folder(path)
     train_run(config, RunStore(path), on_step=on_step, device=device)
     return Run(path)
 
@@ -189,9 +190,10 @@ def train_ensemble(
     if len(paths) != len(configs):
         raise ValueError(f"{len(configs)} configs but {len(paths)} output folders")
     if force:
+        for path in paths:  # each checked before any is cleared: a refusal deletes nothing
+            clear_run_folder(path, check_only=True)
         for path in paths:
-            if path.exists():
-                shutil.rmtree(path)
+            clear_run_folder(path)
     _train(configs, [RunStore(p) for p in paths], on_step=on_step, device=device)
     return [Run(p) for p in paths]
 

@@ -52,6 +52,7 @@ __all__ = [
     "RunStore",
     "atomic_write_bytes",
     "checkpoint_name",
+    "clear_run_folder",
     "file_sha256",
 ]
 
@@ -112,6 +113,58 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+#: The files of a run folder, in the order :func:`clear_run_folder` removes them: the config
+#: last, since its presence is what marks the folder as a run (it is also written last).
+RUN_FILES = (RESUME_META_FILE, RESUME_FILE, METRICS_FILE, MANIFEST_FILE, SPLIT_FILE)
+
+
+def _own_temp(name: str, owners: Iterable[str]) -> bool:
+    # atomic_write_bytes's temporary names: ".<final name>.<random>.tmp".
+    return name.endswith(".tmp") and any(name.startswith(f".{o}.") for o in owners)
+
+
+def clear_run_folder(path: Path, check_only: bool = False) -> None:
+    """Delete a run folder's own files so a new run can start there (``--force``).
+
+    Only a run folder is cleared, and only of the files the run-folder contract names (its
+    config, split, metrics, manifest, resume files, ``checkpoints/epoch_*.safetensors`` and
+    the temporary files of interrupted writes); anything else in it is left where it is. A
+    path that does not exist or an empty folder is fine; a file, or a folder without a
+    circuits ``config.json``, raises :class:`RunFolderError` and nothing is deleted.
+    ``check_only``: raise as it would, delete nothing (to check many folders before any).
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunFolderError(f"{path} is a file, not a run folder; choose another --out")
+    if not any(path.iterdir()):
+        return
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        raise RunFolderError(
+            f"{path} is not a run folder ({CONFIG_FILE} is missing), so --force will not "
+            "delete anything in it; choose a new or empty --out"
+        )
+    RunStore(path).read_config()  # a foreign or damaged config.json is named, not deleted
+    if check_only:
+        return
+    ckpt = path / CHECKPOINT_DIR
+    if ckpt.is_dir():
+        for f in ckpt.iterdir():
+            if f.is_file() and (_CKPT_RE.match(f.name) or _own_temp(f.name, ["epoch_"])):
+                f.unlink()
+        if not any(ckpt.iterdir()):
+            ckpt.rmdir()
+    for f in path.iterdir():
+        if f.is_file() and _own_temp(f.name, (*RUN_FILES, CONFIG_FILE)):
+            f.unlink()
+    for name in RUN_FILES:
+        (path / name).unlink(missing_ok=True)
+    config.unlink()
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:

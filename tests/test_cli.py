@@ -64,6 +64,16 @@ def test_train_info_resume_and_refusal(tmp_path: Path) -> None:
     assert "p=11" in info.stdout and "train acc 100% at epoch" in info.stdout
 
 
+def test_force_refuses_a_folder_that_is_not_a_run_in_one_line(tmp_path: Path) -> None:
+    # `--out . --force` once emptied the current directory.
+    (tmp_path / "thesis.tex").write_text("years of work")
+    result = run_cli("train", *TINY_FLAGS, "--out", ".", "--force", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "not a run folder" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["thesis.tex"]
+    assert (tmp_path / "thesis.tex").read_text() == "years of work"
+
+
 def test_info_names_a_damaged_checkpoint(tiny_run: circuits.Run, tmp_path: Path) -> None:
     import shutil
 

@@ -176,11 +176,13 @@ def test_run_dashboard_renders_offline_and_the_slider_moves_the_panels(browser: 
         # Drag the slider to the start with the keyboard, as a user would.
         page.page.focus("#epoch-slider")
         page.page.keyboard.press("Home")
+        # Wait for the page's state, never for a fixed time: every slider panel retitled.
         page.page.wait_for_function(
-            "(e) => document.querySelector('.plot[data-panel=\"attention\"] .gtitle').textContent.includes(e)",
-            arg=f"epoch {epochs[0]:,}", timeout=20_000,
+            """([keys, e]) => keys.every(k => {
+                const t = document.querySelector(`.plot[data-panel="${k}"] .gtitle`);
+                return t && t.textContent.includes(e); })""",
+            arg=[sorted(SLIDER_PANELS), f"epoch {epochs[0]:,}"], timeout=20_000,
         )
-        page.page.wait_for_timeout(300)
         assert page.page.inner_text("#epoch-label") == f"epoch {epochs[0]:,}"
         for key in SLIDER_PANELS:
             assert f"epoch {epochs[0]:,}" in page.look(key), key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -16,7 +17,8 @@ import torch.utils.deterministic
 
 import circuits
 from circuits.config import preset
-from circuits.store import RunStore
+from circuits.errors import RunFolderError
+from circuits.store import RESUME_META_FILE, RunStore
 from circuits.trainer import RunExistsError, lr_at
 from tests.conftest import REPO, tiny_config
 
@@ -125,6 +127,48 @@ def test_different_config_is_refused_and_force_overwrites(tiny_run: circuits.Run
     assert run.config.train.weight_decay == 0.5
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_force_replaces_only_a_run_and_only_its_own_files(tmp_path: Path) -> None:
+    # A folder of the user's that is not a run: refused by name, not one byte touched.
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "sub" / "data.csv").write_text("1,2")
+    (mine / "config.json").write_text('{"some": "other tool"}')
+    before = _tree(mine)
+    with pytest.raises(RunFolderError, match="not a circuits config"):
+        circuits.train(tiny_config(epochs=5), out=mine, force=True)
+    (mine / "config.json").unlink()
+    before.pop("config.json")
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        circuits.train(tiny_config(epochs=5), out=mine, force=True)
+    assert _tree(mine) == before
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(RunFolderError, match="is a file"):
+        circuits.train(tiny_config(epochs=5), out=afile, force=True)
+    assert afile.read_text() == "x"
+    # A run folder: its own files are replaced; a file the user put beside them stays.
+    run_dir = tmp_path / "run"
+    circuits.train(tiny_config(epochs=5), out=run_dir)
+    (run_dir / "README.txt").write_text("my notes on this run")
+    (run_dir / "checkpoints" / "my_export.pt").write_text("not ours")
+    run = circuits.train(tiny_config(epochs=5, weight_decay=0.5), out=run_dir, force=True)
+    assert run.config.train.weight_decay == 0.5 and run.epochs == [0, 5]
+    assert (run_dir / "README.txt").read_text() == "my notes on this run"
+    assert (run_dir / "checkpoints" / "my_export.pt").read_text() == "not ours"
+    # An ensemble with --force checks every folder before clearing any.
+    other = tmp_path / "other"
+    circuits.train(tiny_config(epochs=5), out=other)
+    kept = _tree(other)
+    with pytest.raises(RunFolderError, match="not a run folder"):
+        circuits.train_ensemble([tiny_config(epochs=5, seed=3)] * 2, [other, mine], force=True)
+    assert _tree(other) == kept and _tree(mine) == before
+
+
 def test_in_process_resume_extends_a_run_bitwise(tmp_path: Path) -> None:
     # Stopping after any epoch and resuming equals never stopping: resume from a mid-run point.
     full = circuits.train(tiny_config(), out=tmp_path / "full")
@@ -151,21 +195,47 @@ def _cli_train_cmd(out: Path) -> list[str]:
     ]
 
 
-def _wait_for(path: Path, timeout: float = 60) -> None:
-    t0 = time.time()
-    while not path.exists():
-        if time.time() - t0 > timeout:
-            raise TimeoutError(path)
-        time.sleep(0.02)
+def _wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Poll the run folder until its resume point reaches ``epoch``; return the epoch seen.
+
+    A kill test picks its moment from the run's progress, never from wall-clock time, so it
+    holds on a machine of any speed (the timeout only catches a hung trainer).
+    """
+    meta = out / RESUME_META_FILE
+    t0 = time.monotonic()
+    while True:
+        try:
+            seen = int(json.loads(meta.read_text())["epoch"])
+        except (OSError, ValueError, KeyError):  # not written yet (replaced atomically)
+            seen = -1
+        if seen >= epoch:
+            return seen
+        if proc.poll() is not None:
+            raise AssertionError(f"the trainer exited ({proc.returncode}) at epoch {seen}")
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{out} did not reach epoch {epoch}")
+        time.sleep(0.002)
+
+
+#: The CLI run below has 600 epochs and a resume point every 20; a kill test waits for a
+#: resume point drawn from the first half, so the other half is left when the signal lands.
+_KILL_EPOCHS = range(20, 301, 20)
 
 
 def test_sigkill_at_a_random_moment_then_resume_is_bitwise(tmp_path: Path) -> None:
     out = tmp_path / "killed"
     rng = random.Random(os.getpid())
+    target = rng.choice(_KILL_EPOCHS)
     proc = subprocess.Popen(_cli_train_cmd(out), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    _wait_for(out / "resume.json")
-    time.sleep(rng.uniform(0.05, 3.0))
+    # The moment is drawn from the run's own progress: a resume point at random, then a
+    # random fraction of the time the run just took between two resume points, so the kill
+    # lands anywhere in the next interval (in its epochs or in the middle of its save) at
+    # any machine speed.
+    _wait_for_epoch(out, target - 20, proc)
+    t0 = time.monotonic()
+    _wait_for_epoch(out, target, proc)
+    time.sleep(rng.uniform(0, time.monotonic() - t0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -184,8 +254,7 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(_cli_train_cmd(out), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    _wait_for(out / "resume.json")
-    time.sleep(0.3)
+    _wait_for_epoch(out, random.Random(os.getpid()).choice(_KILL_EPOCHS), proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
