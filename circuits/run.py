@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from circuits.config import RunConfig
 from circuits.errors import CheckpointError, RunFolderError, require_run_dir
+from circuits.lock import hold_run_folder, hold_run_folders
 from circuits.store import RunStore, clear_run_folder
 
 if TYPE_CHECKING:
@@ -162,8 +163,12 @@ def train(
     config = with_init_digest(config)  # the folder name hashes the weights started from, not a path
     path = Path(out) if out is not None else default_run_dir(config)
     if force:
-        clear_run_folder(path)
-    train_run(config, RunStore(path), on_step=on_step, device=device)
+        clear_run_folder(path, check_only=True)  # before the lock creates anything there
+        with hold_run_folder(path):  # no other trainer may be using what is cleared
+            clear_run_folder(path)
+            train_run(config, RunStore(path), on_step=on_step, device=device)
+    else:
+        train_run(config, RunStore(path), on_step=on_step, device=device)
     return Run(path)
 
 
@@ -192,8 +197,11 @@ def train_ensemble(
     if force:
         for path in paths:  # each checked before any is cleared: a refusal deletes nothing
             clear_run_folder(path, check_only=True)
-        for path in paths:
-            clear_run_folder(path)
-    _train(configs, [RunStore(p) for p in paths], on_step=on_step, device=device)
+        with hold_run_folders(paths):
+            for path in paths:
+                clear_run_folder(path)
+            _train(configs, [RunStore(p) for p in paths], on_step=on_step, device=device)
+    else:
+        _train(configs, [RunStore(p) for p in paths], on_step=on_step, device=device)
     return [Run(p) for p in paths]
 

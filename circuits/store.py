@@ -9,6 +9,7 @@ Layout (a contract read by notebooks, analyses and dashboards)::
     RUN_DIR/manifest.json            checkpoint file -> sha256 and size
     RUN_DIR/resume.safetensors       weights, optimizer moments, RNG state (replaced atomically)
     RUN_DIR/resume.json              epoch, step, engine of the resume point
+    RUN_DIR/circuits.lock            while a trainer runs: its pid and host (circuits.lock)
 
 Every file is written to a temporary name, fsynced and renamed, so a kill at any moment
 leaves either the old or the new file, never half of one. No pickle anywhere.
@@ -46,6 +47,7 @@ __all__ = [
     "RESUME_FILE",
     "RESUME_META_FILE",
     "CHECKPOINT_DIR",
+    "LOCK_FILE",
     "METRIC_COLUMNS",
     "CheckpointError",
     "RunFolderError",
@@ -63,6 +65,9 @@ MANIFEST_FILE = "manifest.json"
 RESUME_FILE = "resume.safetensors"
 RESUME_META_FILE = "resume.json"
 CHECKPOINT_DIR = "checkpoints"
+#: Held (fcntl) by the process training into the folder; records its pid and host
+#: (circuits.lock). Deleted when that process finishes; never one of the run's own files.
+LOCK_FILE = "circuits.lock"
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")

@@ -28,6 +28,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.engine.subnormal import flush_subnormals
+from circuits.lock import hold_run_folder
 from circuits.model import Transformer, make_model
 from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
 from circuits.tasks import Task, make_task
@@ -310,7 +311,7 @@ def train_run(
     from circuits.engine.ensemble import resolve_device
 
     resolve_device(device, config.train.engine)
-    with deterministic():
+    with hold_run_folder(store.root), deterministic():
         return _train_run(config, store, on_step)
 
 

@@ -18,7 +18,7 @@ import torch.utils.deterministic
 import circuits
 from circuits.config import preset
 from circuits.errors import RunFolderError
-from circuits.store import RESUME_META_FILE, RunStore
+from circuits.store import LOCK_FILE, RESUME_META_FILE, RunStore
 from circuits.trainer import RunExistsError, lr_at
 from tests.conftest import REPO, tiny_config
 
@@ -241,8 +241,10 @@ def test_sigkill_at_a_random_moment_then_resume_is_bitwise(tmp_path: Path) -> No
     assert proc.returncode == -signal.SIGKILL
     killed_at = RunStore(out).read_resume()[1]["epoch"]
     assert killed_at < 600, "the run finished before the kill; make it longer"
+    assert (out / LOCK_FILE).exists()  # the dead trainer's record; its fcntl lock is gone
     done = subprocess.run(_cli_train_cmd(out), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert not (out / LOCK_FILE).exists()
     resumed = circuits.load_run(out)
     cfg = resumed.config
     reference = circuits.train(cfg, out=tmp_path / "straight")

@@ -26,6 +26,7 @@ from circuits.engine.loss import stacked_loss
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
 from circuits.engine.step import TrainStep
+from circuits.lock import hold_run_folders
 from circuits.model import Transformer, make_model
 from circuits.store import RunStore, is_buffer_key
 from circuits.tasks import Task
@@ -119,7 +120,8 @@ def train_ensemble(
     keep_freed_memory()
     if len({s.root.resolve() for s in stores}) != len(stores):
         raise ValueError("two members share one run folder; give each member its own")
-    with deterministic():
+    # One trainer per folder: a second is refused, naming the first (circuits.lock).
+    with hold_run_folders([s.root for s in stores]), deterministic():
         members = [_open_member(c, s) for c, s in zip(configs, stores)]
         epochs = configs[0].train.epochs
         with sigint_flag() as interrupted:
