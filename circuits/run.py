@@ -14,10 +14,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from circuits.config import RunConfig
+from circuits.config import ConfigError, RunConfig
 from circuits.errors import CheckpointError, RunFolderError, require_run_dir
 from circuits.lock import hold_run_folder, hold_run_folders
-from circuits.store import RunStore, clear_run_folder
+from circuits.store import RunStore, clear_run_folder, is_safe_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -138,7 +138,16 @@ def load_run(path: str | Path) -> Run:
 
 
 def default_run_dir(config: RunConfig, root: Path = DEFAULT_RUNS_DIR) -> Path:
-    """``checkpoints/<preset>-<config hash>``: the same command finds the same run again."""
+    """``checkpoints/<preset>-<config hash>``: the same command finds the same run again.
+
+    The preset's name becomes part of a path, so one that is not a plain folder name (a
+    ``"preset": "../../X"`` in a config file) is refused with ConfigError.
+    """
+    if not is_safe_name(config.preset):
+        raise ConfigError(
+            f"preset {config.preset!r} cannot name a run folder (letters, digits and ._=+- only, "
+            "no '/' or '..'); fix \"preset\" in the config or pass --out"
+        )
     return Path(root) / f"{config.preset}-{config.short_hash()}"
 
 

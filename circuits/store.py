@@ -55,6 +55,8 @@ __all__ = [
     "atomic_write_bytes",
     "checkpoint_name",
     "clear_run_folder",
+    "is_safe_name",
+    "safe_name_part",
     "file_sha256",
 ]
 
@@ -82,6 +84,20 @@ def is_buffer_key(key: str) -> bool:
     Checkpoints hold parameters only; buffers are rebuilt by the model's constructor.
     """
     return key.endswith(BUFFER_SUFFIXES)
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
+
+
+def is_safe_name(name: object) -> bool:
+    """Whether ``name`` can be one folder's name as it stands: letters, digits and ``._=+-``,
+    not starting with a dot or a dash, at most 128 characters (no ``/``, no ``..``)."""
+    return isinstance(name, str) and bool(_SAFE_NAME.match(name))
+
+
+def safe_name_part(value: object) -> str:
+    """``value`` written for a folder name: each character outside ``[A-Za-z0-9._=+-]`` as ``_``."""
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", str(value))
 
 
 def checkpoint_name(epoch: int) -> str:

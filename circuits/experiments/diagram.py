@@ -22,6 +22,7 @@ from circuits.experiments.efficiency import _seeded, _seeds
 from circuits.experiments.sweep import ExperimentResult, Member, check_grid, member_table, run_members, write_result
 from circuits.experiments.ungrokking import add_curve_events
 from circuits.experiments.zones import classify_zone
+from circuits.store import safe_name_part
 from circuits.trainer import StepInfo
 
 __all__ = ["phase_diagram"]
@@ -67,7 +68,9 @@ def phase_diagram(
                 config = _seeded(base, s, **overrides)
             except ConfigError as e:
                 raise ProtocolError(f"grid point {overrides} is not a valid config: {e}") from None
-            name = "-".join(f"{a}{v}" for a, v in overrides.items()) + f"-s{s}"
+            # A value may hold any character (a path for init_from): the folder name gets a
+            # safe spelling, and two values that spell alike are refused as a shared name.
+            name = "-".join(f"{a}{safe_name_part(v)}" for a, v in overrides.items()) + f"-s{s}"
             members.append(Member(name, config, (*overrides.items(), (rep, s))))
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)

@@ -26,7 +26,7 @@ from circuits.measures.circuits import part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
-from circuits.store import atomic_write_bytes
+from circuits.store import atomic_write_bytes, is_safe_name
 from circuits.trainer import StepInfo, split_metrics, with_init_digest
 
 if TYPE_CHECKING:
@@ -115,6 +115,11 @@ def run_members(
     default the CPU). Returns the runs in the members' order.
     """
     names = [m.name for m in members]
+    for name in names:  # each becomes a folder under <out>/runs/
+        if not is_safe_name(name):
+            raise ProtocolError(
+                f"member name {name!r} cannot name a run folder (letters, digits and ._=+- only)"
+            )
     if len(set(names)) != len(names):
         raise ProtocolError("two protocol members share a name; each needs its own run folder")
     root = Path(out) / RUNS_DIR
