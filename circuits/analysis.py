@@ -42,7 +42,7 @@ from circuits.measures.frequencies import (
 )
 from circuits.measures.losses import accuracy, cross_entropy
 from circuits.measures.norms import stacked_weight_norms_sq
-from circuits.measures.phases import phase_boundaries
+from circuits.measures.phases import non_finite_epoch, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
 from circuits.store import atomic_write_bytes
@@ -453,9 +453,13 @@ def _summary(
 ) -> dict[str, Any]:
     from circuits import __version__
 
-    phases = phase_boundaries(
-        measures.epoch.to_numpy(), measures.test_loss.to_numpy(), measures.weight_norm_sq.to_numpy()
-    ) if len(measures) else None
+    curves = (measures.test_loss.to_numpy(), measures.weight_norm_sq.to_numpy())
+    bad = non_finite_epoch(measures.epoch.to_numpy(), *curves) if len(measures) else None
+    phases = phase_boundaries(measures.epoch.to_numpy(), *curves) if len(measures) and bad is None else None
+    refused = {} if bad is None else {
+        "phases_refused": f"the test loss or weight norm is not finite from epoch {bad}: no phase "
+                          "is read from a diverged run"
+    }
     final = measures.iloc[-1].to_dict() if len(measures) else {}
     sizes: dict[str, int] = {}
     if "neuron_cluster" in arrays and len(arrays["neuron_cluster"]):
@@ -471,6 +475,7 @@ def _summary(
         "key_frequencies_source": "given" if key_given else "detected",
         "neuron_cluster_sizes": sizes,
         "phases": phases.to_dict() if phases else None,
+        **refused,
         "final": {k: (int(v) if k == "epoch" else float(v)) for k, v in final.items()},
         "variants": VARIANTS,
         "arrays": ARRAY_DOCS,

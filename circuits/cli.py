@@ -334,7 +334,7 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
-    from circuits.errors import ProtocolError, RunFolderError
+    from circuits.errors import ProtocolError, RunFolderError, TrainingDiverged
 
     usage_errors, exits, aborts = _click_exceptions()
     command = typer.main.get_command(app)
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--help"]
     try:
         result = command.main(args=args, prog_name="circuits", standalone_mode=False)
-    except (UserError, ConfigError, RunFolderError, ProtocolError) as e:
+    except (UserError, ConfigError, RunFolderError, ProtocolError, TrainingDiverged) as e:
         typer.echo(f"circuits: error: {e}", err=True)
         return 2
     except exits as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError", "ProtocolError", "require_run_dir"]
+__all__ = ["RunFolderError", "CheckpointError", "ProtocolError", "TrainingDiverged", "require_run_dir"]
 
 
 class RunFolderError(RuntimeError):
@@ -23,6 +23,19 @@ class CheckpointError(RunFolderError):
 class ProtocolError(ValueError):
     """An experiment protocol got parameters it cannot run (an empty grid, a subset larger than
     its pool); the message names the parameter and the fix."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became non-finite; each diverged run keeps its last finite checkpoint
+    and resume point, and ``runs`` maps its folder to ``(epoch seen, epoch kept)``."""
+
+    def __init__(self, runs: dict[str, tuple[int, int]]) -> None:
+        self.runs = runs
+        parts = [f"{path} at epoch {seen} (kept: epoch {kept})" for path, (seen, kept) in runs.items()]
+        super().__init__(
+            "training diverged, the train loss is not finite: " + "; ".join(parts)
+            + ". The last finite checkpoint and its resume point are kept; try a smaller --lr"
+        )
 
 
 def require_run_dir(path: Path) -> None:

@@ -12,6 +12,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.engine.subnormal import flush_subnormals
+from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folder
 from circuits.model import Transformer, make_model
 from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
@@ -364,6 +366,9 @@ def _train_run(
             row = None
             if is_ckpt or epoch % t.log_every == 0:
                 row = {"epoch": epoch, **evaluate(model, task, t.engine)}
+                if not math.isfinite(row["train_loss"]):
+                    # Nothing of this epoch is saved: the folder keeps its last finite state.
+                    raise TrainingDiverged({str(store.root): (epoch, resume_epoch(store))})
                 pending.append(row)
             if is_ckpt:
                 save(epoch, checkpoint=True)
@@ -374,6 +379,12 @@ def _train_run(
                     save(epoch, checkpoint=False)
                 raise TrainingInterrupted(epoch)
     return model
+
+
+def resume_epoch(store: RunStore) -> int:
+    """The epoch of the folder's resume point (-1: none)."""
+    resume = store.read_resume()
+    return -1 if resume is None else int(resume[1]["epoch"])
 
 
 def _weights(model: Transformer) -> dict[str, Tensor]:

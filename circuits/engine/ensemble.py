@@ -14,6 +14,7 @@ apart; on resume the members that lag train alone until they catch up, then all 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from circuits.engine.loss import stacked_loss
 from circuits.engine.memory import keep_freed_memory
 from circuits.engine.stacked import StackedAdamW, check_stackable, member_state, stack_models
 from circuits.engine.step import TrainStep
+from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folders
 from circuits.model import Transformer, make_model
 from circuits.store import RunStore, is_buffer_key
@@ -55,6 +57,9 @@ class _Member:
     model: Transformer
     opt_tensors: dict[str, Tensor]
     epoch: int
+    diverged: int | None = None
+    """The logged epoch whose train loss was not finite: the member trains no further, and its
+    folder keeps its last finite checkpoint and resume point."""
 
 
 def resolve_device(device: str | torch.device | None, engine: str = "fused") -> torch.device:
@@ -126,13 +131,16 @@ def train_ensemble(
         epochs = configs[0].train.epochs
         with sigint_flag() as interrupted:
             while True:
-                todo = [m for m in members if m.epoch < epochs]
+                todo = [m for m in members if m.epoch < epochs and m.diverged is None]
                 if not todo:
                     break
                 lo = min(m.epoch for m in todo)
                 group = [m for m in todo if m.epoch == lo]
                 ahead = [m.epoch for m in todo if m.epoch > lo]
                 _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted, dev)
+    lost = {str(m.store.root): (m.diverged, m.epoch) for m in members if m.diverged is not None}
+    if lost:  # raised once every other member has finished
+        raise TrainingDiverged(lost)
     return [m.model for m in members]
 
 
@@ -192,6 +200,8 @@ def _train_segment(
 
     def save(epoch: int, checkpoint: bool) -> None:
         for i, m in enumerate(members):
+            if m.diverged is not None:
+                continue
             weights = member_state(params, i)
             if checkpoint:
                 m.store.write_checkpoint(epoch, weights)
@@ -205,6 +215,8 @@ def _train_segment(
 
     def sync_back(epoch: int) -> None:
         for i, m in enumerate(members):
+            if m.diverged is not None:
+                continue
             m.model.load_state_dict(member_state(params, i), strict=False)
             m.opt_tensors = opt.member_tensors(i)
             m.epoch = epoch
@@ -212,7 +224,13 @@ def _train_segment(
     def log(epoch: int) -> list[dict[str, float | int]]:
         rows = [{"epoch": epoch, **r} for r in evaluate_stack(params, tasks, act_fn)]
         for i, row in enumerate(rows):
-            pending[i].append(row)
+            if members[i].diverged is None and not math.isfinite(row["train_loss"]):
+                # Its rows since the last save are dropped with it: the folder stays at the
+                # resume point. The others go on (a NaN member leaves their arithmetic alone).
+                members[i].diverged = epoch
+                pending[i].clear()
+            if members[i].diverged is None:
+                pending[i].append(row)
         return rows
 
     if start == 0:
@@ -238,4 +256,6 @@ def _train_segment(
                 save(epoch, checkpoint=False)
             sync_back(epoch)
             raise TrainingInterrupted(epoch)
+        if all(m.diverged is not None for m in members):
+            return
     sync_back(stop)

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Phases", "phase_boundaries", "stable_segment_end"]
+__all__ = ["Phases", "non_finite_epoch", "phase_boundaries", "stable_segment_end"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,14 @@ def stable_segment_end(test_loss: np.ndarray, grokked_loss: float = 0.1, spike_f
     return first + int(rise[0]) if len(rise) else len(test_loss)
 
 
+def non_finite_epoch(epochs: np.ndarray, *curves: np.ndarray) -> int | None:
+    """The first epoch at which any of ``curves`` is NaN or infinite (None: all finite)."""
+    bad = np.zeros(len(epochs), dtype=bool)
+    for c in curves:
+        bad |= ~np.isfinite(np.asarray(c, dtype=np.float64))
+    return int(np.asarray(epochs)[np.argmax(bad)]) if bad.any() else None
+
+
 def phase_boundaries(
     epochs: np.ndarray,
     test_loss: np.ndarray,
@@ -119,6 +127,12 @@ def phase_boundaries(
     epochs = np.asarray(epochs, dtype=np.float64)
     test_loss = np.asarray(test_loss, dtype=np.float64)
     norm = np.asarray(weight_norm_sq, dtype=np.float64)
+    bad = non_finite_epoch(epochs, test_loss, norm)
+    if bad is not None:
+        raise ValueError(
+            f"the test loss or weight norm is not finite at epoch {bad}: phases are not read "
+            "from a diverged curve"
+        )
     # Read everything from the stable segment: as if the table stopped before a late spike.
     end = stable_segment_end(test_loss, grokked_loss, spike_factor)
     epochs, test_loss, norm = epochs[:end], test_loss[:end], norm[:end]
