@@ -32,6 +32,7 @@ from circuits.engine.subnormal import flush_subnormals
 from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folder
 from circuits.model import Transformer, make_model
+from circuits.resume import check_resume
 from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
 from circuits.tasks import Task, make_task
 
@@ -328,8 +329,8 @@ def _train_run(
     start = 0
     if resume is not None:
         tensors, meta = resume
+        start = check_resume(store, config, model, tensors, meta)
         _load_resume(model, opt, tensors)
-        start = int(meta["epoch"])
         store.truncate_metrics(start)
     else:
         store.truncate_metrics(-1)

@@ -30,6 +30,7 @@ from circuits.engine.step import TrainStep
 from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folders
 from circuits.model import Transformer, make_model
+from circuits.resume import check_resume
 from circuits.store import RunStore, is_buffer_key
 from circuits.tasks import Task
 from circuits.trainer import (
@@ -152,6 +153,7 @@ def _open_member(config: RunConfig, store: RunStore) -> _Member:
     epoch, opt_tensors = 0, {}
     if resume is not None:
         tensors, meta = resume
+        check_resume(store, config, model, tensors, meta)
         weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(weights, strict=False)
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("opt.")}
