@@ -270,6 +270,9 @@ def plotly_js() -> str:
 def render_page(title: str, subtitle: str, facts: list[str], sections: list[Section], footer: str) -> str:
     """One HTML page: plotly.js inline, each figure as a JSON block, a small script to draw them.
 
+    ``title``, ``subtitle`` and section titles are plain text (escaped here); ``facts``, section
+    notes and ``footer`` are HTML, so their callers escape every value they put in them.
+
     The drawing script sits between the light figures and the heavy per-checkpoint ones: the
     first screen is drawn while the browser is still reading the slider frames.
     """
@@ -313,7 +316,7 @@ def render_page(title: str, subtitle: str, facts: list[str], sections: list[Sect
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<style>{_CSS}</style>"
         f"<script>{plotly_js()}</script></head><body>"
-        f"<header><h1>{title}<small>{subtitle}</small></h1><div class=\"facts\">{fact_html}</div></header>"
+        f"<header><h1>{html.escape(title)}<small>{html.escape(subtitle)}</small></h1><div class=\"facts\">{fact_html}</div></header>"
         f"<main>{''.join(body)}</main><footer>{footer}</footer>"
         f'{"".join(light)}<script type="application/json" id="figures">{_json_script(meta)}</script>'
         f"<script>{_JS}</script>{''.join(heavy)}</body></html>\n"

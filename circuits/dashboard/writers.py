@@ -48,25 +48,40 @@ def _read_config(run_path: str | Path | None) -> dict[str, Any] | None:
     return data.get("config", data) if isinstance(data, dict) else None
 
 
-def _fmt_epoch(e: int | None) -> str:
-    return f"{e:,}" if e is not None else "not reached"
+def _e(value: Any) -> str:
+    """Any value from a file, as HTML text: run and analysis folders may come from anyone."""
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, spec: str) -> str:
+    """A number formatted with ``spec``; anything else (a crafted file's string) escaped as is."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return format(value, spec)
+    return _e(value)
+
+
+def _fmt_epoch(e: Any) -> str:
+    return "not reached" if e is None else _num(e, ",")
 
 
 def _run_facts(analysis: Analysis, config: dict[str, Any] | None) -> list[str]:
     facts = []
     if config:
         t, mo, tr = config["task"], config["model"], config["train"]
-        data = f"{t['train_size']} training pairs" if t.get("train_size") else f"{t['frac']:.0%} of pairs for training"
+        data = (f"{_e(t['train_size'])} training pairs" if t.get("train_size")
+                else f"{_num(t['frac'], '.0%')} of pairs for training")
+        op = t["op"]
         facts += [
-            f"<b>{OPS.get(t['op'], t['op'])} mod {t['p']}</b>",
+            f"<b>{_e(OPS.get(op, op) if isinstance(op, str) else op)} mod {_e(t['p'])}</b>",
             data,
-            f"d_model {mo['d_model']} · {mo['n_heads']} heads · d_mlp {mo['d_mlp']} · {mo['act_fn']}",
-            f"AdamW lr {tr['lr']:g} · weight decay {tr['weight_decay']:g}",
-            f"seed {mo['seed']} · data seed {t['data_seed']}",
+            f"d_model {_e(mo['d_model'])} · {_e(mo['n_heads'])} heads · d_mlp {_e(mo['d_mlp'])} · "
+            f"{_e(mo['act_fn'])}",
+            f"AdamW lr {_num(tr['lr'], 'g')} · weight decay {_num(tr['weight_decay'], 'g')}",
+            f"seed {_e(mo['seed'])} · data seed {_e(t['data_seed'])}",
         ]
     s = analysis.summary
-    facts.append(f"{s.get('n_checkpoints', len(analysis.measures))} checkpoints")
-    key = ", ".join(str(k) for k in analysis.key_frequencies) or "none yet"
+    facts.append(f"{_e(s.get('n_checkpoints', len(analysis.measures)))} checkpoints")
+    key = ", ".join(_e(k) for k in analysis.key_frequencies) or "none yet"
     facts.append(f"key frequencies <b>{key}</b>")
     ph = s.get("phases") or {}
     if ph:
@@ -78,8 +93,8 @@ def _run_facts(analysis: Analysis, config: dict[str, Any] | None) -> list[str]:
     final = s.get("final") or {}
     if final:
         facts.append(
-            f"epoch {final.get('epoch', 0):,}: train acc {final.get('train_acc', 0):.1%}, "
-            f"test acc {final.get('test_acc', 0):.1%}, test loss {final.get('test_loss', 0):.2g}"
+            f"epoch {_num(final.get('epoch', 0), ',')}: train acc {_num(final.get('train_acc', 0), '.1%')}, "
+            f"test acc {_num(final.get('test_acc', 0), '.1%')}, test loss {_num(final.get('test_loss', 0), '.2g')}"
         )
     return facts
 
@@ -114,7 +129,7 @@ def write_run_dashboard(
     if n_epochs == 0 or "embed_fourier_norms" not in analysis.arrays:
         # A run with no intact checkpoint yet: say so rather than draw empty axes.
         text = render_page(
-            f"circuits · {html.escape(name)}", "grokking dashboard", _run_facts(analysis, config),
+            f"circuits · {name}", "grokking dashboard", _run_facts(analysis, config),
             [Section("No checkpoints analysed yet", [], "Run <code>circuits analyze</code> again once "
                       "the run has saved a checkpoint.")], page_footer(),
         )
@@ -168,7 +183,7 @@ def write_run_dashboard(
         Section("Through the checkpoints", frames_panels, note, slider=shown),
     ]
     text = render_page(
-        f"circuits · {html.escape(name)}", "grokking dashboard", _run_facts(analysis, config), sections,
+        f"circuits · {name}", "grokking dashboard", _run_facts(analysis, config), sections,
         page_footer(f"Analysis: {html.escape(str(analysis.path))}."),
     )
     return write_page(out_path, text)
@@ -221,10 +236,10 @@ def _runs_table(analyses: Sequence[Analysis], labels: Sequence[str]) -> str:
         rows.append(
             "<tr>" + "".join(f"<td>{x}</td>" for x in (
                 html.escape(label), html.escape(str(a.summary.get("run") or a.path)),
-                ", ".join(map(str, a.key_frequencies)) or "–",
+                ", ".join(map(_e, a.key_frequencies)) or "–",
                 _fmt_epoch(ph.get("memorisation_end")), _fmt_epoch(ph.get("circuit_formation_end")),
                 _fmt_epoch(ph.get("cleanup_end")), grok,
-                f"{final.get('test_acc', float('nan')):.1%}" if final else "–",
+                _num(final.get("test_acc", float("nan")), ".1%") if final else "–",
             )) + "</tr>"
         )
     head = "".join(f"<th>{h}</th>" for h in (
@@ -322,7 +337,7 @@ def write_experiment_dashboard(
         raise ValueError("write_experiment_dashboard needs at least one table")
     sections = [Section("Results", panels,
                          "Efficiency and ungrokking after Varma et al. (2023); phase diagrams show the mean over seeds.")]
-    text = render_page(f"circuits · {html.escape(title)}", "experiment results", [], sections, page_footer())
+    text = render_page(f"circuits · {title}", "experiment results", [], sections, page_footer())
     return write_page(Path(out), text)
 
 
@@ -334,7 +349,7 @@ def write_figure_page(
     if not figs:
         raise ValueError("write_figure_page needs at least one figure")
     panels = [Panel(f"figure{i}", f, wide=True, height=480) for i, f in enumerate(figs)]
-    text = render_page(f"circuits · {html.escape(title)}", "experiment results", [],
+    text = render_page(f"circuits · {title}", "experiment results", [],
                    [Section("Results", panels, note)], page_footer())
     return write_page(Path(out), text)
 
