@@ -332,6 +332,21 @@ def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type,
     return tuple(usage), tuple(exits), tuple(aborts)
 
 
+def _os_error(e: OSError) -> str:
+    """One line for an OS error: what failed, on which file, and what to do."""
+    import errno
+
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (f"the disk is full (writing{where}); free some space and rerun the same command: "
+                "a run resumes from its last save")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where}: {e.strerror}; choose a folder you can write (--out)"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"{e.filename or 'a path'} is a file where a folder is needed; choose another --out"
+    return f"{e.strerror or e}{':' + where if where else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     from circuits.errors import ProtocolError, RunFolderError, TrainingDiverged
@@ -345,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=args, prog_name="circuits", standalone_mode=False)
     except (UserError, ConfigError, RunFolderError, ProtocolError, TrainingDiverged) as e:
         typer.echo(f"circuits: error: {e}", err=True)
+        return 2
+    except OSError as e:
+        typer.echo(f"circuits: error: {_os_error(e)}", err=True)
+        return 2
+    except MemoryError:
+        typer.echo("circuits: error: out of memory; choose a smaller p, model or ensemble", err=True)
         return 2
     except exits as e:
         return int(e.exit_code)

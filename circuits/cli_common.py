@@ -35,7 +35,13 @@ def build_config(
             text = config_file.read_text()
         except OSError as e:
             raise UserError(f"cannot read --config {config_file}: {e.strerror}") from None
-        data = json.loads(text) if text.strip() else {}
+        try:
+            data = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"--config {config_file} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                f"{e.colno}); fix the file"
+            ) from None
         # Accept a run folder's config.json (which wraps the config with versions) too.
         if isinstance(data, dict) and "config" in data and "format" in data:
             data = data["config"]

@@ -74,6 +74,19 @@ def test_force_refuses_a_folder_that_is_not_a_run_in_one_line(tmp_path: Path) ->
     assert (tmp_path / "thesis.tex").read_text() == "years of work"
 
 
+def test_os_and_file_errors_are_one_line(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    r = run_cli("train", *TINY_FLAGS, "--out", str(afile))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "is a file where a folder is needed" in r.stderr and afile.read_text() == "mine"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = run_cli("train", "--config", str(bad))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "is not valid JSON" in r.stderr and "line 1, column 2" in r.stderr
+
+
 def test_info_names_a_damaged_checkpoint(tiny_run: circuits.Run, tmp_path: Path) -> None:
     import shutil
 
