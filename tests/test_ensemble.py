@@ -26,9 +26,12 @@ def _members() -> list[RunConfig]:
     # member went from 1e-7 apart at epoch 10 to 5e-4 at epoch 15 and 3e-2 at epoch 60, with
     # every kernel giving identical bits for identical inputs (tests/test_mix.py). Seeds 4-6
     # stay within 4e-6. The comparison below needs a trajectory that does not amplify rounding.
+    # Which trajectories amplify depends on the CPU's kernels: on an AVX-512 EPYC host (Zen 4,
+    # 2026-12-04) the second member with model seed 2 went from 8e-7 at epoch 5 to 9e-2 by
+    # epoch 40 (the code of the session before too); with seed 6 it stays within 6e-6 there.
     return [
         tiny_config(seed=1),
-        tiny_config(seed=2, data_seed=7, train_size=40),
+        tiny_config(seed=6, data_seed=7, train_size=40),
         tiny_config(seed=4, weight_decay=0.3, lr=3e-3, warmup_steps=10),
     ]
 
