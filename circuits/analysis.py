@@ -9,13 +9,26 @@ Writes (by default to ``analyses/<run path relative to checkpoints/>/``):
 * ``summary.json``: key frequencies (and the checkpoint they came from), neuron cluster sizes,
   phase boundaries, final metrics, the measure variants used, and any damaged checkpoints.
 
-A second call computes only checkpoints it has not seen, unless the key frequencies of the
-newest checkpoint differ from the stored ones, in which case every row is recomputed with the
-new set (science.md, Decisions). A damaged checkpoint is named and skipped.
+A second call computes only what it cannot reuse. Every row is tied to the exact inputs it was
+computed from (``summary.json["inputs"]``: each checkpoint's sha256 from the run's manifest, the
+config, the split file's sha256, the key frequencies and the analysis format): a row whose
+checkpoint changed (a run retrained with ``--force``) or that belongs to another run is
+recomputed, a row whose checkpoint is gone is dropped, and a new key-frequency set recomputes
+every row (science.md, Decisions). ``summary.json`` also records the sha256 of the two tables,
+so a table changed or damaged after it was written is named by :func:`load_analysis` and
+recomputed by the next :func:`analyze`. A damaged checkpoint is named and skipped.
+
+Default folders never collide (design.md, "Where analyses go"): a run under a ``checkpoints/``
+folder is analysed into ``analyses/<its path under checkpoints/>`` beside that folder, any other
+run into ``analyses/<name>-<8 hex of its resolved path>``. ``analyze`` writes only into a new or
+empty folder or one of its own, and holds the folder's lock while it writes.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from circuits.engine.grid import grid_blocks, grid_forward, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
-from circuits.errors import CheckpointError
+from circuits.errors import AnalysisFolderError, CheckpointError
 from circuits.fourier import line_index, sum_directions
+from circuits.lock import hold_run_folder
 from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
@@ -45,7 +60,7 @@ from circuits.measures.norms import stacked_weight_norms_sq
 from circuits.measures.phases import non_finite_epoch, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
-from circuits.store import atomic_write_bytes
+from circuits.store import LOCK_FILE, SPLIT_FILE, atomic_write_bytes, file_sha256, own_temp
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,6 +79,10 @@ DEFAULT_ANALYSES_DIR = Path("analyses")
 MEASURES_FILE = "measures.csv"
 ARRAYS_FILE = "arrays.safetensors"
 SUMMARY_FILE = "summary.json"
+#: Bumped when a measure's definition changes: rows of another format are recomputed.
+ANALYSIS_FORMAT = 2
+#: What ``analyze`` writes into an analysis folder (and the temporary files of its writes).
+ANALYSIS_FILES = (MEASURES_FILE, ARRAYS_FILE, SUMMARY_FILE, "dashboard.html", LOCK_FILE)
 
 MEASURE_COLUMNS = (
     "epoch",
@@ -120,15 +139,25 @@ VARIANTS = {
 }
 
 
-def default_analysis_dir(run: Run, root: Path = DEFAULT_ANALYSES_DIR) -> Path:
-    """``analyses/<run path relative to checkpoints/>``, or ``analyses/<run name>`` elsewhere."""
+def default_analysis_dir(run: Run, root: str | Path | None = None) -> Path:
+    """Where ``analyze`` writes by default; two runs never share it (design.md).
+
+    A run under a ``checkpoints/`` folder: ``analyses/<its path under checkpoints/>`` beside
+    that folder (``analyses/`` here for ``./checkpoints``). Any other run:
+    ``analyses/<name>-<8 hex of the sha256 of its resolved path>``. ``root`` replaces the
+    ``analyses`` folder.
+    """
     path = run.path.resolve()
-    base = DEFAULT_RUNS_DIR.resolve()
-    try:
-        rel = path.relative_to(base)
-    except ValueError:
-        rel = Path(path.name)
-    return Path(root) / rel
+    for parent in path.parents:
+        if parent.name == DEFAULT_RUNS_DIR.name:
+            rel = path.relative_to(parent)
+            if root is not None:
+                return Path(root) / rel
+            if parent.parent == Path.cwd().resolve():
+                return DEFAULT_ANALYSES_DIR / rel
+            return parent.parent / DEFAULT_ANALYSES_DIR.name / rel
+    tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+    return Path(root if root is not None else DEFAULT_ANALYSES_DIR) / f"{path.name}-{tag}"
 
 
 @dataclass
@@ -344,15 +373,98 @@ def analyze(
 
     ``key_freqs`` overrides the automatic key-frequency detection. ``on_progress(done, total)``
     is called after each batch. With ``write`` (default) the tables are saved to ``out``
-    (default :func:`default_analysis_dir`) and reused by the next call.
+    (default :func:`default_analysis_dir`) and reused by the next call for every checkpoint
+    whose sha256 is unchanged (see the module docstring); ``out`` must be new, empty or an
+    analysis folder (AnalysisFolderError otherwise, nothing written).
     """
-    import pandas as pd
-
     keep_freed_memory()
     if not isinstance(run, Run):
         run = load_run(run)
     out_dir = Path(out) if out is not None else default_analysis_dir(run)
+    if not write:
+        return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write)
+    check_analysis_dir(out_dir)
+    made = not out_dir.exists()
+    try:
+        with hold_run_folder(out_dir, doing="analysing into"):
+            return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write)
+    except BaseException:
+        if made:
+            _remove_new_folder(out_dir)  # a failed first analysis leaves no half-made folder
+        raise
+
+
+def _remove_new_folder(path: Path) -> None:
+    """Remove the analysis files of a folder this call created, then the folder if empty."""
+    if not path.is_dir():
+        return
+    for f in path.iterdir():
+        if f.name in ANALYSIS_FILES or own_temp(f.name, ANALYSIS_FILES):
+            f.unlink(missing_ok=True)
+    if not any(path.iterdir()):
+        path.rmdir()
+
+
+def check_analysis_dir(path: Path) -> None:
+    """Refuse (AnalysisFolderError) a path ``analyze`` must not write into: a file, or a folder
+    holding anything but an analysis's own files (a folder of yours, a run folder)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise AnalysisFolderError(f"{path} is a file, not an analysis folder; choose another --out")
+    foreign = sorted(
+        f.name for f in path.iterdir()
+        if f.name not in ANALYSIS_FILES and not own_temp(f.name, ANALYSIS_FILES)
+    )
+    if foreign:
+        raise AnalysisFolderError(
+            f"{path} is not an analysis folder (it holds {', '.join(foreign[:3])}"
+            f"{' ...' if len(foreign) > 3 else ''}), so analyze will not write into it; "
+            "choose a new or empty --out"
+        )
+
+
+def _inputs(run: Run, key: list[int], digests: dict[int, str], epochs: list[int]) -> dict[str, Any]:
+    """What the rows of ``epochs`` were computed from; rows are reused only when it matches."""
+    from circuits import __version__
+
+    science = json.dumps(run.config.science_dict, sort_keys=True).encode()
+    return {
+        "format": ANALYSIS_FORMAT,
+        "circuits_version": __version__,
+        "config_sha256": hashlib.sha256(science).hexdigest(),
+        "split_sha256": file_sha256(run.path / SPLIT_FILE),
+        "key_frequencies": [int(k) for k in key],
+        "checkpoints": {str(e): digests[e] for e in epochs if e in digests},
+    }
+
+
+def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[int, str]) -> list[int]:
+    """Epochs of ``previous``'s rows that were computed from exactly today's inputs."""
+    if previous is None:
+        return []
+    before = previous.summary.get("inputs")
+    if not isinstance(before, dict):
+        return []  # written before analyses recorded their inputs: recompute
+    same = ("format", "circuits_version", "config_sha256", "split_sha256", "key_frequencies")
+    if any(before.get(k) != inputs[k] for k in same):
+        return []
+    seen = before.get("checkpoints")
+    if not isinstance(seen, dict):
+        return []
+    rows = previous.measures.epoch.astype(int).tolist()
+    return [e for e in rows if e in digests and seen.get(str(e)) == digests[e]]
+
+
+def _analyze(
+    run: Run, out_dir: Path, batch_size: int, key_freqs: list[int] | None,
+    on_progress: Callable[[int, int], None] | None, write: bool,
+) -> Analysis:
+    import pandas as pd
+
     epochs = run.epochs
+    digests = run.store.checkpoint_digests()
     damaged: dict[int, str] = {}
     # Key frequencies from the newest intact checkpoint.
     key = key_freqs
@@ -367,15 +479,20 @@ def analyze(
             damaged[e] = str(err)
     if key is None:
         key = []
-    previous = load_analysis(out_dir) if write and (out_dir / SUMMARY_FILE).exists() else None
+    previous, discarded = None, None
+    if write and (out_dir / SUMMARY_FILE).exists():
+        try:
+            previous = load_analysis(out_dir)
+        except AnalysisFolderError as e:
+            discarded = str(e)  # recomputed whole, and said so in the summary
+    reuse = set(_reusable(previous, _inputs(run, key, digests, []), digests))
     done_rows: pd.DataFrame | None = None
     done_arrays: dict[str, torch.Tensor] | None = None
-    if previous is not None and previous.key_frequencies == key:
-        done_rows, done_arrays = previous.measures, previous.arrays
-        known = set(done_rows.epoch.astype(int).tolist())
-        todo = [e for e in epochs if e not in known and e not in damaged]
-    else:
-        todo = [e for e in epochs if e not in damaged]
+    if previous is not None and reuse:
+        keep = previous.measures.epoch.astype(int).isin(reuse).to_numpy()
+        done_rows = previous.measures[keep].reset_index(drop=True)
+        done_arrays = {k: v[torch.tensor(keep)] for k, v in previous.arrays.items()}
+    todo = [e for e in epochs if e not in reuse and e not in damaged]
     new_cols: list[dict[str, torch.Tensor]] = []
     new_arrays: list[dict[str, torch.Tensor]] = []
     new_epochs: list[int] = []
@@ -415,6 +532,9 @@ def analyze(
     measures = measures[ordered]
     arrays = _merge_arrays(done_arrays, new_arrays, new_epochs)
     summary = _summary(run, measures, arrays, key, key_epoch, key_freqs is not None, damaged)
+    summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist())
+    if discarded is not None:
+        summary["previous_discarded"] = discarded
     analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])
     if write:
         _write(analysis)
@@ -486,18 +606,125 @@ def _summary(
 def _write(analysis: Analysis) -> None:
     out = analysis.path
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / MEASURES_FILE, analysis.measures.to_csv(index=False, float_format="%.10g").encode())
-    atomic_write_bytes(out / ARRAYS_FILE, st_save(analysis.arrays))
+    tables = {
+        MEASURES_FILE: analysis.measures.to_csv(index=False, na_rep="nan").encode(),
+        ARRAYS_FILE: st_save(analysis.arrays),
+    }
+    # summary.json is written last and names the tables' digests: a kill between the writes, or
+    # a table changed afterwards, shows as a mismatch (load_analysis), never as wrong numbers.
+    analysis.summary["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in tables.items()}
+    for name, data in tables.items():
+        atomic_write_bytes(out / name, data)
     atomic_write_bytes(out / SUMMARY_FILE, json.dumps(analysis.summary, indent=2).encode())
 
 
-def load_analysis(path: str | Path) -> Analysis:
-    """Read an analysis folder written by :func:`analyze` (``circuits analyze``)."""
+def _damaged(path: Path, problem: str) -> AnalysisFolderError:
+    return AnalysisFolderError(
+        f"analysis folder {path.parent} is damaged: {path.name} {problem}; rerun `circuits analyze` "
+        "on its run to recompute it"
+    )
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AnalysisFolderError(f"{path.parent} is not an analysis folder: {SUMMARY_FILE} is missing")
+    try:
+        summary = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, f"is not JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise _damaged(path, "is not a JSON object")
+    checks: dict[str, Callable[[Any], bool]] = {
+        "n_checkpoints": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "key_frequencies": lambda v: isinstance(v, list) and all(
+            isinstance(k, int) and not isinstance(k, bool) for k in v),
+        "phases": lambda v: v is None or isinstance(v, dict),
+        "final": lambda v: isinstance(v, dict),
+        "neuron_cluster_sizes": lambda v: isinstance(v, dict),
+    }
+    for name, ok in checks.items():
+        if name not in summary:
+            raise _damaged(path, f"lacks {name!r}")
+        if not ok(summary[name]):
+            raise _damaged(path, f"has {name} = {summary[name]!r}, which is not what analyze writes")
+    for name in ("damaged_checkpoints", "files", "inputs"):
+        if not isinstance(summary.get(name, {}), dict):
+            raise _damaged(path, f"has {name} = {summary[name]!r}, which is not what analyze writes")
+    return summary
+
+
+def _read_measures(path: Path) -> pd.DataFrame:
     import pandas as pd
 
+    if not path.is_file():
+        raise _damaged(path, "is missing")
+    try:
+        text = path.read_bytes().decode("utf-8")
+        rows = list(csv.reader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise _damaged(path, f"is not a CSV table ({e})") from None
+    if not rows or "epoch" not in rows[0]:
+        raise _damaged(path, "has no header with an epoch column")
+    header = rows[0]
+    for i, row in enumerate(rows[1:], start=2):
+        # A torn or cut row would otherwise be read as NaN, and stay as NaN.
+        if len(row) != len(header):
+            raise _damaged(path, f"line {i} has {len(row)} fields, the header {len(header)} (truncated?)")
+        for name, value in zip(header, row):
+            try:
+                float(value or "nan")  # an empty field is NaN (how older versions wrote it)
+            except ValueError:
+                raise _damaged(path, f"line {i}: {name} is {value[:20]!r}, not a number") from None
+    missing = [c for c in MEASURE_COLUMNS if c not in header]
+    if missing:
+        raise _damaged(path, f"lacks the columns {', '.join(missing[:3])} (written by another "
+                             "version of circuits?)")
+    measures = pd.read_csv(io.StringIO(text))
+    epochs = measures.epoch.to_numpy()
+    if len(epochs) and (not all(float(e).is_integer() for e in epochs) or (epochs[1:] <= epochs[:-1]).any()):
+        raise _damaged(path, "has epochs that are not whole numbers in increasing order")
+    measures["epoch"] = measures["epoch"].astype(int)
+    return measures
+
+
+def load_analysis(path: str | Path) -> Analysis:
+    """Read an analysis folder written by :func:`analyze` (``circuits analyze``).
+
+    Everything is checked before it is served: ``summary.json``'s structure, the tables against
+    the digests it records, every row of ``measures.csv`` whole and numeric, every array's
+    leading axis against the rows, and the arrays' epochs against the table's.
+    :class:`~circuits.errors.AnalysisFolderError` names the file and the fix.
+    """
     path = Path(path)
-    summary = json.loads((path / SUMMARY_FILE).read_text())
-    measures = pd.read_csv(path / MEASURES_FILE)
-    arrays = st_load((path / ARRAYS_FILE).read_bytes())
-    damaged = list(summary.get("damaged_checkpoints", {}).values())
+    summary = _read_summary(path / SUMMARY_FILE)
+    for name, digest in summary.get("files", {}).items():
+        f = path / name
+        if name not in (MEASURES_FILE, ARRAYS_FILE):
+            continue
+        if not f.is_file():
+            raise _damaged(f, "is missing")
+        if file_sha256(f) != digest:
+            raise _damaged(f, f"is not the file {SUMMARY_FILE} names (its sha256 differs: changed "
+                              "or damaged after it was written)")
+    measures = _read_measures(path / MEASURES_FILE)
+    f = path / ARRAYS_FILE
+    if not f.is_file():
+        raise _damaged(f, "is missing")
+    try:
+        arrays = st_load(f.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise _damaged(f, f"is not safetensors data ({e})") from None
+    for name in ARRAY_DOCS:
+        if name not in arrays:
+            raise _damaged(f, f"lacks the array {name!r}")
+    for name, value in arrays.items():
+        if value.dim() == 0 or value.shape[0] != len(measures):
+            raise _damaged(f, f"has {name} of shape {tuple(value.shape)}, not one row per "
+                              f"checkpoint ({len(measures)} in {MEASURES_FILE})")
+    if arrays["epochs"].tolist() != measures.epoch.tolist():
+        raise _damaged(f, f"has other epochs than {MEASURES_FILE}")
+    if summary["n_checkpoints"] != len(measures):
+        raise _damaged(path / SUMMARY_FILE, f"counts {summary['n_checkpoints']} checkpoints, "
+                                            f"{MEASURES_FILE} has {len(measures)}")
+    damaged = [str(m) for m in summary.get("damaged_checkpoints", {}).values()]
     return Analysis(path, measures, arrays, summary, damaged)

@@ -220,7 +220,8 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
 def analyze_cmd(
     run_dir: Path = typer.Argument(..., help="A run folder (it may still be training)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Analysis folder (default: analyses/<run path under checkpoints/>)."
+        None, "--out", help="Analysis folder (default: analyses/<run path under checkpoints/>; for a run "
+        "elsewhere analyses/<name>-<hash of its path>). Must be new, empty or an analysis folder."
     ),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Checkpoints per batch."),
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError", "ProtocolError", "TrainingDiverged", "require_run_dir"]
+__all__ = ["RunFolderError", "CheckpointError", "AnalysisFolderError", "ProtocolError", "TrainingDiverged", "require_run_dir"]
 
 
 class RunFolderError(RuntimeError):
@@ -18,6 +18,11 @@ class CheckpointError(RunFolderError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"damaged checkpoint {self.path}: {problem}")
+
+
+class AnalysisFolderError(RunFolderError):
+    """An analysis folder is damaged, foreign or changed after circuits wrote it; the message
+    names the file and the fix (``circuits analyze`` recomputes what it cannot trust)."""
 
 
 class ProtocolError(ValueError):

@@ -45,9 +45,9 @@ _lock = threading.Lock()
 _held: dict[Path, list[int]] = {}
 
 
-def _record() -> bytes:
+def _record(doing: str) -> bytes:
     doc = {"pid": os.getpid(), "host": socket.gethostname(),
-           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "doing": doing}
     return (json.dumps(doc) + "\n").encode()
 
 
@@ -61,11 +61,16 @@ def _read_record(fd: int) -> dict:
         return {}
 
 
+def _doing(doc: dict) -> str:
+    doing = doc.get("doing")
+    return doing if doing in ("training into", "analysing into") else "training into"
+
+
 def _holder(doc: dict) -> str:
     return f"pid {doc.get('pid', '?')} on {doc.get('host', '?')} (since {doc.get('since', '?')})"
 
 
-def _acquire(root: Path) -> int:
+def _acquire(root: Path, doing: str) -> int:
     path = root / LOCK_FILE
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,7 +80,7 @@ def _acquire(root: Path) -> int:
             doc = _read_record(fd)
             os.close(fd)
             raise RunFolderInUse(
-                f"{root} is in use: {_holder(doc)} is training into it; wait for it to "
+                f"{root} is in use: {_holder(doc)} is {_doing(doc)} it; wait for it to "
                 "finish or stop it, or choose another --out"
             ) from None
         # The holder before us may have deleted the file between our open and our lock:
@@ -96,7 +101,7 @@ def _acquire(root: Path) -> int:
         )
     os.ftruncate(fd, 0)  # a dead local holder's record, if any, is replaced
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, _record())
+    os.write(fd, _record(doing))
     os.fsync(fd)
     return fd
 
@@ -111,8 +116,11 @@ def _release(root: Path, fd: int) -> None:
 
 
 @contextmanager
-def hold_run_folder(root: str | Path) -> Iterator[None]:
+def hold_run_folder(root: str | Path, doing: str = "training into") -> Iterator[None]:
     """Hold ``root``'s lock while inside (the folder is created if needed).
+
+    ``doing`` ("training into", "analysing into") is recorded for the message a second
+    process gets. An analysis folder is held the same way while ``analyze`` writes it.
 
     Raises :class:`RunFolderInUse`, naming the holder, when another process or another thread
     holds it. Re-entrant for the holding thread.
@@ -131,7 +139,7 @@ def hold_run_folder(root: str | Path) -> Iterator[None]:
         if entry is not None:
             entry[2] += 1
         else:
-            _held[key] = [_acquire(root), me, 1]
+            _held[key] = [_acquire(root, doing), me, 1]
     try:
         yield
     finally:

@@ -141,7 +141,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 RUN_FILES = (RESUME_META_FILE, RESUME_FILE, METRICS_FILE, MANIFEST_FILE, SPLIT_FILE)
 
 
-def _own_temp(name: str, owners: Iterable[str]) -> bool:
+def own_temp(name: str, owners: Iterable[str]) -> bool:
+    """Whether ``name`` is a temporary file :func:`atomic_write_bytes` made for one of ``owners``."""
     # atomic_write_bytes's temporary names: ".<final name>.<random>.tmp".
     return name.endswith(".tmp") and any(name.startswith(f".{o}.") for o in owners)
 
@@ -175,12 +176,12 @@ def clear_run_folder(path: Path, check_only: bool = False) -> None:
     ckpt = path / CHECKPOINT_DIR
     if ckpt.is_dir():
         for f in ckpt.iterdir():
-            if f.is_file() and (_CKPT_RE.match(f.name) or _own_temp(f.name, ["epoch_"])):
+            if f.is_file() and (_CKPT_RE.match(f.name) or own_temp(f.name, ["epoch_"])):
                 f.unlink()
         if not any(ckpt.iterdir()):
             ckpt.rmdir()
     for f in path.iterdir():
-        if f.is_file() and _own_temp(f.name, (*RUN_FILES, CONFIG_FILE)):
+        if f.is_file() and own_temp(f.name, (*RUN_FILES, CONFIG_FILE)):
             f.unlink()
     for name in RUN_FILES:
         (path / name).unlink(missing_ok=True)
@@ -300,6 +301,10 @@ class RunStore:
         doc = {"format": FORMAT_VERSION, "checkpoints": ordered}
         atomic_write_bytes(self.root / MANIFEST_FILE, json.dumps(doc, indent=1).encode())
 
+    def checkpoint_digests(self) -> dict[int, str]:
+        """Epoch -> sha256 of each checkpoint the manifest records (what an analysis is keyed by)."""
+        return {int(entry["epoch"]): str(entry["sha256"]) for entry in self.read_manifest().values()}
+
     def checkpoint_epochs(self) -> list[int]:
         """Epochs of the checkpoints the manifest records, ascending."""
         return sorted(entry["epoch"] for entry in self.read_manifest().values())
@@ -315,15 +320,20 @@ class RunStore:
             raise RunFolderError(f"no checkpoint at epoch {epoch} in {self.root}")
         if not path.is_file():
             raise CheckpointError(path, "file is missing")
+        size = path.stat().st_size  # before reading: a huge foreign file is never read whole
+        if size != entry["bytes"]:
+            raise CheckpointError(path, f"truncated or extended: {size} bytes, expected {entry['bytes']}")
         data = path.read_bytes()
-        if len(data) != entry["bytes"]:
+        if len(data) != entry["bytes"]:  # changed between the stat and the read
             raise CheckpointError(
                 path, f"truncated or extended: {len(data)} bytes, expected {entry['bytes']}"
             )
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(path, "checksum mismatch (file corrupted)")
         try:
-            return st_load(data)
+            # safetensors returns its tensors in no fixed order; sorted names make every sum
+            # over a checkpoint's tensors (the total weight norm) the same bits on every load.
+            return dict(sorted(st_load(data).items()))
         except (SafetensorError, ValueError, RuntimeError) as e:
             raise CheckpointError(path, f"unreadable safetensors data ({e})") from None
 

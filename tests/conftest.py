@@ -58,3 +58,31 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
         [sys.executable, "-m", "circuits.cli", *args], capture_output=True, text=True,
         cwd=cwd or REPO, env=env, timeout=timeout,
     )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """``mount(size, read_only=False) -> folder``: a real tmpfs of ``size`` bytes (design.md).
+
+    Disk-full and read-only cases need a real file system: CI runs as root, so chmod cannot make
+    a folder unwritable. Outside CI a machine that cannot mount skips these tests; in CI (the
+    ``CI`` environment variable set) that is a failure.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: int, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        opts = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"cannot mount a tmpfs in CI: {done.stderr.strip()}")
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); runs in CI")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -20,7 +20,7 @@ import torch
 
 import circuits
 from circuits import plots
-from circuits.analysis import MEASURE_COLUMNS, Analysis, analyze
+from circuits.analysis import MEASURE_COLUMNS, Analysis, analyze, default_analysis_dir
 from circuits.dashboard import (
     DASHBOARD_FILE,
     write_comparison_dashboard,
@@ -298,7 +298,8 @@ def test_cli_dashboard(tiny_run: circuits.Run, run_dashboard: Path, tmp_path: Pa
     # A run folder: analysed first (into analyses/ under the working directory), then drawn.
     result = run_cli("dashboard", str(tiny_run.path.resolve()), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    written = tmp_path / "analyses" / tiny_run.path.name / DASHBOARD_FILE
+    written = tmp_path / default_analysis_dir(tiny_run) / DASHBOARD_FILE
+    assert written.parent.name.startswith(f"{tiny_run.path.name}-")  # named for its run's path
     assert written.is_file() and (written.parent / "measures.csv").is_file()
     # Several: a comparison.
     result = run_cli("dashboard", str(tiny_run.path.resolve()), str(run_dashboard.parent), cwd=tmp_path)
