@@ -387,6 +387,9 @@ def analyze(
     made = not out_dir.exists()
     try:
         with hold_run_folder(out_dir, doing="analysing into"):
+            for f in out_dir.iterdir():  # under the lock: temporary files of a killed analysis
+                if own_temp(f.name, ANALYSIS_FILES):
+                    f.unlink(missing_ok=True)
             return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write)
     except BaseException:
         if made:

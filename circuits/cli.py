@@ -172,47 +172,81 @@ app.command("train")(_train)
 
 @app.command("info")
 def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Print a run's config, checkpoints and final metrics."""
+    """Print a run's config, checkpoints and final metrics, and check every file of the run.
+
+    Exit 1 when anything is damaged (each problem on a line of its own, with the fix).
+    """
     require_run_dir(run_dir)
+    from circuits.errors import RunFolderError
     from circuits.run import load_run
 
     run = load_run(run_dir)
     cfg = run.config
+    problems: list[str] = []
     typer.echo(f"run       {run.path}")
     typer.echo(f"preset    {cfg.preset}   hash {cfg.short_hash()}   engine {cfg.train.engine}")
     for section, values in cfg.science_dict.items():
         typer.echo(f"{section:<9} " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    epochs = run.epochs
+    try:
+        epochs = run.epochs
+    except RunFolderError as e:
+        problems.append(f"DAMAGED   {e}")
+        epochs = []
     size = sum(f.stat().st_size for f in run.store.checkpoint_dir.glob("*.safetensors"))
-    status = "complete" if run.is_complete else "in progress / stopped"
+    status = "complete" if epochs and epochs[-1] == cfg.train.epochs else "in progress / stopped"
     if epochs:
         typer.echo(
             f"checkpoints {len(epochs)} (epochs {epochs[0]}..{epochs[-1]} of "
             f"{cfg.train.epochs}, {status}), {size / 2**20:.1f} MiB"
         )
     else:
-        typer.echo("checkpoints none yet")
-    damaged = run.verify()
-    for err in damaged:
-        typer.echo(f"DAMAGED   {err.path.name}: {err.problem}")
-    metrics = run.metrics
+        typer.echo("checkpoints none yet" if not problems else "checkpoints unknown (manifest damaged)")
+    for err in run.verify() if epochs else []:
+        problems.append(f"DAMAGED   {err.path.name}: {err.problem}")
+    unindexed = run.unindexed()
+    if unindexed:
+        names = ", ".join(f.name for f in unindexed[:3]) + (" ..." if len(unindexed) > 3 else "")
+        problems.append(
+            f"UNINDEXED {len(unindexed)} checkpoint file(s) the manifest does not list ({names}); "
+            f"run `circuits reindex {run.path}` to index them"
+        )
+    for check in (run.check_split, run.check_metrics, run.check_resume):
+        problem = check()
+        if problem is not None:
+            problems.append(f"DAMAGED   {problem}")
+    metrics = run.metrics  # what parses (check_metrics named what does not)
     if len(metrics):
         last = metrics.iloc[-1]
         typer.echo(
             f"epoch {int(last.epoch)}: train loss {last.train_loss:.3g} acc {last.train_acc:.3f}"
             f" | test loss {last.test_loss:.3g} acc {last.test_acc:.3f}"
         )
-        for threshold in (1.0,):
-            hit = metrics[metrics.train_acc >= threshold]
-            typer.echo(
-                "train acc 100% at epoch "
-                + (str(int(hit.epoch.iloc[0])) if len(hit) else "(not yet)")
-            )
+        hit = metrics[metrics.train_acc >= 1.0]
+        typer.echo("train acc 100% at epoch " + (str(int(hit.epoch.iloc[0])) if len(hit) else "(not yet)"))
         hit = metrics[metrics.test_acc >= 0.99]
         typer.echo(
             "test acc >= 99% at epoch " + (str(int(hit.epoch.iloc[0])) if len(hit) else "(not yet)")
         )
-    if damaged:
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command("reindex")
+def reindex_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Index checkpoint files the manifest does not list (after manifest.json was deleted or
+    damaged). A file is indexed only when it reads whole and fits the run's config; entries
+    already in a readable manifest are kept, so a changed file is still reported as damaged."""
+    require_run_dir(run_dir)
+    from circuits.run import load_run
+
+    run = load_run(run_dir)
+    added, skipped = run.reindex()
+    typer.echo(f"indexed {len(added)} checkpoint(s)" + (f" (epochs {added[0]}..{added[-1]})" if added else ""))
+    for message in skipped:
+        typer.echo(f"left out {message}", err=True)
+    if skipped:
         raise typer.Exit(1)
 
 
@@ -348,6 +382,21 @@ def _os_error(e: OSError) -> str:
     return f"{e.strerror or e}{':' + where if where else ''}"
 
 
+def _out_of_memory(e: RuntimeError) -> str | None:
+    """One line for torch's allocation failures (a RuntimeError, not MemoryError), else None."""
+    import re
+
+    import torch
+
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    m = re.search(r"tried to allocate (\d+) bytes", text)
+    need = f" ({int(m.group(1)) / 1e9:.1f} GB at once)" if m else ""
+    return f"out of memory{need}; choose a smaller p, model or ensemble"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     from circuits.errors import ProtocolError, RunFolderError, TrainingDiverged
@@ -367,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except MemoryError:
         typer.echo("circuits: error: out of memory; choose a smaller p, model or ensemble", err=True)
+        return 2
+    except RuntimeError as e:
+        line = _out_of_memory(e)
+        if line is None:
+            raise
+        typer.echo(f"circuits: error: {line}", err=True)
         return 2
     except exits as e:
         return int(e.exit_code)

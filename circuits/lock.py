@@ -63,7 +63,7 @@ def _read_record(fd: int) -> dict:
 
 def _doing(doc: dict) -> str:
     doing = doc.get("doing")
-    return doing if doing in ("training into", "analysing into") else "training into"
+    return doing if doing in ("training into", "analysing into", "reindexing") else "training into"
 
 
 def _holder(doc: dict) -> str:

@@ -20,7 +20,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.errors import RunFolderError
 from circuits.model import Transformer
-from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, is_buffer_key
+from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, checkpoint_epoch, is_buffer_key
 
 __all__ = ["check_resume"]
 
@@ -86,6 +86,16 @@ def _check_place(store: RunStore, config: RunConfig, epoch: int, tensors: Mappin
     # leaves at most the next scheduled checkpoint after the resume point.
     after = [e for e in schedule if e > epoch]
     limit = after[0] if after else epoch
+    # A checkpoint file the manifest does not list at or before the resume point is not the
+    # trace of a kill (that leaves at most the next scheduled one): the manifest was deleted or
+    # damaged, and training on would index only the new checkpoints.
+    lost = [f.name for f in store.unindexed() if (checkpoint_epoch(f.name) or 0) <= epoch]
+    if lost:
+        raise RunFolderError(
+            f"{store.root} holds checkpoint files its manifest does not list ({', '.join(lost[:3])}"
+            f"{' ...' if len(lost) > 3 else ''}); run `circuits reindex {store.root}` to index them, "
+            "then rerun"
+        )
     # Checkpoints recorded and present (a recorded file that is gone is damage for `info`).
     recorded = [e for e in store.checkpoint_epochs() if store.checkpoint_path(e).is_file()]
     if recorded and recorded[-1] > limit:
@@ -98,7 +108,7 @@ def _check_place(store: RunStore, config: RunConfig, epoch: int, tensors: Mappin
                 raise _refuse(store, f"its weights differ from checkpoint {epoch}'s ({k})")
     log_every = config.train.log_every
     last_logged = next(e for e in range(epoch, -1, -1) if config.train.is_checkpoint(e) or e % log_every == 0)
-    rows = {int(r["epoch"]) for r in store.read_metrics_rows()}
+    rows = {int(r["epoch"]) for r in store.read_metrics_rows(strict=True)}
     if last_logged not in rows:
         raise _refuse(store, f"it is at epoch {epoch} but metrics.csv has no row for epoch "
                              f"{last_logged}, which was logged before it")

@@ -60,10 +60,11 @@ class Run:
     @cached_property
     def task(self) -> Task:
         """The task with the split saved in the run (never re-derived)."""
-        from circuits.tasks import make_task
+        from circuits.store import SPLIT_FILE
+        from circuits.tasks import task_from_saved_split
 
         train_idx, test_idx = self.store.read_split()
-        return make_task(self.config.task, train_idx, test_idx)
+        return task_from_saved_split(self.config.task, train_idx, test_idx, self.path / SPLIT_FILE)
 
     @property
     def epochs(self) -> list[int]:
@@ -95,8 +96,44 @@ class Run:
         return min(candidates, key=lambda e: (abs(e - epoch), e))
 
     def state_dict(self, epoch: int) -> dict[str, Tensor]:
-        """Weights (float32, classic TransformerLens names) after exactly ``epoch`` updates."""
-        return self.store.read_checkpoint(epoch)
+        """Weights (float32, classic TransformerLens names) after exactly ``epoch`` updates.
+
+        The file is checked against the manifest (size, sha256) and its tensors against the
+        run's config (names, shapes, dtypes): CheckpointError names a file that does not fit.
+        """
+        tensors = self.store.read_checkpoint(epoch)
+        problem = self._misfit(tensors)
+        if problem is not None:
+            raise CheckpointError(self.store.checkpoint_path(epoch), f"does not fit the run's config: {problem}")
+        return tensors
+
+    @cached_property
+    def _expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        import torch
+
+        from circuits.model import make_model
+
+        with torch.device("meta"):  # shapes only: no weights drawn
+            model = make_model(self.config)
+        return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+    def _misfit(self, tensors: dict[str, Tensor]) -> str | None:
+        import torch
+
+        from circuits.store import is_buffer_key
+
+        expected = self._expected
+        missing = sorted(k for k in expected if k not in tensors and not is_buffer_key(k))
+        unknown = sorted(k for k in tensors if k not in expected)
+        if missing or unknown:
+            what = [f"lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []
+            what += [f"holds unknown {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}"] if unknown else []
+            return "; ".join(what)
+        for k, v in tensors.items():
+            shape, dtype = expected[k]
+            if tuple(v.shape) != shape or (not is_buffer_key(k) and v.dtype != torch.float32):
+                return f"{k} is {v.dtype} {tuple(v.shape)}, the run's model needs float32 {shape}"
+        return None
 
     def model(self, epoch: int | None = None, exact: bool = False) -> Transformer:
         """The hooked model at ``epoch`` (default: the last checkpoint).
@@ -126,8 +163,65 @@ class Run:
         return model
 
     def verify(self) -> list[CheckpointError]:
-        """Every damaged checkpoint of the run (empty when all are intact)."""
-        return self.store.verify()
+        """Every damaged checkpoint of the run (empty when all are intact): files that differ
+        from the manifest, and files whose tensors do not fit the config."""
+        problems = []
+        for epoch in self.epochs:
+            try:
+                self.state_dict(epoch)
+            except CheckpointError as e:
+                problems.append(e)
+        return problems
+
+    def check_split(self) -> str | None:
+        """What is wrong with the split file against the config, or None (``circuits info``)."""
+        from circuits.store import SPLIT_FILE
+        from circuits.tasks import task_from_saved_split
+
+        try:
+            train_idx, test_idx = self.store.read_split()
+            task_from_saved_split(self.config.task, train_idx, test_idx, self.path / SPLIT_FILE)
+        except RunFolderError as e:
+            return str(e)
+        return None
+
+    def check_metrics(self) -> str | None:
+        """What is wrong with ``metrics.csv`` (a row that does not parse, epochs out of order),
+        or None. A partial last line from a kill is not damage: the next train rewrites it."""
+        try:
+            self.store.read_metrics_rows(strict=True)
+        except RunFolderError as e:
+            return str(e)
+        return None
+
+    def check_resume(self) -> str | None:
+        """What is wrong with the resume point (unreadable, or not fitting the run: the checks
+        a resume makes before it trains on), or None; a run without one has nothing to check."""
+        import torch
+
+        from circuits.model import make_model
+        from circuits.resume import check_resume
+
+        try:
+            point = self.store.read_resume()
+            if point is None:
+                return None
+            with torch.device("meta"):
+                model = make_model(self.config)
+            check_resume(self.store, self.config, model, *point)
+        except RunFolderError as e:
+            return str(e)
+        return None
+
+    def unindexed(self) -> list[Path]:
+        """Checkpoint files the manifest does not list (``circuits reindex`` indexes them)."""
+        return self.store.unindexed()
+
+    def reindex(self) -> tuple[list[int], list[str]]:
+        """Index the checkpoint files the manifest lacks, holding the run's lock; returns the
+        epochs added and a message per file left out (see :meth:`RunStore.reindex`)."""
+        with hold_run_folder(self.path, doing="reindexing"):
+            return self.store.reindex(check=self._misfit)
 
 
 def load_run(path: str | Path) -> Run:

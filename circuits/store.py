@@ -25,7 +25,8 @@ import os
 import platform
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ LOCK_FILE = "circuits.lock"
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: atomic_write_bytes's temporary name for a checkpoint.
+_CKPT_TMP_RE = re.compile(r"^\.epoch_\d{9}\.safetensors\.[^/]+\.tmp$")
 
 
 BUFFER_SUFFIXES = (".mask", ".IGNORE")
@@ -98,6 +102,16 @@ def is_safe_name(name: object) -> bool:
 def safe_name_part(value: object) -> str:
     """``value`` written for a folder name: each character outside ``[A-Za-z0-9._=+-]`` as ``_``."""
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", str(value))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def checkpoint_epoch(name: str) -> int | None:
+    """The epoch a checkpoint file name gives (:func:`checkpoint_name`'s inverse), else None."""
+    m = _CKPT_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -173,20 +187,44 @@ def clear_run_folder(path: Path, check_only: bool = False) -> None:
     RunStore(path).read_config()  # a foreign or damaged config.json is named, not deleted
     if check_only:
         return
+    RunStore(path).remove_orphan_temps()
     ckpt = path / CHECKPOINT_DIR
     if ckpt.is_dir():
         for f in ckpt.iterdir():
-            if f.is_file() and (_CKPT_RE.match(f.name) or own_temp(f.name, ["epoch_"])):
+            if f.is_file() and _CKPT_RE.match(f.name):
                 f.unlink()
         if not any(ckpt.iterdir()):
             ckpt.rmdir()
-    for f in path.iterdir():
-        if f.is_file() and own_temp(f.name, (*RUN_FILES, CONFIG_FILE)):
-            f.unlink()
     for name in RUN_FILES:
         (path / name).unlink(missing_ok=True)
     config.unlink()
     _fsync_dir(path)
+
+
+@contextmanager
+def removed_if_not_started(roots: Iterable[Path]) -> Iterator[None]:
+    """On failure, remove what a start left in folders that held no run before it (issue 19,
+    item 9: a start that runs out of memory or disk used to leave an empty or half-made
+    folder).
+
+    A folder counts as started once its ``config.json`` exists (written last by a start); one
+    that is still not started after the failure loses the files a start writes (the split,
+    the lock file, their temporary files) and, when this call created it and it is then empty,
+    the folder itself. A folder another process now holds (its lock file exists) is left alone.
+    """
+    fresh = {Path(r): Path(r).exists() for r in roots if not (Path(r) / CONFIG_FILE).exists()}
+    try:
+        yield
+    except BaseException:
+        for root, existed in fresh.items():
+            if not root.is_dir() or (root / CONFIG_FILE).exists() or (root / LOCK_FILE).exists():
+                continue
+            for f in root.iterdir():
+                if f.is_file() and (f.name in RUN_FILES or own_temp(f.name, (*RUN_FILES, CONFIG_FILE))):
+                    f.unlink(missing_ok=True)
+            if not existed and not any(root.iterdir()):
+                root.rmdir()
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -236,6 +274,20 @@ class RunStore:
         """Whether this folder holds a run (its config file)."""
         return (self.root / CONFIG_FILE).is_file()
 
+    def remove_orphan_temps(self) -> list[Path]:
+        """Delete the temporary files that kills left behind (``.<name>.<random>.tmp`` of this
+        folder's own files, never anything else); the caller holds the run's lock, so no write
+        of another process is in flight. Returns what was removed."""
+        gone = []
+        if self.root.is_dir():
+            gone += [f for f in self.root.iterdir() if own_temp(f.name, (*RUN_FILES, CONFIG_FILE))]
+        if self.checkpoint_dir.is_dir():
+            gone += [f for f in self.checkpoint_dir.iterdir() if _CKPT_TMP_RE.match(f.name)]
+        for f in gone:
+            if f.is_file():
+                f.unlink(missing_ok=True)
+        return gone
+
     # ---- config and split --------------------------------------------------------------
     def write_config(self, config: RunConfig) -> None:
         """Write ``config.json``: the resolved config plus the versions that made the run."""
@@ -272,14 +324,98 @@ class RunStore:
 
     # ---- checkpoints -------------------------------------------------------------------
     def read_manifest(self) -> dict[str, dict[str, Any]]:
-        """Checkpoint file name -> {"sha256", "bytes", "epoch"}."""
+        """Checkpoint file name -> {"sha256", "bytes", "epoch"}; ``{}`` when there is none.
+
+        Checked whole before it is used (issue 19, item 5): UTF-8 JSON, a ``checkpoints``
+        object whose every key is a checkpoint file name and whose every entry holds that
+        file's epoch (int), sha256 (64 hex digits) and size (int). RunFolderError names what
+        does not fit and the fix (``circuits reindex``).
+        """
         path = self.root / MANIFEST_FILE
         if not path.is_file():
             return {}
+
+        def damaged(problem: str) -> RunFolderError:
+            return RunFolderError(
+                f"{path} is damaged: {problem}; run `circuits reindex {self.root}` to rebuild it "
+                "from the checkpoint files"
+            )
+
         try:
-            return json.loads(path.read_text())["checkpoints"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RunFolderError(f"{path} is damaged: {e}") from None
+            doc = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise damaged(f"not JSON ({e})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("checkpoints"), dict):
+            raise damaged('not a JSON object with a "checkpoints" object')
+        checkpoints = doc["checkpoints"]
+        for name, entry in checkpoints.items():
+            if not isinstance(entry, dict):
+                raise damaged(f"the entry of {name!r} is not an object")
+            epoch, digest, size = entry.get("epoch"), entry.get("sha256"), entry.get("bytes")
+            if not _is_int(epoch) or epoch < 0:
+                raise damaged(f"the entry of {name!r} has epoch {epoch!r}, not a whole number >= 0")
+            if name != checkpoint_name(epoch):
+                raise damaged(f"the entry {name!r} is not the file name of its epoch {epoch}")
+            if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+                raise damaged(f"the entry of {name!r} has sha256 {str(digest)[:20]!r}, not 64 hex digits")
+            if not _is_int(size) or size <= 0:
+                raise damaged(f"the entry of {name!r} has bytes {size!r}, not a size")
+        return checkpoints
+
+    def unindexed(self) -> list[Path]:
+        """Checkpoint files the manifest does not list (manifest deleted, damaged or lost in a
+        kill between a checkpoint's rename and the manifest's): reported, never ignored."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        try:
+            listed = set(self.read_manifest())
+        except RunFolderError:
+            listed = set()
+        return sorted(
+            f for f in self.checkpoint_dir.iterdir()
+            if _CKPT_RE.match(f.name) and f.name not in listed and f.is_file()
+        )
+
+    def reindex(
+        self, check: Callable[[dict[str, Tensor]], str | None] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """Rebuild the manifest from the checkpoint files (``circuits reindex``).
+
+        Entries of a readable manifest are kept as they are (a file that no longer matches its
+        entry stays damaged: reindexing never launders a changed file). Every checkpoint file
+        without an entry (every file, when the manifest is missing or damaged) is added when
+        it reads as safetensors whose recorded epoch is the one its name gives and ``check``
+        (the run's tensor names and shapes) finds no problem in it. Returns the
+        epochs added and one message per file left out. The caller holds the run's lock.
+        """
+        try:
+            manifest, damaged = self.read_manifest(), False
+        except RunFolderError:
+            manifest, damaged = {}, True  # replaced by what the files themselves show
+        added: list[int] = []
+        skipped: list[str] = []
+        for f in self.unindexed():
+            epoch = checkpoint_epoch(f.name)
+            data = f.read_bytes()
+            try:
+                tensors = st_load(data)
+                recorded = _safetensors_metadata(data).get("epoch")
+            except (SafetensorError, ValueError, RuntimeError, IndexError) as e:
+                skipped.append(f"{f.name}: unreadable safetensors data ({e})")
+                continue
+            if recorded != str(epoch):
+                skipped.append(f"{f.name}: it records epoch {recorded!r}, its name {epoch}")
+                continue
+            problem = check(tensors) if check is not None else None
+            if problem is not None:
+                skipped.append(f"{f.name}: does not fit the run's config: {problem}")
+                continue
+            manifest[f.name] = {"epoch": epoch, "sha256": hashlib.sha256(data).hexdigest(),
+                                "bytes": len(data)}
+            added.append(epoch)
+        if added or damaged:
+            self._write_manifest(manifest)
+        return added, skipped
 
     def write_checkpoint(self, epoch: int, state_dict: Mapping[str, Tensor]) -> Path:
         """Save float32 weights after ``epoch`` updates and record their checksum."""
@@ -364,21 +500,58 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def read_metrics_rows(self) -> list[dict[str, float | int]]:
-        """The metrics table as a list of dicts (a partial last line, from a kill, is dropped)."""
+    def read_metrics_rows(self, strict: bool = False) -> list[dict[str, float | int]]:
+        """The metrics table as a list of dicts.
+
+        A partial last line (a kill while rows were appended: its epochs come after the resume
+        point and are trained again) is dropped. Other rows that do not parse are dropped too,
+        unless ``strict``: then RunFolderError names the first one (a resume must not go on
+        from a table with a hole, or the hole would be kept for good) and epochs out of order.
+        """
         path = self.root / METRICS_FILE
         if not path.is_file():
             return []
-        rows = []
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                try:
-                    rows.append({k: float(row[k]) for k in METRIC_COLUMNS})
-                except (TypeError, ValueError, KeyError):
-                    continue
-        for row in rows:
-            row["epoch"] = int(row["epoch"])
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if strict:
+                raise self._metrics_damaged(f"is not UTF-8 text ({e})") from None
+            text = data.decode("utf-8", errors="replace")
+        # The last element is "" after a final newline, or a line a kill cut short: dropped.
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        body = lines[:-1]
+        if not body:
+            return []  # not one whole line yet
+        if lines[0].split(",") != list(METRIC_COLUMNS):
+            if strict:
+                raise self._metrics_damaged(f"has no header {','.join(METRIC_COLUMNS)}")
+            return []
+        rows: list[dict[str, float | int]] = []
+        for i, line in enumerate(body[1:], start=2):
+            if line == "":
+                continue
+            fields = line.split(",")
+            try:
+                if len(fields) != len(METRIC_COLUMNS):
+                    raise ValueError(f"{len(fields)} fields")
+                row: dict[str, float | int] = {k: float(v) for k, v in zip(METRIC_COLUMNS, fields)}
+                if not float(row["epoch"]).is_integer():
+                    raise ValueError(f"epoch {fields[0]!r}")
+                row["epoch"] = int(row["epoch"])
+            except ValueError as e:
+                if strict:
+                    raise self._metrics_damaged(f"line {i} does not parse ({e})") from None
+                continue
+            if strict and rows and row["epoch"] <= rows[-1]["epoch"]:
+                raise self._metrics_damaged(f"line {i}: epoch {row['epoch']} is not after {rows[-1]['epoch']}")
+            rows.append(row)
         return rows
+
+    def _metrics_damaged(self, problem: str) -> RunFolderError:
+        return RunFolderError(
+            f"{self.root / METRICS_FILE} is damaged: it {problem}; restore it, or retrain with --force"
+        )
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Drop rows after ``last_epoch`` (they belong to work lost in a kill, to be redone)."""

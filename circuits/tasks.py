@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
 from circuits.config import ConfigError, TaskConfig
+from circuits.errors import RunFolderError
 
-__all__ = ["Task", "make_task", "OPERATIONS"]
+__all__ = ["Task", "make_task", "OPERATIONS", "SplitError", "split_problem", "task_from_saved_split"]
 
 
 def _inverse(b: Tensor, p: int) -> Tensor:
@@ -153,4 +155,51 @@ def make_task(
     tokens, labels, valid = make_grid(config)
     if train_idx is None or test_idx is None:
         train_idx, test_idx = make_split(config, valid)
+    else:
+        problem = split_problem(config, valid, train_idx, test_idx)
+        if problem is not None:
+            raise SplitError(problem)
     return Task(config, tokens, labels, valid, train_idx, test_idx)
+
+
+class SplitError(ValueError):
+    """Saved split indices that do not fit the task's config (the message says how)."""
+
+
+def task_from_saved_split(config: TaskConfig, train_idx: Tensor, test_idx: Tensor, path: Path) -> Task:
+    """:func:`make_task` with a run's saved split; RunFolderError names ``path`` when it does
+    not fit ``config``."""
+    try:
+        return make_task(config, train_idx, test_idx)
+    except SplitError as e:
+        raise RunFolderError(
+            f"split file {path} does not fit the run's config: {e}; restore the run's own split "
+            "file, or retrain with --force"
+        ) from None
+
+
+def split_problem(config: TaskConfig, valid: Tensor, train_idx: Tensor, test_idx: Tensor) -> str | None:
+    """Why a saved split cannot be this task's, or None when it fits.
+
+    A split fits when both index sets are 1-D int64, name valid pairs of the ``p * p`` grid
+    once each, do not overlap, cover every valid pair, and the training set has the size the
+    config asks for (issue 19, item 6: a split file of another p used to index out of range).
+    """
+    n = config.p * config.p
+    for name, idx in (("train", train_idx), ("test", test_idx)):
+        if idx.dtype != torch.int64 or idx.dim() != 1:
+            return f"{name} is {idx.dtype} of shape {tuple(idx.shape)}, not a 1-D int64 index list"
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            return (f"{name} holds pair indices outside 0..{n - 1} (p = {config.p}): a split of "
+                    "another p?")
+        if len(torch.unique(idx)) != len(idx):
+            return f"{name} names a pair twice"
+        if not bool(valid[idx].all()):
+            return f"{name} holds pairs on which {config.op} is undefined"
+    if bool(torch.isin(train_idx, test_idx).any()):
+        return "a pair is in both train and test"
+    if len(train_idx) != config.n_train:
+        return f"train has {len(train_idx)} pairs, the config asks for {config.n_train}"
+    if len(train_idx) + len(test_idx) != int(valid.sum()):
+        return f"train and test cover {len(train_idx) + len(test_idx)} pairs, not all {int(valid.sum())}"
+    return None

@@ -33,8 +33,16 @@ from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folder
 from circuits.model import Transformer, make_model
 from circuits.resume import check_resume
-from circuits.store import RunFolderError, RunStore, file_sha256, is_buffer_key, read_safetensors
-from circuits.tasks import Task, make_task
+from circuits.store import (
+    SPLIT_FILE,
+    RunFolderError,
+    RunStore,
+    file_sha256,
+    is_buffer_key,
+    read_safetensors,
+    removed_if_not_started,
+)
+from circuits.tasks import Task, make_task, task_from_saved_split
 
 __all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn",
            "initial_model", "with_init_digest"]
@@ -204,6 +212,7 @@ def sigint_flag() -> Iterator[list[bool]]:
 def prepare_store(config: RunConfig, store: RunStore) -> Task:
     """Create the run folder (config, split) or check that it holds this same config."""
     if store.exists():
+        store.remove_orphan_temps()  # under the lock: no other write is in flight
         existing = store.read_config()
         if existing.science_dict != config.science_dict:
             diff = _config_diff(existing, config)
@@ -212,7 +221,7 @@ def prepare_store(config: RunConfig, store: RunStore) -> Task:
                 "use another --out, or --force to overwrite it"
             )
         train_idx, test_idx = store.read_split()
-        return make_task(config.task, train_idx, test_idx)
+        return task_from_saved_split(config.task, train_idx, test_idx, store.root / SPLIT_FILE)
     store.root.mkdir(parents=True, exist_ok=True)
     task = make_task(config.task)
     store.write_split(task.train_idx, task.test_idx)
@@ -291,6 +300,29 @@ def _config_diff(a: RunConfig, b: RunConfig) -> str:
     return "; ".join(diffs) or "different"
 
 
+def finished_model(config: RunConfig, store: RunStore) -> Transformer | None:
+    """The final model of a run in ``store`` that has already finished ``config``, or None.
+
+    Checked as a resume is (the config, the split, the resume point against the checkpoints and
+    the metrics), and nothing is written: a rerun of a finished run leaves its folder as it is,
+    and works on a folder that is read-only (issue 19, item 11). A run that does not pass the
+    checks is left to the trainer, which refuses it by name under the lock.
+    """
+    if not store.exists() or store.read_config().science_dict != config.science_dict:
+        return None
+    resume = store.read_resume()
+    if resume is None or resume[1].get("epoch") != config.train.epochs:
+        return None
+    train_idx, test_idx = store.read_split()
+    task_from_saved_split(config.task, train_idx, test_idx, store.root / SPLIT_FILE)
+    model = make_model(config)
+    tensors, meta = resume
+    check_resume(store, config, model, tensors, meta)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                          strict=False)
+    return model
+
+
 def train_run(
     config: RunConfig,
     store: RunStore,
@@ -306,6 +338,9 @@ def train_run(
     computation runs, e.g. ``"cuda"`` (default: the CPU).
     """
     config = with_init_digest(config)
+    done = finished_model(config, store)
+    if done is not None:
+        return done
     if config.train.engine == "fused":
         # A fused run is an ensemble of one (circuits.engine.ensemble): one code path.
         from circuits.engine.ensemble import train_ensemble
@@ -314,8 +349,9 @@ def train_run(
     from circuits.engine.ensemble import resolve_device
 
     resolve_device(device, config.train.engine)
-    with hold_run_folder(store.root), deterministic():
-        return _train_run(config, store, on_step)
+    with removed_if_not_started([store.root]):
+        with hold_run_folder(store.root), deterministic():
+            return _train_run(config, store, on_step)
 
 
 def _train_run(

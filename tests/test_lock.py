@@ -74,7 +74,8 @@ def test_the_lock_is_reentrant_for_its_thread_only(tmp_path: Path) -> None:
 
         def other() -> None:
             try:
-                circuits.train(tiny_config(epochs=5), out=out)
+                # Not the finished run's config (a rerun of that one reads and writes nothing).
+                circuits.train(tiny_config(epochs=10), out=out)
             except RunFolderInUse as e:
                 errors.append(e)
 

@@ -31,12 +31,13 @@ from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folders
 from circuits.model import Transformer, make_model
 from circuits.resume import check_resume
-from circuits.store import RunStore, is_buffer_key
+from circuits.store import RunStore, is_buffer_key, removed_if_not_started
 from circuits.tasks import Task
 from circuits.trainer import (
     StepInfo,
     TrainingInterrupted,
     deterministic,
+    finished_model,
     initial_model,
     prepare_store,
     sigint_flag,
@@ -126,8 +127,12 @@ def train_ensemble(
     keep_freed_memory()
     if len({s.root.resolve() for s in stores}) != len(stores):
         raise ValueError("two members share one run folder; give each member its own")
+    done = [finished_model(c, s) for c, s in zip(configs, stores)]
+    if all(m is not None for m in done):  # a rerun of finished runs writes nothing
+        return done  # type: ignore[return-value]
     # One trainer per folder: a second is refused, naming the first (circuits.lock).
-    with hold_run_folders([s.root for s in stores]), deterministic():
+    with removed_if_not_started([s.root for s in stores]), \
+            hold_run_folders([s.root for s in stores]), deterministic():
         members = [_open_member(c, s) for c, s in zip(configs, stores)]
         epochs = configs[0].train.epochs
         with sigint_flag() as interrupted:
