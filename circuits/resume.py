@@ -89,6 +89,7 @@ def _check_place(store: RunStore, config: RunConfig, epoch: int, tensors: Mappin
     # A checkpoint file the manifest does not list at or before the resume point is not the
     # trace of a kill (that leaves at most the next scheduled one): the manifest was deleted or
     # damaged, and training on would index only the new checkpoints.
+    store.read_manifest()  # a damaged manifest is named as such (before its files look unlisted)
     lost = [f.name for f in store.unindexed() if (checkpoint_epoch(f.name) or 0) <= epoch]
     if lost:
         raise RunFolderError(

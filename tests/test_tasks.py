@@ -64,9 +64,16 @@ def test_split_partitions_valid_pairs_and_is_seeded() -> None:
 
 def test_saved_split_is_reused_not_rederived() -> None:
     cfg = TaskConfig(p=7, frac=0.5)
-    train_idx, test_idx = torch.tensor([0, 1, 2]), torch.tensor([3, 4])
+    derived = make_task(cfg)
+    # Another valid split of the same size: the first pairs of the grid in order, so it cannot
+    # be what the seeded shuffle derives.
+    ordered = torch.nonzero(derived.valid).squeeze(1)
+    n = len(derived.train_idx)
+    train_idx, test_idx = ordered[:n], ordered[n:]
+    assert not torch.equal(train_idx, derived.train_idx)
     task = make_task(cfg, train_idx, test_idx)
-    assert task.train_idx.tolist() == [0, 1, 2] and task.is_train().sum() == 3
+    assert torch.equal(task.train_idx, train_idx) and torch.equal(task.test_idx, test_idx)
+    assert task.is_train().sum() == n and bool(task.is_train()[ordered[:n]].all())
 
 
 def test_random_labels_are_seeded_symmetric_and_uniformish() -> None:
