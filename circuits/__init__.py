@@ -26,6 +26,7 @@ __all__ = [
     "analyze",
     "load_analysis",
     "Analysis",
+    "report",
 ]
 
 _LAZY = {
@@ -44,12 +45,14 @@ _LAZY = {
     "analyze": "circuits.analysis",
     "load_analysis": "circuits.analysis",
     "Analysis": "circuits.analysis",
+    "report": "circuits.report",
 }
 
 if TYPE_CHECKING:
     from circuits.analysis import Analysis, analyze, load_analysis
     from circuits.config import ModelConfig, RunConfig, TaskConfig, TrainConfig, preset
     from circuits.model import Transformer, make_model
+    from circuits.report import report
     from circuits.run import Run, load_run, train, train_ensemble
     from circuits.tasks import make_task
 

@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from circuits.engine.grid import grid_blocks, grid_forward, stack_state_dicts
+from circuits.grid import grid_blocks, grid_forward, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import AnalysisFolderError, CheckpointError
 from circuits.fourier import line_index, sum_directions
@@ -60,7 +60,17 @@ from circuits.measures.norms import stacked_weight_norms_sq
 from circuits.measures.phases import non_finite_epoch, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
-from circuits.store import LOCK_FILE, SPLIT_FILE, atomic_write_bytes, file_sha256, own_temp
+from circuits.store import (
+    ARRAYS_FILE,
+    DASHBOARD_FILE,
+    LOCK_FILE,
+    MEASURES_FILE,
+    SPLIT_FILE,
+    SUMMARY_FILE,
+    atomic_write_bytes,
+    file_sha256,
+    own_temp,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,13 +86,10 @@ __all__ = [
 ]
 
 DEFAULT_ANALYSES_DIR = Path("analyses")
-MEASURES_FILE = "measures.csv"
-ARRAYS_FILE = "arrays.safetensors"
-SUMMARY_FILE = "summary.json"
 #: Bumped when a measure's definition changes: rows of another format are recomputed.
 ANALYSIS_FORMAT = 2
 #: What ``analyze`` writes into an analysis folder (and the temporary files of its writes).
-ANALYSIS_FILES = (MEASURES_FILE, ARRAYS_FILE, SUMMARY_FILE, "dashboard.html", LOCK_FILE)
+ANALYSIS_FILES = (MEASURES_FILE, ARRAYS_FILE, SUMMARY_FILE, DASHBOARD_FILE, LOCK_FILE)
 
 MEASURE_COLUMNS = (
     "epoch",
@@ -540,10 +547,7 @@ def _analyze(
         summary["previous_discarded"] = discarded
     analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])
     if write:
-        _write(analysis)
-        from circuits.dashboard import write_run_dashboard
-
-        write_run_dashboard(analysis, run=run)  # dashboard.html beside measures.csv
+        _write(analysis)  # the dashboard is drawn by the caller (circuits.report)
     return analysis
 
 

@@ -24,7 +24,7 @@ from circuits.cli_common import (
     set_signature,
 )
 from circuits.config import ConfigError, RunConfig
-from circuits.errors import require_run_dir
+from circuits.store import CONFIG_FILE, SUMMARY_FILE, require_run_dir
 
 app = typer.Typer(
     name="circuits",
@@ -263,7 +263,7 @@ def analyze_cmd(
     require_run_dir(run_dir)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from circuits.analysis import analyze
+    from circuits.report import report
 
     with Progress(
         TextColumn("[bold]analyze"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
@@ -273,7 +273,7 @@ def analyze_cmd(
         def on_progress(done: int, total: int) -> None:
             bar.update(task_id, completed=done, total=total)
 
-        result = analyze(run_dir, out=out, batch_size=batch_size, on_progress=on_progress)
+        result = report(run_dir, out=out, batch_size=batch_size, on_progress=on_progress)
     s = result.summary
     typer.echo(f"analysis: {result.path}  ({s['n_checkpoints']} checkpoints)")
     typer.echo(
@@ -293,9 +293,9 @@ def _dashboard_source(path: Path) -> str:
     """'analysis' for an analysis folder (summary.json), 'run' for a run folder (config.json)."""
     if not path.exists():
         raise UserError(f"{path} does not exist")
-    if (path / "summary.json").is_file():
+    if (path / SUMMARY_FILE).is_file():
         return "analysis"
-    if (path / "config.json").is_file():
+    if (path / CONFIG_FILE).is_file():
         return "run"
     raise UserError(f"{path} is neither a run folder (config.json) nor an analysis folder (summary.json)")
 
@@ -318,7 +318,8 @@ def dashboard_cmd(
     kinds = [_dashboard_source(p) for p in paths]
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from circuits.analysis import DEFAULT_ANALYSES_DIR, analyze, load_analysis
+    from circuits.analysis import DEFAULT_ANALYSES_DIR, load_analysis
+    from circuits.report import report
     from circuits.dashboard import (
         DASHBOARD_FILE,
         comparison_name,
@@ -335,8 +336,8 @@ def dashboard_cmd(
             TextColumn(f"[bold]analyze {path.name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
         ) as bar:
             task_id = bar.add_task("analyze", total=None)
-            # analyze() also writes dashboard.html beside measures.csv.
-            analyses.append(analyze(path, on_progress=lambda d, t: bar.update(task_id, completed=d, total=t)))
+            # report() writes dashboard.html beside measures.csv too.
+            analyses.append(report(path, on_progress=lambda d, t: bar.update(task_id, completed=d, total=t)))
     if len(analyses) == 1:
         target = out if out is not None else analyses[0].path / DASHBOARD_FILE
         if kinds[0] == "analysis" or target.resolve() != (analyses[0].path / DASHBOARD_FILE).resolve():

@@ -99,8 +99,10 @@ def _launch(
     except TrainingInterrupted:
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
-    typer.echo(f"{protocol}: {len(result.table)} rows in {out / (result.name + '.csv')}; "
-               f"figure {out / (result.name + '.html')}")
+    from circuits.report import write_experiment_page
+
+    page = write_experiment_page(result)
+    typer.echo(f"{protocol}: {len(result.table)} rows in {out / (result.name + '.csv')}; figure {page}")
     for k, value in result.summary.items():
         if not isinstance(value, (dict, list)):
             typer.echo(f"  {k}: {value}")
@@ -153,7 +155,7 @@ def _dcrit(**kw: Any) -> None:
            _option("parent_frac", float, 0.9, "Training fraction of the parent when it is trained here."),
            _option("critical_size", Optional[float], None, "D_crit to mark on the figure.")])
 def _ungrok(**kw: Any) -> None:
-    from circuits.errors import require_run_dir
+    from circuits.store import require_run_dir
     from circuits.experiments import ungrokking
 
     params = {"seeds": kw.pop("seeds"), "sizes": _ints("sizes", kw.pop("sizes")), "parent": kw.pop("parent"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError", "AnalysisFolderError", "ProtocolError", "TrainingDiverged", "require_run_dir"]
+__all__ = ["RunFolderError", "CheckpointError", "AnalysisFolderError", "ProtocolError", "TrainingDiverged"]
 
 
 class RunFolderError(RuntimeError):
@@ -32,24 +32,19 @@ class ProtocolError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The training loss became non-finite; each diverged run keeps its last finite checkpoint
-    and resume point, and ``runs`` maps its folder to ``(epoch seen, epoch kept)``."""
+    and resume point, and ``runs`` maps its folder to ``(epoch seen, epoch kept)``, ``lrs`` to
+    its learning rate. The folder is marked diverged: a rerun raises this again until the run is
+    replaced (``--force``)."""
 
-    def __init__(self, runs: dict[str, tuple[int, int]]) -> None:
-        self.runs = runs
-        parts = [f"{path} at epoch {seen} (kept: epoch {kept})" for path, (seen, kept) in runs.items()]
+    def __init__(self, runs: dict[str, tuple[int, int]], lrs: dict[str, float] | None = None) -> None:
+        self.runs, self.lrs = runs, lrs or {}
+        parts = [
+            f"{path} at epoch {seen}" + (f" with lr {self.lrs[path]:g}" if path in self.lrs else "")
+            + f" (kept: epoch {kept})"
+            for path, (seen, kept) in runs.items()
+        ]
         super().__init__(
             "training diverged, the train loss is not finite: " + "; ".join(parts)
-            + ". The last finite checkpoint and its resume point are kept; try a smaller --lr"
+            + ". The last finite checkpoint and its resume point are kept; train it again with a "
+            "smaller --lr and --force"
         )
-
-
-def require_run_dir(path: Path) -> None:
-    """Raise RunFolderError unless ``path`` is a folder with a run config (no torch needed).
-
-    ``config.json`` is written last when a run is created, so its presence marks a run folder.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise RunFolderError(f"run folder {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise RunFolderError(f"{path} is not a run folder: config.json is missing")

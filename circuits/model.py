@@ -22,7 +22,17 @@ from transformer_lens.hook_points import HookPoint
 
 from circuits.config import ModelConfig, RunConfig
 
-__all__ = ["Transformer", "make_model"]
+__all__ = ["Transformer", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
+
+
+#: State-dict keys of the model's buffers (the causal mask and HookedTransformer's IGNORE),
+#: rebuilt by its constructor: checkpoints and norms hold parameters only.
+BUFFER_SUFFIXES = (".mask", ".IGNORE")
+
+
+def is_buffer_key(key: str) -> bool:
+    """Whether a state-dict key is a model buffer (attention mask, IGNORE), not a parameter."""
+    return key.endswith(BUFFER_SUFFIXES)
 
 
 class Embed(nn.Module):

@@ -20,7 +20,8 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.errors import RunFolderError
 from circuits.model import Transformer
-from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, checkpoint_epoch, is_buffer_key
+from circuits.model import is_buffer_key
+from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, checkpoint_epoch
 
 __all__ = ["check_resume"]
 

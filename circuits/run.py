@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from circuits.config import ConfigError, RunConfig
-from circuits.errors import CheckpointError, RunFolderError, require_run_dir
+from circuits.errors import CheckpointError, RunFolderError
 from circuits.lock import hold_run_folder, hold_run_folders
-from circuits.store import RunStore, clear_run_folder, is_safe_name
+from circuits.store import RunStore, clear_run_folder, is_safe_name, require_run_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,7 +120,7 @@ class Run:
     def _misfit(self, tensors: dict[str, Tensor]) -> str | None:
         import torch
 
-        from circuits.store import is_buffer_key
+        from circuits.model import is_buffer_key
 
         expected = self._expected
         missing = sorted(k for k in expected if k not in tensors and not is_buffer_key(k))
@@ -286,11 +286,11 @@ def train_ensemble(
 
     The members must share p, the model widths and the schedule; seeds, splits, training-set
     sizes, learning rates, weight decays and the rest may differ (see
-    :mod:`circuits.engine.ensemble`). ``outs`` defaults to :func:`default_run_dir` per member.
+    :mod:`circuits.trainer`). ``outs`` defaults to :func:`default_run_dir` per member.
     Each folder is an ordinary run: :func:`load_run`, ``circuits analyze`` and the dashboards
     read it as they read a single run.
     """
-    from circuits.engine.ensemble import train_ensemble as _train
+    from circuits.trainer import train_stack as _train
     from circuits.trainer import with_init_digest
 
     configs = [with_init_digest(c) for c in configs]

@@ -11,6 +11,16 @@ Layout (a contract read by notebooks, analyses and dashboards)::
     RUN_DIR/resume.json              epoch, step, engine of the resume point
     RUN_DIR/circuits.lock            while a trainer runs: its pid and host (circuits.lock)
 
+and of an analysis folder (written by :mod:`circuits.analysis`, the dashboard by its caller)::
+
+    ANALYSIS_DIR/measures.csv        one row per checkpoint, one column per measure
+    ANALYSIS_DIR/arrays.safetensors  per-checkpoint arrays ([ckpt, ...])
+    ANALYSIS_DIR/summary.json        key frequencies, phases, final values, inputs read
+    ANALYSIS_DIR/dashboard.html      the run's dashboard (circuits.report)
+
+Every file name lives here. torch and safetensors load on the first tensor read or write, so
+the CLI's argument checks can import this module and still answer at once.
+
 Every file is written to a temporary name, fsynced and renamed, so a kill at any moment
 leaves either the old or the new file, never half of one. No pickle anywhere.
 """
@@ -31,14 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from circuits.config import ConfigError, RunConfig
 from circuits.errors import CheckpointError, RunFolderError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "CONFIG_FILE",
@@ -48,10 +57,15 @@ __all__ = [
     "RESUME_FILE",
     "RESUME_META_FILE",
     "CHECKPOINT_DIR",
+    "MEASURES_FILE",
+    "ARRAYS_FILE",
+    "SUMMARY_FILE",
+    "DASHBOARD_FILE",
     "LOCK_FILE",
     "METRIC_COLUMNS",
     "CheckpointError",
     "RunFolderError",
+    "require_run_dir",
     "RunStore",
     "atomic_write_bytes",
     "checkpoint_name",
@@ -68,6 +82,10 @@ MANIFEST_FILE = "manifest.json"
 RESUME_FILE = "resume.safetensors"
 RESUME_META_FILE = "resume.json"
 CHECKPOINT_DIR = "checkpoints"
+MEASURES_FILE = "measures.csv"
+ARRAYS_FILE = "arrays.safetensors"
+SUMMARY_FILE = "summary.json"
+DASHBOARD_FILE = "dashboard.html"
 #: Held (fcntl) by the process training into the folder; records its pid and host
 #: (circuits.lock). Deleted when that process finishes; never one of the run's own files.
 LOCK_FILE = "circuits.lock"
@@ -77,17 +95,6 @@ _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: atomic_write_bytes's temporary name for a checkpoint.
 _CKPT_TMP_RE = re.compile(r"^\.epoch_\d{9}\.safetensors\.[^/]+\.tmp$")
-
-
-BUFFER_SUFFIXES = (".mask", ".IGNORE")
-
-
-def is_buffer_key(key: str) -> bool:
-    """Whether a state-dict key is a model buffer (attention mask, IGNORE), not a parameter.
-
-    Checkpoints hold parameters only; buffers are rebuilt by the model's constructor.
-    """
-    return key.endswith(BUFFER_SUFFIXES)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
@@ -241,12 +248,52 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def require_run_dir(path: Path) -> None:
+    """Raise RunFolderError unless ``path`` is a folder with a run config (no torch needed).
+
+    ``config.json`` is written last when a run is created, so its presence marks a run folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunFolderError(f"run folder {path} does not exist")
+    if not (path / CONFIG_FILE).is_file():
+        raise RunFolderError(f"{path} is not a run folder: {CONFIG_FILE} is missing")
+
+
+def _torch():  # noqa: ANN202 - torch loads on first use (see the module docstring)
+    import torch
+
+    return torch
+
+
+def st_save(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """safetensors' ``save``, imported on first use."""
+    from safetensors.torch import save
+
+    return save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+
+
+def st_load(data: bytes) -> dict[str, Tensor]:
+    """safetensors' ``load``; a file that does not parse raises :class:`BadSafetensors`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise BadSafetensors(str(e)) from None
+
+
+class BadSafetensors(ValueError):
+    """Bytes that are not a safetensors file (safetensors' own error, as a ValueError)."""
+
+
 def _versions() -> dict[str, str]:
     from circuits import __version__
 
     return {
         "circuits": __version__,
-        "torch": torch.__version__,
+        "torch": _torch().__version__,
         "python": platform.python_version(),
     }
 
@@ -311,7 +358,8 @@ class RunStore:
 
     def write_split(self, train_idx: Tensor, test_idx: Tensor) -> None:
         """Save the exact train/test canonical indices."""
-        data = st_save({"train": train_idx.to(torch.int64), "test": test_idx.to(torch.int64)})
+        i64 = _torch().int64
+        data = st_save({"train": train_idx.to(i64), "test": test_idx.to(i64)})
         atomic_write_bytes(self.root / SPLIT_FILE, data)
 
     def read_split(self) -> tuple[Tensor, Tensor]:
@@ -400,7 +448,7 @@ class RunStore:
             try:
                 tensors = st_load(data)
                 recorded = _safetensors_metadata(data).get("epoch")
-            except (SafetensorError, ValueError, RuntimeError, IndexError) as e:
+            except (ValueError, RuntimeError, IndexError) as e:
                 skipped.append(f"{f.name}: unreadable safetensors data ({e})")
                 continue
             if recorded != str(epoch):
@@ -419,7 +467,7 @@ class RunStore:
 
     def write_checkpoint(self, epoch: int, state_dict: Mapping[str, Tensor]) -> Path:
         """Save float32 weights after ``epoch`` updates and record their checksum."""
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+        tensors = {k: v.detach().to("cpu", _torch().float32).contiguous() for k, v in state_dict.items()}
         data = st_save(tensors, metadata={"epoch": str(epoch)})
         path = self.checkpoint_path(epoch)
         atomic_write_bytes(path, data)
@@ -470,7 +518,7 @@ class RunStore:
             # safetensors returns its tensors in no fixed order; sorted names make every sum
             # over a checkpoint's tensors (the total weight norm) the same bits on every load.
             return dict(sorted(st_load(data).items()))
-        except (SafetensorError, ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError) as e:
             raise CheckpointError(path, f"unreadable safetensors data ({e})") from None
 
     def verify(self) -> list[CheckpointError]:
@@ -575,6 +623,28 @@ class RunStore:
         atomic_write_bytes(self.root / RESUME_FILE, data)
         atomic_write_bytes(self.root / RESUME_META_FILE, json.dumps(dict(meta), indent=1).encode())
 
+    def mark_diverged(self, epoch: int, lr: float) -> None:
+        """Record in ``resume.json`` that training stopped at ``epoch`` on a non-finite loss at
+        learning rate ``lr``; the resume point itself (the last finite state) is unchanged."""
+        path = self.root / RESUME_META_FILE
+        meta = json.loads(path.read_bytes()) if path.is_file() else {}
+        meta["diverged"] = {"epoch": int(epoch), "lr": float(lr)}
+        atomic_write_bytes(path, json.dumps(meta, indent=1).encode())
+
+    def diverged(self) -> dict[str, Any] | None:
+        """The divergence mark (``{"epoch", "lr"}``) of a run that stopped on a non-finite loss,
+        or None. A ``resume.json`` that does not parse is no mark: the resume point is checked
+        from ``resume.safetensors``, which carries the same metadata."""
+        path = self.root / RESUME_META_FILE
+        try:
+            mark = json.loads(path.read_bytes()).get("diverged") if path.is_file() else None
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(mark, dict) or not isinstance(mark.get("epoch"), int) \
+                or not isinstance(mark.get("lr"), (int, float)):
+            return None
+        return mark
+
     def read_resume(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         """The resume point ``(tensors, meta)``, or None when the run has none yet."""
         path = self.root / RESUME_FILE
@@ -584,7 +654,7 @@ class RunStore:
         try:
             tensors = st_load(data)
             meta = {k: json.loads(v) for k, v in _safetensors_metadata(data).items()}
-        except (SafetensorError, ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError) as e:
             raise RunFolderError(
                 f"resume file {path} is damaged ({e}); delete it to restart from scratch, "
                 "or use --force"
@@ -612,5 +682,5 @@ def read_safetensors(path: Path, kind: str) -> dict[str, Tensor]:
         raise RunFolderError(f"{kind} {path} is missing")
     try:
         return st_load(path.read_bytes())
-    except (SafetensorError, ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         raise RunFolderError(f"{kind} {path} is damaged ({e})") from None

@@ -1,8 +1,17 @@
 """The training loop: full-batch AdamW with weight decay (Nanda et al. 2023).
 
-It takes a config, a store and an ``on_step`` callback and prints nothing; the CLI owns the
-terminal. (The module is ``trainer`` rather than ``train`` so that ``circuits.train``, the
-library function, is never shadowed by a submodule of the same name.)
+One loop for every run: it drives a *step* over a stack of members (a single run is a stack of
+one), the fused stack (:class:`circuits.engine.ensemble.FusedStack`) or the hooked reference
+model (:class:`circuits.engine.hooked.HookedStep`), and owns everything around the update:
+opening and checking each member's folder, the resume codec (:func:`resume_tensors`,
+:func:`_open_member`), saving, logging, Ctrl-C and divergence. A stateful training option is
+saved and restored here once, for both engines. It takes configs, stores and an ``on_step``
+callback and prints nothing; the CLI owns the terminal. (The module is ``trainer`` rather than
+``train`` so that ``circuits.train``, the library function, is never shadowed.)
+
+Crash safety: each member's folder gets its checkpoint, metrics and resume point at every
+checkpoint epoch. A kill between two members' writes leaves them one checkpoint apart; on
+resume the members that lag train alone until they catch up, then all go on together.
 
 Determinism: no randomness is drawn after initialisation (full batch, no dropout), AdamW runs
 its single-tensor path, and the resume point holds the weights, both moments and the step
@@ -15,37 +24,41 @@ from __future__ import annotations
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.utils.deterministic
-import torch.nn.functional as F
-from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.config import RunConfig
-from circuits.engine import fused
+from circuits.engine.ensemble import FusedStack, resolve_device
+from circuits.engine.hooked import HookedStep, evaluate, last_position_logits, model_weights
+from circuits.engine.loss import loss_fn, split_metrics
+from circuits.engine.memory import keep_freed_memory
+from circuits.engine.stacked import check_stackable, warmup_lr
 from circuits.engine.subnormal import flush_subnormals
 from circuits.errors import TrainingDiverged
-from circuits.lock import hold_run_folder
+from circuits.lock import hold_run_folders
 from circuits.model import Transformer, make_model
 from circuits.resume import check_resume
 from circuits.store import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
     SPLIT_FILE,
     RunFolderError,
     RunStore,
     file_sha256,
-    is_buffer_key,
     read_safetensors,
     removed_if_not_started,
 )
 from circuits.tasks import Task, make_task, task_from_saved_split
 
-__all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "evaluate", "loss_fn",
-           "initial_model", "with_init_digest"]
+__all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "train_stack", "evaluate",
+           "loss_fn", "split_metrics", "last_position_logits", "lr_at", "initial_model", "with_init_digest",
+           "resume_tensors"]
 
 
 class RunExistsError(RunFolderError):
@@ -72,94 +85,28 @@ class StepInfo:
     """In an ensemble: every member's fresh metrics (``metrics`` is the first member's)."""
 
 
-def loss_fn(
-    logits: Float[Tensor, "batch d_vocab_out"], labels: Int[Tensor, " batch"]
-) -> Float[Tensor, ""]:
-    """Mean cross-entropy with the log-softmax in float64.
-
-    Float32 log-softmax cannot represent losses below ~1e-7 and quantises them, which causes
-    loss spikes late in grokking (Nanda et al. 2023, ``cross_entropy_high_precision``).
-    """
-    return F.cross_entropy(logits.to(torch.float64), labels)
-
-
-def last_position_logits(
-    model: Transformer, tokens: Int[Tensor, "batch pos"], engine: str = "fused"
-) -> Float[Tensor, "batch d_vocab_out"]:
-    """Last-position logits by the chosen engine (both compute the same function)."""
-    if engine == "fused" and fused.supports(model):
-        return fused.last_logits(model, tokens)
-    return model(tokens)[:, -1]
-
-
-@torch.no_grad()
-def evaluate(model: Transformer, task: Task, engine: str = "fused") -> dict[str, float]:
-    """Train/test loss (float64) and accuracy of the model on the full grid."""
-    return split_metrics(last_position_logits(model, task.tokens, engine), task)
-
-
-def split_metrics(logits: Float[Tensor, "pair d_vocab_out"], task: Task) -> dict[str, float]:
-    """Train/test loss (float64) and accuracy of full-grid logits on the task's saved split."""
-    out: dict[str, float] = {}
-    for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
-        if len(idx) == 0:
-            out[f"{split}_loss"], out[f"{split}_acc"] = float("nan"), float("nan")
-            continue
-        lg, y = logits[idx], task.labels[idx].to(logits.device)
-        out[f"{split}_loss"] = loss_fn(lg, y).item()
-        out[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
-    return out
-
-
-def _make_optimizer(model: Transformer, config: RunConfig) -> torch.optim.AdamW:
-    t = config.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    # foreach=False: one fixed kernel path, so the same run gives the same bits every time.
-    return torch.optim.AdamW(
-        params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
-        foreach=False,
-    )
-
-
 def lr_at(config: RunConfig, update: int) -> float:
     """Learning rate of update number ``update`` (0-based): linear warm-up, then constant.
 
-    As the official code's ``LambdaLR(min(step / warmup, 1))``: the first update has lr 0.
+    As the official code's ``LambdaLR(min(step / warmup, 1))``: the first update has lr 0. The
+    schedule is :func:`circuits.engine.stacked.warmup_lr`, the one both engines run.
     """
+    f64 = torch.float64
     t = config.train
-    if t.warmup_steps == 0:
-        return t.lr
-    return t.lr * min(update / t.warmup_steps, 1.0)
+    return float(warmup_lr(torch.tensor(t.lr, dtype=f64), torch.tensor(float(t.warmup_steps), dtype=f64),
+                           torch.tensor(float(update), dtype=f64)))
 
 
-def _resume_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, Tensor]:
-    tensors = {f"model.{k}": v for k, v in _weights(model).items()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            state = opt.state.get(p)
-            if not state:
-                continue
-            name = names[id(p)]
-            for key in ("exp_avg", "exp_avg_sq", "step"):
-                tensors[f"opt.{name}.{key}"] = torch.as_tensor(state[key])
+def resume_tensors(weights: dict[str, Tensor], optimizer: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A member's resume point in the run folder's layout: ``model.<param>``, the optimizer's
+    ``opt.<param>.<exp_avg|exp_avg_sq|step>`` and the torch RNG state (``rng.torch``).
+
+    Read back by :func:`_open_member`; the one codec of both engines.
+    """
+    tensors = {f"model.{k}": v for k, v in weights.items()}
+    tensors.update(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
-
-
-def _load_resume(model: Transformer, opt: torch.optim.AdamW, tensors: dict[str, Tensor]) -> None:
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(weights, strict=False)
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        if f"opt.{name}.exp_avg" in tensors:
-            opt.state[p] = {
-                "step": tensors[f"opt.{name}.step"].clone(),
-                "exp_avg": tensors[f"opt.{name}.exp_avg"].clone(),
-                "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].clone(),
-            }
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
 
 
 @contextmanager
@@ -261,7 +208,7 @@ def initial_model(config: RunConfig) -> Transformer:
             "restore that file, or train a new run from this one"
         )
     weights = read_weights_file(Path(source))
-    own = _weights(model)
+    own = model_weights(model)
     missing = sorted(set(own) - set(weights))
     if missing:
         raise RunFolderError(f"init_from {source} lacks {missing[0]}; is it a checkpoint of this model?")
@@ -280,7 +227,7 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise RunFolderError(f"checkpoint {path} does not exist; give init_from a checkpoint file")
     root = path.parent.parent
-    if path.parent.name == "checkpoints" and (root / "config.json").is_file():
+    if path.parent.name == CHECKPOINT_DIR and (root / CONFIG_FILE).is_file():
         store = RunStore(root)
         epoch = next((e for e in store.checkpoint_epochs() if store.checkpoint_path(e).name == path.name), None)
         if epoch is not None:
@@ -323,6 +270,7 @@ def finished_model(config: RunConfig, store: RunStore) -> Transformer | None:
     return model
 
 
+
 def train_run(
     config: RunConfig,
     store: RunStore,
@@ -335,94 +283,207 @@ def train_run(
     ``log_every`` epochs and at every checkpoint, and replaces the resume point at each
     checkpoint. Ctrl-C saves the current state and raises :class:`TrainingInterrupted`.
     Returns the model after the last epoch. ``device`` (fused engine only): where the
-    computation runs, e.g. ``"cuda"`` (default: the CPU).
+    computation runs, e.g. ``"cuda"`` (default: the CPU). A stack of one: :func:`train_stack`.
     """
-    config = with_init_digest(config)
-    done = finished_model(config, store)
-    if done is not None:
-        return done
-    if config.train.engine == "fused":
-        # A fused run is an ensemble of one (circuits.engine.ensemble): one code path.
-        from circuits.engine.ensemble import train_ensemble
-
-        return train_ensemble([config], [store], on_step, device=device)[0]
-    from circuits.engine.ensemble import resolve_device
-
-    resolve_device(device, config.train.engine)
-    with removed_if_not_started([store.root]):
-        with hold_run_folder(store.root), deterministic():
-            return _train_run(config, store, on_step)
+    return train_stack([config], [store], on_step, device)[0]
 
 
-def _train_run(
-    config: RunConfig, store: RunStore, on_step: Callable[[StepInfo], None] | None
-) -> Transformer:
+@dataclass
+class _Member:
+    config: RunConfig
+    store: RunStore
+    task: Task
+    model: Transformer
+    opt_tensors: dict[str, Tensor]
+    epoch: int
+    diverged: int | None = None
+    """The logged epoch whose train loss was not finite: the member trains no further, and its
+    folder keeps its last finite checkpoint and resume point."""
+
+
+def train_stack(
+    configs: Sequence[RunConfig],
+    stores: Sequence[RunStore],
+    on_step: Callable[[StepInfo], None] | None = None,
+    device: str | torch.device | None = None,
+) -> list[Transformer]:
+    """Train (or resume) every config into its store, all members in one step; returns the
+    members' models after the last epoch.
+
+    Fused members (``engine = "fused"``) share one stacked computation; they must share shapes
+    and the schedule (:func:`circuits.engine.stacked.check_stackable`). The reference engine
+    trains one run at a time. ``on_step`` gets a :class:`StepInfo` after each update whose
+    ``metrics`` are the first member's and ``member_metrics`` everyone's. ``device`` (fused
+    only; default CPU) is where the step computes; the run folders are written from CPU copies,
+    so they are the same files either way.
+
+    A member whose train loss becomes non-finite stops at its last finite checkpoint and is
+    marked diverged in its ``resume.json``; the others go on, and :class:`TrainingDiverged` is
+    raised once they have finished. A rerun does not train a marked member again: it raises
+    again, until the folder is replaced with ``--force`` (design.md, "Divergence").
+    """
+    if len(configs) != len(stores):
+        raise ValueError(f"{len(configs)} configs but {len(stores)} run folders")
+    configs = [with_init_digest(c) for c in configs]
+    engine = configs[0].train.engine
+    if engine == "fused":
+        check_stackable(configs)
+    elif len(configs) != 1:
+        raise ValueError("the reference engine trains one run at a time; use the fused engine for a stack")
+    dev = resolve_device(device, engine)
+    keep_freed_memory()
+    if len({s.root.resolve() for s in stores}) != len(stores):
+        raise ValueError("two members share one run folder; give each member its own")
+    done = [finished_model(c, s) for c, s in zip(configs, stores)]
+    if all(m is not None for m in done):  # a rerun of finished runs writes nothing
+        return done  # type: ignore[return-value]
+    lost = {i: _diverged_before(c, s) for i, (c, s) in enumerate(zip(configs, stores))}
+    lost = {i: mark for i, mark in lost.items() if mark is not None}
+    open_ = [i for i, m in enumerate(done) if m is None and i not in lost]  # finished: not touched
+    # One trainer per folder: a second is refused, naming the first (circuits.lock).
+    with removed_if_not_started([stores[i].root for i in open_]), \
+            hold_run_folders([stores[i].root for i in open_]), deterministic():
+        members = [_open_member(configs[i], stores[i]) for i in open_]
+        epochs = configs[0].train.epochs
+        with sigint_flag() as interrupted:
+            while True:
+                todo = [m for m in members if m.epoch < epochs and m.diverged is None]
+                if not todo:
+                    break
+                lo = min(m.epoch for m in todo)
+                group = [m for m in todo if m.epoch == lo]
+                ahead = [m.epoch for m in todo if m.epoch > lo]
+                _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted, dev)
+        for m in members:
+            if m.diverged is not None:
+                m.store.mark_diverged(m.diverged, m.config.train.lr)
+    runs = {str(stores[i].root): (mark["epoch"], resume_epoch(stores[i])) for i, mark in lost.items()}
+    lrs = {str(stores[i].root): float(mark["lr"]) for i, mark in lost.items()}
+    for m in members:
+        if m.diverged is not None:
+            runs[str(m.store.root)] = (m.diverged, m.epoch)
+            lrs[str(m.store.root)] = m.config.train.lr
+    if runs:  # raised once every other member has finished
+        raise TrainingDiverged(runs, lrs)
+    models = list(done)
+    for i, m in zip(open_, members):
+        models[i] = m.model
+    return models  # type: ignore[return-value]
+
+
+def _diverged_before(config: RunConfig, store: RunStore) -> dict | None:
+    """The divergence mark of a folder that holds this same run, or None (train it)."""
+    if not store.exists() or store.read_config().science_dict != config.science_dict:
+        return None  # a folder of another config is refused by name when it is opened
+    return store.diverged()
+
+
+def _open_member(config: RunConfig, store: RunStore) -> _Member:
+    """Create or check the member's folder and read its resume point (the codec's reader)."""
     task = prepare_store(config, store)
     resume = store.read_resume()
-    # A resumed run's weights come from its resume point: its init_from file may be gone.
+    # A resumed member's weights come from its resume point: its init_from file may be gone.
     model = make_model(config) if resume is not None else initial_model(config)
-    opt = _make_optimizer(model, config)
-    start = 0
+    epoch, opt_tensors = 0, {}
     if resume is not None:
         tensors, meta = resume
-        start = check_resume(store, config, model, tensors, meta)
-        _load_resume(model, opt, tensors)
-        store.truncate_metrics(start)
+        check_resume(store, config, model, tensors, meta)
+        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(weights, strict=False)
+        opt_tensors = {k: v for k, v in tensors.items() if k.startswith("opt.")}
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        epoch = int(meta["epoch"])
+        store.truncate_metrics(epoch)
     else:
         store.truncate_metrics(-1)
-    t = config.train
-    x_train, y_train = task.train_data()
-    pending: list[dict[str, float | int]] = []
+    return _Member(config, store, task, model, opt_tensors, epoch)
+
+
+def _make_step(members: list[_Member], device: torch.device) -> FusedStack | HookedStep:
+    if members[0].config.train.engine == "fused":
+        return FusedStack([m.model for m in members], [m.config for m in members],
+                          [m.opt_tensors for m in members], [m.task for m in members], device)
+    (m,) = members
+    return HookedStep(m.model, m.config, m.task, m.opt_tensors, updates=m.epoch)
+
+
+def _train_segment(
+    members: list[_Member],
+    start: int,
+    stop: int,
+    on_step: Callable[[StepInfo], None] | None,
+    interrupted: list[bool],
+    device: torch.device,
+) -> None:
+    """Train ``members``, all at epoch ``start``, up to epoch ``stop`` (or an interrupt)."""
+    train = members[0].config.train
+    step = _make_step(members, device)
+    pending: list[list[dict[str, float | int]]] = [[] for _ in members]
 
     def save(epoch: int, checkpoint: bool) -> None:
-        if checkpoint:
-            store.write_checkpoint(epoch, _weights(model))
-        store.append_metrics(pending)
-        pending.clear()
-        store.write_resume(
-            _resume_tensors(model, opt),
-            {"epoch": epoch, "step": epoch, "engine": t.engine},
-        )
+        for i, m in enumerate(members):
+            if m.diverged is not None:
+                continue
+            weights = step.weights(i)
+            if checkpoint:
+                m.store.write_checkpoint(epoch, weights)
+            m.store.append_metrics(pending[i])
+            pending[i].clear()
+            m.store.write_resume(
+                resume_tensors(weights, step.optimizer_state(i)),
+                {"epoch": epoch, "step": epoch, "engine": m.config.train.engine},
+            )
+            m.epoch = epoch
+
+    def sync_back(epoch: int) -> None:
+        for i, m in enumerate(members):
+            if m.diverged is not None:
+                continue
+            m.model.load_state_dict(step.weights(i), strict=False)
+            m.opt_tensors = step.optimizer_state(i)
+            m.epoch = epoch
+
+    def log(epoch: int) -> list[dict[str, float | int]]:
+        rows = [{"epoch": epoch, **r} for r in step.evaluate()]
+        for i, row in enumerate(rows):
+            if members[i].diverged is None and not math.isfinite(row["train_loss"]):
+                # Its rows since the last save are dropped with it: the folder stays at the
+                # resume point. The others go on (a NaN member leaves their arithmetic alone).
+                members[i].diverged = epoch
+                pending[i].clear()
+            if members[i].diverged is None:
+                pending[i].append(row)
+        return rows
 
     if start == 0:
-        row = {"epoch": 0, **evaluate(model, task, t.engine)}
-        pending.append(row)
+        rows = log(0)
         save(0, checkpoint=True)
         if on_step:
-            on_step(StepInfo(0, t.epochs, row, 0))
+            on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows)))
 
-    with sigint_flag() as interrupted:
-        for epoch in range(start + 1, t.epochs + 1):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(config, epoch - 1)
-            loss = loss_fn(last_position_logits(model, x_train, t.engine), y_train)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            is_ckpt = t.is_checkpoint(epoch)
-            row = None
-            if is_ckpt or epoch % t.log_every == 0:
-                row = {"epoch": epoch, **evaluate(model, task, t.engine)}
-                if not math.isfinite(row["train_loss"]):
-                    # Nothing of this epoch is saved: the folder keeps its last finite state.
-                    raise TrainingDiverged({str(store.root): (epoch, resume_epoch(store))})
-                pending.append(row)
-            if is_ckpt:
-                save(epoch, checkpoint=True)
-            if on_step:
-                on_step(StepInfo(epoch, t.epochs, row, start))
-            if interrupted[0]:
-                if not is_ckpt:
-                    save(epoch, checkpoint=False)
-                raise TrainingInterrupted(epoch)
-    return model
+    for epoch in range(start + 1, stop + 1):
+        step()
+        is_ckpt = train.is_checkpoint(epoch)
+        rows = None
+        if is_ckpt or epoch % train.log_every == 0:
+            rows = log(epoch)
+        if is_ckpt:
+            save(epoch, checkpoint=True)
+        if on_step:
+            on_step(StepInfo(epoch, train.epochs, rows[0] if rows else None, start,
+                             tuple(rows) if rows else None))
+        if interrupted[0]:
+            if not is_ckpt:
+                save(epoch, checkpoint=False)
+            sync_back(epoch)
+            raise TrainingInterrupted(epoch)
+        if all(m.diverged is not None for m in members):
+            return
+    sync_back(stop)
 
 
 def resume_epoch(store: RunStore) -> int:
     """The epoch of the folder's resume point (-1: none)."""
     resume = store.read_resume()
     return -1 if resume is None else int(resume[1]["epoch"])
-
-
-def _weights(model: Transformer) -> dict[str, Tensor]:
-    return {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}

@@ -158,7 +158,7 @@ def test_phases_are_ordered_and_match_the_curves(quick_analysis) -> None:  # noq
 def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, tmp_path: Path) -> None:
     # analyze() shares one projection between several columns; each must still equal the
     # public function a notebook would call.
-    from circuits.engine.grid import grid_forward, stack_state_dicts
+    from circuits.grid import grid_forward, stack_state_dicts
     from circuits.measures import (
         embed_fourier_norms,
         excluded_loss,
@@ -189,7 +189,7 @@ def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, 
 def _measures_from_hooked_model(run: circuits.Run, epoch: int, key: list[int]) -> tuple[dict, dict]:
     """Every column and array of one checkpoint, from the hooked model's own forward
     (``run_with_cache`` on all p^2 inputs) and the public measure functions, one at a time."""
-    from circuits.engine.grid import stack_state_dicts
+    from circuits.grid import stack_state_dicts
     from circuits.measures import (
         accuracy,
         circuit_efficiency,
@@ -290,7 +290,7 @@ def test_row_blocks_give_the_whole_grid_result(tiny_run: circuits.Run, block_row
     # same sums as the whole grid in one block, up to float32 rounding (the matmuls' own
     # summation order depends on the block's size).
     from circuits.analysis import _measure_chunk
-    from circuits.engine.grid import stack_state_dicts
+    from circuits.grid import stack_state_dicts
 
     params = stack_state_dicts([tiny_run.state_dict(e) for e in tiny_run.epochs[-3:]])
     whole_cols, whole_arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=tiny_run.config.task.p)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import circuits
-from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.grid import grid_forward, stack_state_dicts
 from circuits.measures.circuits import (
     circuit_efficiency,
     circuit_norms_sq,

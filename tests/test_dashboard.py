@@ -20,7 +20,8 @@ import torch
 
 import circuits
 from circuits import plots
-from circuits.analysis import MEASURE_COLUMNS, Analysis, analyze, default_analysis_dir
+from circuits.analysis import MEASURE_COLUMNS, Analysis, default_analysis_dir
+from circuits.report import report
 from circuits.dashboard import (
     DASHBOARD_FILE,
     write_comparison_dashboard,
@@ -155,9 +156,9 @@ def _self_contained(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run_dashboard(tiny_run: circuits.Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # analyze() writes the dashboard beside measures.csv.
+    # report() writes the dashboard beside measures.csv.
     out = tmp_path_factory.mktemp("dash") / "tiny"
-    result = analyze(tiny_run, out=out, key_freqs=[1, 3])
+    result = report(tiny_run, out=out, key_freqs=[1, 3])
     path = result.path / DASHBOARD_FILE
     assert path.is_file() and (result.path / "measures.csv").is_file()
     return path

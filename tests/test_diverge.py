@@ -3,6 +3,7 @@ ensemble's other members go on; analysis reads no phase from a non-finite curve.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,42 @@ def test_phases_are_not_read_from_a_non_finite_curve(tiny_run: circuits.Run, tmp
     result = circuits.analyze(circuits.load_run(root), out=tmp_path / "analysis")
     assert result.summary["phases"] is None
     assert f"from epoch {last}" in result.summary["phases_refused"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_a_diverged_run_is_marked_and_a_rerun_refuses_until_force(tmp_path: Path, engine: str) -> None:
+    # design.md, "Divergence": marked in resume.json, a rerun refuses again (naming the learning
+    # rate) without training or writing, and --force replaces the run.
+    out = tmp_path / "run"
+    cfg = tiny_config(lr=1e6, engine=engine)
+    with pytest.raises(TrainingDiverged) as first:
+        circuits.train(cfg, out=out)
+    mark = circuits.load_run(out).store.diverged()
+    seen, kept = first.value.runs[str(out)]
+    assert mark == {"epoch": seen, "lr": 1e6}
+    before = _files(out)
+    with pytest.raises(TrainingDiverged, match="lr 1e\\+06") as again:
+        circuits.train(cfg, out=out)
+    assert again.value.runs == first.value.runs and _files(out) == before
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(cfg.to_dict()))
+    r = run_cli("train", "--config", str(cfg_file), "--out", str(out))
+    assert r.returncode == 2 and "diverged" in r.stderr and "lr 1e+06" in r.stderr and "--force" in r.stderr
+    assert _files(out) == before
+    fixed = circuits.train(tiny_config(engine=engine), out=out, force=True)
+    assert fixed.is_complete and fixed.store.diverged() is None
+
+
+def test_an_ensemble_rerun_reports_its_diverged_member_and_leaves_the_rest(tmp_path: Path) -> None:
+    bad, good = tiny_config(lr=1e6, seed=1), tiny_config(seed=4)
+    outs = [tmp_path / "bad", tmp_path / "good"]
+    with pytest.raises(TrainingDiverged):
+        circuits.train_ensemble([bad, good], outs)
+    before = [_files(o) for o in outs]
+    with pytest.raises(TrainingDiverged) as err:
+        circuits.train_ensemble([bad, good], outs)
+    assert list(err.value.runs) == [str(outs[0])] and [_files(o) for o in outs] == before

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuits.config import preset
-from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.grid import grid_forward, stack_state_dicts
 from circuits.fourier import fft2d, n_frequencies
 from circuits.measures import (
     accuracy,

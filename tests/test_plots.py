@@ -11,7 +11,7 @@ import circuits
 from circuits import plots
 from circuits.analysis import Analysis, analyze
 from circuits.dashboard import choose_neurons, grid_activations, grid_frames, run_figures
-from circuits.engine.grid import stack_state_dicts
+from circuits.grid import stack_state_dicts
 from circuits.fourier import frequency_norms
 
 

@@ -49,39 +49,12 @@ def choose_neurons(analysis: Analysis, n: int = 4) -> list[tuple[int, int]]:
     return chosen
 
 
-def _grid_pattern(params: Mapping[str, Any], p: int) -> Any:
-    """The '=' query's attention over the key positions, ``[ckpt, a, b, head, 3]``.
-
-    On the (a, b) grid the key at position 0 depends on a only and the key at position 1 on b
-    only, so the scores are per-token tables (as in :func:`circuits.engine.grid.grid_resid_mid`).
-    """
-    import math
-
-    import torch
-
-    W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
-    W_Q, W_K = params["blocks.0.attn.W_Q"], params["blocks.0.attn.W_K"]
-    b_Q, b_K = params["blocks.0.attn.b_Q"], params["blocks.0.attn.b_K"]
-    scale = math.sqrt(W_Q.shape[-1])
-    r0 = W_E[:, :p] + W_pos[:, None, 0]
-    r1 = W_E[:, :p] + W_pos[:, None, 1]
-    r2 = W_E[:, p] + W_pos[:, 2]
-    q = torch.einsum("kd,khde->khe", r2, W_Q) + b_Q
-    s0 = torch.einsum("khe,kthe->kth", q, torch.einsum("ktd,khde->kthe", r0, W_K) + b_K[:, None]) / scale
-    s1 = torch.einsum("khe,kthe->kth", q, torch.einsum("ktd,khde->kthe", r1, W_K) + b_K[:, None]) / scale
-    s2 = torch.einsum("khe,khe->kh", q, torch.einsum("kd,khde->khe", r2, W_K) + b_K) / scale
-    scores = torch.stack(
-        torch.broadcast_tensors(s0[:, :, None], s1[:, None, :], s2[:, None, None]), dim=-1
-    )
-    return torch.softmax(scores, dim=-1)
-
-
 def grid_activations(
     params: Mapping[str, Any], p: int, neurons: Sequence[int], act_fn: str = "relu"
 ) -> tuple[Any, Any]:
     """MLP activations of a few ``neurons`` and the attention to a, over the (a, b) grid.
 
-    ``params`` are stacked checkpoints (:func:`circuits.engine.grid.stack_state_dicts`).
+    ``params`` are stacked checkpoints (:func:`circuits.grid.stack_state_dicts`).
     Returns ``(acts [ckpt, a, b, len(neurons)], attention [ckpt, a, b, head])``: equal to the
     hooked model's ``blocks.0.mlp.hook_post[:, -1, neurons]`` and
     ``blocks.0.attn.hook_pattern[:, :, -1, 0]`` (tested). Only the chosen neurons' columns of
@@ -91,7 +64,9 @@ def grid_activations(
     import torch
     import torch.nn.functional as F
 
-    pattern = _grid_pattern(params, p)  # [k, a, b, h, 3]
+    from circuits.grid import grid_pattern
+
+    pattern = grid_pattern(params, p)  # [k, a, b, h, 3]
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     W_V, W_O = params["blocks.0.attn.W_V"], params["blocks.0.attn.W_O"]
     b_V, b_O = params["blocks.0.attn.b_V"], params["blocks.0.attn.b_O"]
@@ -129,7 +104,7 @@ def grid_frames(
     """
     import torch
 
-    from circuits.engine.grid import stack_state_dicts
+    from circuits.grid import stack_state_dicts
     from circuits.errors import CheckpointError
 
     p, act_fn = run.config.task.p, run.config.model.act_fn

@@ -29,12 +29,12 @@ from circuits.dashboard.render import (
     render_page,
     write_page,
 )
+from circuits.store import CONFIG_FILE, DASHBOARD_FILE
 
 if TYPE_CHECKING:
     from circuits.analysis import Analysis
     from circuits.run import Run
 
-DASHBOARD_FILE = "dashboard.html"
 OPS = {"add": "a + b", "sub": "a − b", "mul": "a · b", "div": "a / b"}
 
 
@@ -42,7 +42,7 @@ def _read_config(run_path: str | Path | None) -> dict[str, Any] | None:
     if not run_path:
         return None
     try:
-        data = json.loads((Path(run_path) / "config.json").read_text())
+        data = json.loads((Path(run_path) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return None
     return data.get("config", data) if isinstance(data, dict) else None

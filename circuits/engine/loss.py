@@ -1,12 +1,43 @@
-"""The training loss of a stack: each member's own weighted cross-entropy, summed over members."""
+"""The training loss (cross-entropy with a float64 log-softmax) of one model and of a stack, and
+the train/test metrics read from full-grid logits."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-__all__ = ["stacked_loss"]
+if TYPE_CHECKING:
+    from circuits.tasks import Task
+
+__all__ = ["loss_fn", "split_metrics", "stacked_loss"]
+
+
+def loss_fn(
+    logits: Float[Tensor, "batch d_vocab_out"], labels: Int[Tensor, " batch"]
+) -> Float[Tensor, ""]:
+    """Mean cross-entropy with the log-softmax in float64.
+
+    Float32 log-softmax cannot represent losses below ~1e-7 and quantises them, which causes
+    loss spikes late in grokking (Nanda et al. 2023, ``cross_entropy_high_precision``).
+    """
+    return F.cross_entropy(logits.to(torch.float64), labels)
+
+
+def split_metrics(logits: Float[Tensor, "pair d_vocab_out"], task: Task) -> dict[str, float]:
+    """Train/test loss (float64) and accuracy of full-grid logits on the task's saved split."""
+    out: dict[str, float] = {}
+    for split, idx in (("train", task.train_idx), ("test", task.test_idx)):
+        if len(idx) == 0:
+            out[f"{split}_loss"], out[f"{split}_acc"] = float("nan"), float("nan")
+            continue
+        lg, y = logits[idx], task.labels[idx].to(logits.device)
+        out[f"{split}_loss"] = loss_fn(lg, y).item()
+        out[f"{split}_acc"] = (lg.argmax(-1) == y).to(torch.float64).mean().item()
+    return out
 
 
 def stacked_loss(

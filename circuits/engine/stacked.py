@@ -18,12 +18,22 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.model import Transformer
 
-__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable"]
+__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable", "warmup_lr"]
 
 #: Training fields that must agree across an ensemble: they set the shared loop and schedule.
 SHARED_TRAIN_FIELDS = (
     "epochs", "checkpoint_every", "checkpoint_early_every", "checkpoint_early_until", "log_every",
 )
+
+
+def warmup_lr(lr: Tensor, warmup: Tensor, update: Tensor) -> Tensor:
+    """The learning rate of 0-based update ``update``: linear warm-up over ``warmup`` updates,
+    then constant (as the official code's ``LambdaLR(min(step / warmup, 1))``: the first update
+    of a warm-up has lr 0). Float64 tensors, elementwise, so a stack computes every member's
+    rate on the device; the one schedule of both engines.
+    """
+    ramp = torch.where(warmup > 0, update / warmup.clamp(min=1), 1.0)
+    return lr * ramp.clamp(max=1.0)
 
 
 def check_stackable(configs: Sequence[RunConfig]) -> None:
@@ -103,8 +113,7 @@ class StackedAdamW:
 
     def lr_at(self, update: Tensor) -> Tensor:
         """Per-member learning rate of 0-based update ``update``: linear warm-up, then constant."""
-        ramp = torch.where(self.warmup > 0, update / self.warmup.clamp(min=1), 1.0)
-        return self.lr * ramp.clamp(max=1.0)
+        return warmup_lr(self.lr, self.warmup, update)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuits.config import RunConfig
-from circuits.engine.grid import grid_forward, stack_state_dicts
+from circuits.grid import grid_forward, stack_state_dicts
 from circuits.engine.stacked import SHARED_TRAIN_FIELDS
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
-from circuits.store import atomic_write_bytes, is_safe_name
+from circuits.store import CONFIG_FILE, atomic_write_bytes, is_safe_name
 from circuits.trainer import StepInfo, split_metrics, with_init_digest
 
 if TYPE_CHECKING:
@@ -72,7 +72,10 @@ class ExperimentResult:
     summary: dict[str, Any]
     path: Path | None = None
     name: str = ""
-    """The protocol's file stem: ``<path>/<name>.csv``, ``.json``, ``.html`` (set when written)."""
+    """The protocol's file stem: ``<path>/<name>.csv``, ``.json`` (set when written) and the
+    page of its figures, ``.html``, drawn by the caller (:func:`circuits.report.write_experiment_page`)."""
+    extra_figures: tuple[go.Figure, ...] = ()
+    """Figures beyond the main one, shown after it on the protocol's page."""
 
 
 def check_grid(name: str, values: Sequence[Any]) -> list[Any]:
@@ -93,7 +96,7 @@ def _stack_key(config: RunConfig) -> str:
 
 
 def _is_done(path: Path, config: RunConfig) -> bool:
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_FILE).is_file():
         return False
     run = load_run(path)
     return run.is_complete and run.config.science_dict == config.science_dict
@@ -200,17 +203,16 @@ def member_table(members: Sequence[Member], runs: Sequence[Run]) -> pd.DataFrame
 def write_result(
     result: ExperimentResult, out: str | Path, name: str, extra_figures: Sequence[go.Figure] = ()
 ) -> ExperimentResult:
-    """Write ``<name>.csv``, ``<name>.json`` (summary) and ``<name>.html`` (figures) under ``out``."""
-    from circuits.dashboard import write_figure_page
-
+    """Write ``<name>.csv`` and ``<name>.json`` (summary) under ``out``; the figures stay on the
+    result (``figure``, ``extra_figures``) for the caller to draw (experiments never import the
+    dashboard)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"{name}.csv", result.table.to_csv(index=False).encode())
     atomic_write_bytes(
         out / f"{name}.json", (json.dumps(result.summary, indent=2, default=_json_default) + "\n").encode()
     )
-    write_figure_page(out / f"{name}.html", [result.figure, *extra_figures], title=name.replace("_", " "))
-    result.path, result.name = out, name
+    result.path, result.name, result.extra_figures = out, name, tuple(extra_figures)
     return result
 
 

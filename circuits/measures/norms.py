@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.store import is_buffer_key
+from circuits.model import is_buffer_key
 
 __all__ = ["stacked_weight_norms_sq", "weight_norms_sq", "weight_norm_sq"]
 

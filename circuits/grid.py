@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from circuits.store import is_buffer_key
+from circuits.model import is_buffer_key
 
-__all__ = ["grid_blocks", "grid_forward", "grid_resid_mid", "stack_state_dicts"]
+__all__ = ["grid_blocks", "grid_forward", "grid_pattern", "grid_resid_mid", "stack_state_dicts"]
 
 
 def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -45,10 +45,16 @@ class _AttentionTables(NamedTuple):
     const: Tensor  # [ckpt, d_model]: '=' residual + b_O
 
 
-def _attention_tables(params: Mapping[str, Tensor], p: int) -> _AttentionTables:
+def grid_pattern(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt p p head pos"]:
+    """The '=' query's attention over the three key positions on the (a, b) grid.
+
+    The key at position 0 depends on a only and the key at position 1 on b only, so the scores
+    are per-token tables broadcast over the grid; equal to the hooked model's
+    ``blocks.0.attn.hook_pattern[:, :, -1]`` for every input (tested).
+    """
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
-    W_Q, W_K, W_V, W_O = (params[f"blocks.0.attn.W_{x}"] for x in "QKVO")
-    b_Q, b_K, b_V, b_O = (params[f"blocks.0.attn.b_{x}"] for x in "QKVO")
+    W_Q, W_K = params["blocks.0.attn.W_Q"], params["blocks.0.attn.W_K"]
+    b_Q, b_K = params["blocks.0.attn.b_Q"], params["blocks.0.attn.b_K"]
     scale = math.sqrt(W_Q.shape[-1])
     r0 = W_E[:, :p] + W_pos[:, None, 0]  # a at position 0: [ckpt, p, d]
     r1 = W_E[:, :p] + W_pos[:, None, 1]  # b at position 1
@@ -63,9 +69,19 @@ def _attention_tables(params: Mapping[str, Tensor], p: int) -> _AttentionTables:
     scores = torch.stack(
         torch.broadcast_tensors(s0[:, :, None], s1[:, None, :], s2[:, None, None]), dim=-1
     )  # [ckpt, a, b, h, pos]; the last query sees every position
+    return torch.softmax(scores, dim=-1)
+
+
+def _attention_tables(params: Mapping[str, Tensor], p: int) -> _AttentionTables:
+    W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
+    W_V, W_O = params["blocks.0.attn.W_V"], params["blocks.0.attn.W_O"]
+    b_V, b_O = params["blocks.0.attn.b_V"], params["blocks.0.attn.b_O"]
+    r0 = W_E[:, :p] + W_pos[:, None, 0]
+    r1 = W_E[:, :p] + W_pos[:, None, 1]
+    r2 = W_E[:, p] + W_pos[:, 2]
     bvo = torch.einsum("khe,khem->khm", b_V, W_O)
     return _AttentionTables(
-        pattern=torch.softmax(scores, dim=-1),
+        pattern=grid_pattern(params, p),
         vo0=torch.einsum("ktd,khde,khem->kthm", r0, W_V, W_O) + bvo[:, None],
         vo1=torch.einsum("ktd,khde,khem->kthm", r1, W_V, W_O) + bvo[:, None],
         vo2=torch.einsum("kd,khde,khem->khm", r2, W_V, W_O) + bvo,
