@@ -28,6 +28,7 @@ from circuits.experiments import (
     ungrokking,
 )
 from circuits.tasks import make_task
+from circuits.report import write_experiment_page
 from circuits.trainer import TrainingInterrupted, with_init_digest
 from tests.conftest import run_cli, tiny_config
 
@@ -156,6 +157,7 @@ def test_reference_networks_have_the_expected_generalising_share(tmp_path) -> No
     assert table.loc["gen", "test_acc"] >= 0.95
     assert table.loc["gen", "gen_share"] > 0.95
     assert result.summary["gen_only_criterion_met"]
+    write_experiment_page(result)  # the caller draws the page: experiments never import the dashboard
     for ext in ("csv", "json", "html"):
         assert (tmp_path / f"reference.{ext}").stat().st_size > 0
 
