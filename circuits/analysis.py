@@ -30,7 +30,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,25 +40,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from circuits.grid import grid_blocks, grid_forward, stack_state_dicts
+from circuits.grid import stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import AnalysisFolderError, CheckpointError
-from circuits.fourier import line_index, sum_directions
 from circuits.lock import hold_run_folder
-from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
-from circuits.measures.frequencies import (
-    CLUSTER_THRESHOLD,
-    NeuronFrequencySums,
-    embed_fourier_norms,
-    key_frequencies,
-    neuron_clusters,
-    neuron_frequency_fractions,
-    neuron_logit_fourier_norms,
-)
-from circuits.measures.losses import accuracy, cross_entropy
-from circuits.measures.norms import stacked_weight_norms_sq
+from circuits.measures import families as _builtin  # noqa: F401 - registers the built-in families
+from circuits.measures.frequencies import CLUSTER_THRESHOLD
 from circuits.measures.phases import non_finite_epoch, phase_boundaries
-from circuits.measures.sparsity import gini
+from circuits.measures.registry import (
+    Checkpoints,
+    Family,
+    applicable,
+    array_docs,
+    column_docs,
+    column_order,
+    compute,
+    detect_key_frequencies,
+    families,
+    select,
+)
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
 from circuits.store import (
     ARRAYS_FILE,
@@ -91,48 +91,13 @@ ANALYSIS_FORMAT = 2
 #: What ``analyze`` writes into an analysis folder (and the temporary files of its writes).
 ANALYSIS_FILES = (MEASURES_FILE, ARRAYS_FILE, SUMMARY_FILE, DASHBOARD_FILE, LOCK_FILE)
 
-MEASURE_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "test_loss",
-    "train_acc",
-    "test_acc",
-    "restricted_loss",
-    "excluded_loss",
-    "restricted_acc",
-    "excluded_acc",
-    "gini_embed",
-    "gini_neuron_logit",
-    "weight_norm_sq",
-    "key_logit_frac",
-    "neuron_key_frac",
-    "n_clustered_neurons",
-    # The memorising and generalising circuits (circuits.measures.circuits, docs/measures.md).
-    "gen_share",
-    "gen_share_all",
-    "gen_norm_sq",
-    "mem_norm_sq",
-    "shared_norm_sq",
-    "gen_logit_train",
-    "mem_logit_train",
-    "gen_logit_test",
-    "mem_logit_test",
-    "gen_margin_train",
-    "mem_margin_train",
-    "gen_margin_test",
-    "mem_margin_test",
-    "gen_efficiency",
-    "mem_efficiency",
-)
-
-ARRAY_DOCS = {
-    "epochs": "int64 [ckpt]: the checkpoint epoch of each row of every other array",
-    "embed_fourier_norms": "float32 [ckpt, p]: ‖(F W_E[:p])_i‖ per Fourier component i (Const, cos 1, sin 1, ...)",
-    "neuron_logit_fourier_norms": "float32 [ckpt, p]: Fourier norms of W_L = W_out W_U along the logit axis",
-    "neuron_cluster": "int64 [ckpt, d_mlp]: each neuron's frequency k, or -1 below the 0.85 threshold",
-    "neuron_best_frac": "float32 [ckpt, d_mlp]: fraction of the neuron's variance in its best frequency's 3x3 block",
-    "neuron_key_frac": "float32 [ckpt, d_mlp]: fraction of the neuron's variance in the key frequencies' blocks",
-}
+#: The built-in measure families (circuits.measures.families), all computed by default.
+BUILTIN_MEASURES = tuple(f.name for f in families())
+#: The columns of ``measures.csv`` with every built-in family (plus ``norm_sq.<parameter>``);
+#: a family registered later adds its own (circuits.measures.registry).
+MEASURE_COLUMNS = column_order(select(BUILTIN_MEASURES))
+#: The arrays of ``arrays.safetensors`` with every built-in family.
+ARRAY_DOCS = array_docs(select(BUILTIN_MEASURES))
 
 VARIANTS = {
     "restricted_loss": "logit level: P_S(L) + per-class mean, scored on all valid pairs",
@@ -213,159 +178,7 @@ class Analysis:
 
 
 def _key_set(run: Run, epoch: int) -> list[int]:
-    params = stack_state_dicts([run.state_dict(epoch)])
-    with torch.no_grad():
-        _, post = grid_forward(params, run.config.task.p, run.config.model.act_fn)
-    fractions = neuron_frequency_fractions(post[0], run.config.task.p)
-    return key_frequencies(fractions)
-
-
-def _pair_nll(
-    x: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per pair of ``x [ckpt, pairs, cls]`` (float64): cross-entropy, correct-class logit, and
-    whether that logit is the largest (an amax pass serves the loss and the accuracy; it
-    differs from argmax only on exact float ties, which trained logits do not have)."""
-    top = x.amax(-1, keepdim=True)
-    picked = x.gather(-1, labels.expand(x.shape[0], -1).unsqueeze(-1))
-    nll = (x - top).exp_().sum(-1, keepdim=True).log_().add_(top).sub_(picked)
-    return nll.squeeze(-1), picked.squeeze(-1), (picked >= top).squeeze(-1)
-
-
-def _block_rows(n_ckpt: int, p: int, d_mlp: int) -> int:
-    """Rows of a per block: about 4 MB of activations per block, so the memory-bound
-    reductions over them run from the cache (2-8 checkpoints per batch measured best on a
-    2-core EPYC with 32 MB L3; the whole grid at once was 25-30% slower: benchmarks/analyze.py)."""
-    return max(1, (4 << 20) // (n_ckpt * p * d_mlp * 4))
-
-
-def _measure_chunk(
-    run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Scalar columns and arrays for a stack of checkpoints.
-
-    One pass over row blocks of the (a, b) grid (:func:`grid_blocks`) reduces each block's
-    activations and float64 logits to per-pair values and small sums before the next block is
-    formed; everything that needs the whole grid (the mean, the key-direction coefficients)
-    comes from those sums. The result equals the public measure functions applied to the whole
-    grid (tested against the hooked model).
-    """
-    task, p = run.task, run.config.task.p
-    labels = task.labels
-    f64 = torch.float64
-    W_in = params["blocks.0.mlp.W_in"]
-    n_ckpt, d_mlp = W_in.shape[0], W_in.shape[-1]
-    n_cls = params["unembed.W_U"].shape[-1]
-    pp = p * p
-    rows = block_rows or _block_rows(n_ckpt, p, d_mlp)
-    dirs = sum_directions(p, key, f64)  # [D, pp], orthonormal
-    plus = line_index(p)
-    with torch.no_grad():
-        neurons = NeuronFrequencySums(n_ckpt, p, d_mlp, W_in.dtype, W_in.device)
-        nll, picked = torch.empty(n_ckpt, pp, dtype=f64), torch.empty(n_ckpt, pp, dtype=f64)
-        correct = torch.empty(n_ckpt, pp, dtype=f64)
-        rowsum = torch.empty(n_ckpt, pp, dtype=f64)
-        colsum = torch.zeros(n_ckpt, n_cls, dtype=f64)
-        sumsq = torch.zeros(n_ckpt, dtype=f64)
-        coeffs = torch.zeros(n_ckpt, len(dirs), n_cls, dtype=f64)  # <dir, L column>
-        diag = torch.zeros(n_ckpt, p, n_cls, dtype=f64)  # sums of L along a + b = s
-        logits32 = torch.empty(n_ckpt, pp, n_cls, dtype=torch.float32)
-        for a0, a1, logits, post in grid_blocks(params, p, run.config.model.act_fn, rows):
-            neurons.add(a0, post)
-            del post
-            span = slice(a0 * p, a1 * p)
-            logits32[:, span] = logits
-            x = logits.to(f64)
-            del logits
-            nll[:, span], picked[:, span], hit = _pair_nll(x, labels[span])
-            correct[:, span] = hit
-            rowsum[:, span] = x.sum(-1)
-            colsum += x.sum(1)
-            sumsq += x.pow(2).sum((1, 2))
-            coeffs += torch.matmul(dirs[:, span], x)
-            diag.index_add_(1, plus[span], x)
-            del x
-        cols: dict[str, torch.Tensor] = {}
-        # Split means as one matmul with per-split weights: column j averages over split j.
-        splits = (("train", task.train_idx), ("test", task.test_idx))
-        weights = torch.zeros(pp, len(splits), dtype=f64)
-        for j, (_, idx) in enumerate(splits):
-            if len(idx):
-                weights[idx, j] = 1.0 / len(idx)
-
-        def split_means(values: torch.Tensor) -> torch.Tensor:  # [ckpt, pp] -> [ckpt, split]
-            return values @ weights
-
-        losses, accs = split_means(nll), split_means(correct)
-        for j, (split, idx) in enumerate(splits):
-            empty = torch.full_like(losses[:, j], float("nan"))
-            cols[f"{split}_loss"] = losses[:, j] if len(idx) else empty
-            cols[f"{split}_acc"] = accs[:, j] if len(idx) else empty
-        mean = colsum / pp  # [ckpt, cls]: L_bias
-        # L = L_bias + P_S(L) + mem with P_S(L) = dirs^T coeffs (the sum directions have zero
-        # mean, so P_S(L - L_bias) = P_S(L)); the parts' linear statistics follow from L's.
-        centred_sq = sumsq - pp * mean.pow(2).sum(-1)
-        gen_sq = coeffs.pow(2).sum((1, 2))  # orthonormal directions: |P_S(L)|^2 = |coeffs|^2
-        cols["key_logit_frac"] = gen_sq / centred_sq.clamp_min(1e-300)
-        cols["gen_share"] = cols["key_logit_frac"].sqrt()
-        # Every frequency: the part of L that depends on (a, b) through a + b only, i.e. each
-        # anti-diagonal's mean minus the overall mean (sum_direction_share with freqs=None).
-        all_sq = p * (diag / p - mean[:, None]).pow(2).sum((1, 2))
-        cols["gen_share_all"] = (all_sq / centred_sq.clamp_min(1e-300)).sqrt()
-        restricted_nll, restricted_hit = torch.empty_like(nll), torch.empty_like(nll)
-        for a0 in range(0, p, rows):
-            span = slice(a0 * p, min(p, a0 + rows) * p)
-            restricted = torch.baddbmm(
-                mean[:, None], dirs[:, span].T.expand(n_ckpt, -1, -1), coeffs
-            )
-            restricted_nll[:, span], _, hit = _pair_nll(restricted, labels[span])
-            restricted_hit[:, span] = hit
-        valid_w = task.valid.to(f64) / task.valid.sum()
-        cols["restricted_loss"] = restricted_nll @ valid_w
-        cols["restricted_acc"] = restricted_hit @ valid_w
-        train = task.train_idx
-        excluded = logits32[:, train].to(f64) - torch.matmul(dirs[:, train].T, coeffs)
-        del logits32
-        cols["excluded_loss"] = cross_entropy(excluded, labels[train])
-        cols["excluded_acc"] = accuracy(excluded, labels[train])
-        del excluded
-        gen_correct = torch.einsum("dq,kdq->kq", dirs, coeffs[:, :, labels])
-        gen_rowsum = torch.einsum("dq,kd->kq", dirs, coeffs.sum(-1))
-        mem_correct = picked - mean[:, labels] - gen_correct
-        mem_rowsum = rowsum - mean.sum(-1, keepdim=True) - gen_rowsum
-        for name, part_correct, part_rowsum in (("gen", gen_correct, gen_rowsum), ("mem", mem_correct, mem_rowsum)):
-            margin = part_correct - (part_rowsum - part_correct) / (n_cls - 1)
-            logit_means, margin_means = split_means(part_correct), split_means(margin)
-            for j, (split, idx) in enumerate(splits):
-                empty = torch.full_like(logit_means[:, j], float("nan"))
-                cols[f"{name}_logit_{split}"] = logit_means[:, j] if len(idx) else empty
-                cols[f"{name}_margin_{split}"] = margin_means[:, j] if len(idx) else empty
-        emb = embed_fourier_norms(params["embed.W_E"], p)  # [ckpt, p]
-        nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
-        cols["gini_embed"] = gini(emb[:, 1:])
-        cols["gini_neuron_logit"] = gini(nl[:, 1:])
-        norms = stacked_weight_norms_sq(params)
-        cols.update({f"norm_sq.{name}": sq for name, sq in norms.items()})
-        cols["weight_norm_sq"] = torch.stack(list(norms.values())).sum(0)
-        fractions = neurons.fractions()
-        cluster, best = neuron_clusters(fractions)
-        kidx = torch.tensor([k - 1 for k in key], dtype=torch.long)
-        nkf = fractions[..., kidx].sum(-1) if len(key) else torch.zeros_like(best)
-        cols["neuron_key_frac"] = nkf.double().mean(-1)
-        cols.update(circuit_norms_sq(params, p, key, nkf))
-        for name in ("gen", "mem"):
-            cols[f"{name}_efficiency"] = circuit_efficiency(
-                cols[f"{name}_margin_train"], cols[f"{name}_norm_sq"]
-            )
-        cols["n_clustered_neurons"] = (cluster > 0).sum(-1).double()
-    arrays = {
-        "embed_fourier_norms": emb.float(),
-        "neuron_logit_fourier_norms": nl.float(),
-        "neuron_cluster": cluster.to(torch.int64),
-        "neuron_best_frac": best.float(),
-        "neuron_key_frac": nkf.float(),
-    }
-    return cols, arrays
+    return detect_key_frequencies(stack_state_dicts([run.state_dict(epoch)]), run.config)
 
 
 def analyze(
@@ -375,21 +188,26 @@ def analyze(
     key_freqs: list[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     write: bool = True,
+    measures: Sequence[str] | None = None,
 ) -> Analysis:
     """Run every progress measure over every checkpoint of ``run`` (Nanda et al. 2023).
 
-    ``key_freqs`` overrides the automatic key-frequency detection. ``on_progress(done, total)``
-    is called after each batch. With ``write`` (default) the tables are saved to ``out``
-    (default :func:`default_analysis_dir`) and reused by the next call for every checkpoint
-    whose sha256 is unchanged (see the module docstring); ``out`` must be new, empty or an
-    analysis folder (AnalysisFolderError otherwise, nothing written).
+    ``measures``: the measure families to compute (default: every registered family;
+    :func:`circuits.measures.families`); a family that does not apply to the run's task is
+    skipped and ``summary.json["skipped_measures"]`` says why. ``key_freqs`` overrides the
+    automatic key-frequency detection. ``on_progress(done, total)`` is called after each batch.
+    With ``write`` (default) the tables are saved to ``out`` (default
+    :func:`default_analysis_dir`) and reused by the next call for every checkpoint whose sha256
+    is unchanged (see the module docstring); ``out`` must be new, empty or an analysis folder
+    (AnalysisFolderError otherwise, nothing written).
     """
     keep_freed_memory()
     if not isinstance(run, Run):
         run = load_run(run)
+    chosen = select(measures)  # an unknown name is refused before anything is read or written
     out_dir = Path(out) if out is not None else default_analysis_dir(run)
     if not write:
-        return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write)
+        return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen)
     check_analysis_dir(out_dir)
     made = not out_dir.exists()
     try:
@@ -397,7 +215,7 @@ def analyze(
             for f in out_dir.iterdir():  # under the lock: temporary files of a killed analysis
                 if own_temp(f.name, ANALYSIS_FILES):
                     f.unlink(missing_ok=True)
-            return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write)
+            return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen)
     except BaseException:
         if made:
             _remove_new_folder(out_dir)  # a failed first analysis leaves no half-made folder
@@ -435,7 +253,9 @@ def check_analysis_dir(path: Path) -> None:
         )
 
 
-def _inputs(run: Run, key: list[int], digests: dict[int, str], epochs: list[int]) -> dict[str, Any]:
+def _inputs(
+    run: Run, key: list[int], digests: dict[int, str], epochs: list[int], computed: Sequence[Family]
+) -> dict[str, Any]:
     """What the rows of ``epochs`` were computed from; rows are reused only when it matches."""
     from circuits import __version__
 
@@ -446,8 +266,13 @@ def _inputs(run: Run, key: list[int], digests: dict[int, str], epochs: list[int]
         "config_sha256": hashlib.sha256(science).hexdigest(),
         "split_sha256": file_sha256(run.path / SPLIT_FILE),
         "key_frequencies": [int(k) for k in key],
+        "measures": _names(computed),
         "checkpoints": {str(e): digests[e] for e in epochs if e in digests},
     }
+
+
+def _names(computed: Sequence[Family]) -> list[str]:
+    return sorted(f.name for f in computed if not f.internal)
 
 
 def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[int, str]) -> list[int]:
@@ -460,6 +285,9 @@ def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[i
     same = ("format", "circuits_version", "config_sha256", "split_sha256", "key_frequencies")
     if any(before.get(k) != inputs[k] for k in same):
         return []
+    # Analyses from before the registry computed the built-in families.
+    if before.get("measures", sorted(BUILTIN_MEASURES)) != inputs["measures"]:
+        return []
     seen = before.get("checkpoints")
     if not isinstance(seen, dict):
         return []
@@ -469,9 +297,11 @@ def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[i
 
 def _analyze(
     run: Run, out_dir: Path, batch_size: int, key_freqs: list[int] | None,
-    on_progress: Callable[[int, int], None] | None, write: bool,
+    on_progress: Callable[[int, int], None] | None, write: bool, chosen: Sequence[Family],
 ) -> Analysis:
     import pandas as pd
+
+    computed, skipped = applicable(chosen, run.config)
 
     epochs = run.epochs
     digests = run.store.checkpoint_digests()
@@ -495,7 +325,7 @@ def _analyze(
             previous = load_analysis(out_dir)
         except AnalysisFolderError as e:
             discarded = str(e)  # recomputed whole, and said so in the summary
-    reuse = set(_reusable(previous, _inputs(run, key, digests, []), digests))
+    reuse = set(_reusable(previous, _inputs(run, key, digests, [], computed), digests))
     done_rows: pd.DataFrame | None = None
     done_arrays: dict[str, torch.Tensor] | None = None
     if previous is not None and reuse:
@@ -517,7 +347,7 @@ def _analyze(
             except CheckpointError as err:
                 damaged[e] = str(err)
         if sds:
-            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key)
+            cols, arrs = compute(Checkpoints(stack_state_dicts(sds), run.task, run.config, key), computed)
             new_cols.append(cols)
             new_arrays.append(arrs)
             new_epochs += good
@@ -531,18 +361,20 @@ def _analyze(
         for name in new_cols[0]:
             data[name] = torch.cat([c[name] for c in new_cols]).tolist()
         frames.append(pd.DataFrame(data))
+    declared = column_order(computed)
     measures = (
         pd.concat(frames, ignore_index=True).sort_values("epoch").reset_index(drop=True)
-        if frames else pd.DataFrame(columns=list(MEASURE_COLUMNS))
+        if frames else pd.DataFrame(columns=list(declared))
     )
     measures["epoch"] = measures["epoch"].astype(int)
-    ordered = [c for c in MEASURE_COLUMNS if c in measures] + sorted(
-        c for c in measures if c not in MEASURE_COLUMNS
-    )
+    ordered = [c for c in declared if c in measures] + sorted(c for c in measures if c not in declared)
     measures = measures[ordered]
     arrays = _merge_arrays(done_arrays, new_arrays, new_epochs)
-    summary = _summary(run, measures, arrays, key, key_epoch, key_freqs is not None, damaged)
-    summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist())
+    summary = _summary(run, measures, arrays, key, key_epoch, key_freqs is not None, damaged, computed)
+    summary["measures"] = _names(computed)
+    if skipped:
+        summary["skipped_measures"] = skipped
+    summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist(), computed)
     if discarded is not None:
         summary["previous_discarded"] = discarded
     analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])
@@ -577,16 +409,21 @@ def _summary(
     key_epoch: int | None,
     key_given: bool,
     damaged: dict[int, str],
+    computed: Sequence[Family],
 ) -> dict[str, Any]:
     from circuits import __version__
 
-    curves = (measures.test_loss.to_numpy(), measures.weight_norm_sq.to_numpy())
-    bad = non_finite_epoch(measures.epoch.to_numpy(), *curves) if len(measures) else None
-    phases = phase_boundaries(measures.epoch.to_numpy(), *curves) if len(measures) and bad is None else None
-    refused = {} if bad is None else {
-        "phases_refused": f"the test loss or weight norm is not finite from epoch {bad}: no phase "
-                          "is read from a diverged run"
-    }
+    phases, refused, bad = None, {}, None
+    if {"test_loss", "weight_norm_sq"} <= set(measures.columns):
+        curves = (measures.test_loss.to_numpy(), measures.weight_norm_sq.to_numpy())
+        bad = non_finite_epoch(measures.epoch.to_numpy(), *curves) if len(measures) else None
+        phases = phase_boundaries(measures.epoch.to_numpy(), *curves) if len(measures) and bad is None else None
+        if bad is not None:
+            refused = {"phases_refused": f"the test loss or weight norm is not finite from epoch {bad}: "
+                                         "no phase is read from a diverged run"}
+    else:
+        refused = {"phases_refused": "the phases are read from the test loss and the weight norm: "
+                                     "analyse with the losses and norms measures"}
     final = measures.iloc[-1].to_dict() if len(measures) else {}
     sizes: dict[str, int] = {}
     if "neuron_cluster" in arrays and len(arrays["neuron_cluster"]):
@@ -605,7 +442,8 @@ def _summary(
         **refused,
         "final": {k: (int(v) if k == "epoch" else float(v)) for k, v in final.items()},
         "variants": VARIANTS,
-        "arrays": ARRAY_DOCS,
+        "arrays": array_docs(computed),
+        "columns": column_docs(computed),
         "damaged_checkpoints": {str(e): msg for e, msg in sorted(damaged.items())},
     }
 
@@ -660,7 +498,16 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
-def _read_measures(path: Path) -> pd.DataFrame:
+def _recorded(summary: dict[str, Any]) -> list[Family]:
+    """The registered families an analysis says it computed (before the registry: the built-in
+    ones); a family no longer registered is not checked."""
+    names = summary.get("measures", list(BUILTIN_MEASURES))
+    if not isinstance(names, list):
+        return []
+    return [f for f in families() if f.name in names]
+
+
+def _read_measures(path: Path, expected: Sequence[str] = MEASURE_COLUMNS) -> pd.DataFrame:
     import pandas as pd
 
     if not path.is_file():
@@ -682,7 +529,7 @@ def _read_measures(path: Path) -> pd.DataFrame:
                 float(value or "nan")  # an empty field is NaN (how older versions wrote it)
             except ValueError:
                 raise _damaged(path, f"line {i}: {name} is {value[:20]!r}, not a number") from None
-    missing = [c for c in MEASURE_COLUMNS if c not in header]
+    missing = [c for c in expected if c not in header]
     if missing:
         raise _damaged(path, f"lacks the columns {', '.join(missing[:3])} (written by another "
                              "version of circuits?)")
@@ -713,7 +560,8 @@ def load_analysis(path: str | Path) -> Analysis:
         if file_sha256(f) != digest:
             raise _damaged(f, f"is not the file {SUMMARY_FILE} names (its sha256 differs: changed "
                               "or damaged after it was written)")
-    measures = _read_measures(path / MEASURES_FILE)
+    recorded = _recorded(summary)
+    measures = _read_measures(path / MEASURES_FILE, column_order(recorded))
     f = path / ARRAYS_FILE
     if not f.is_file():
         raise _damaged(f, "is missing")
@@ -721,7 +569,7 @@ def load_analysis(path: str | Path) -> Analysis:
         arrays = st_load(f.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise _damaged(f, f"is not safetensors data ({e})") from None
-    for name in ARRAY_DOCS:
+    for name in array_docs(recorded):
         if name not in arrays:
             raise _damaged(f, f"lacks the array {name!r}")
     for name, value in arrays.items():

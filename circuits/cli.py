@@ -252,15 +252,40 @@ def reindex_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> No
 
 @app.command("analyze")
 def analyze_cmd(
-    run_dir: Path = typer.Argument(..., help="A run folder (it may still be training)."),
+    run_dir: Optional[Path] = typer.Argument(None, help="A run folder (it may still be training)."),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Analysis folder (default: analyses/<run path under checkpoints/>; for a run "
         "elsewhere analyses/<name>-<hash of its path>). Must be new, empty or an analysis folder."
     ),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Checkpoints per batch."),
+    measures: Optional[str] = typer.Option(
+        None, "--measures", help="Comma-separated measure families to compute (default: all; "
+        "`circuits analyze --list-measures` names them)."
+    ),
+    list_measures: bool = typer.Option(False, "--list-measures", help="List the measure families and exit."),
 ) -> None:
     """Run every progress measure over every checkpoint (incremental; damaged files skipped)."""
+    if list_measures:
+        from circuits.measures import families
+
+        for f in families():
+            typer.echo(f"{f.name:16} {f.doc}  [{', '.join(c.name for c in f.columns) or 'arrays only'}]")
+        return
+    if run_dir is None:
+        raise UserError("give a run folder to analyse: circuits analyze RUN_DIR")
     require_run_dir(run_dir)
+    chosen = None
+    if measures is not None:
+        from circuits.measures.registry import family
+
+        chosen = [m.strip() for m in measures.split(",") if m.strip()]
+        if not chosen:
+            raise UserError("--measures is empty; name at least one measure family (--list-measures)")
+        for name in chosen:
+            try:
+                family(name)
+            except ValueError as e:
+                raise UserError(f"--measures: {e}") from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from circuits.report import report
@@ -273,9 +298,11 @@ def analyze_cmd(
         def on_progress(done: int, total: int) -> None:
             bar.update(task_id, completed=done, total=total)
 
-        result = report(run_dir, out=out, batch_size=batch_size, on_progress=on_progress)
+        result = report(run_dir, out=out, batch_size=batch_size, on_progress=on_progress, measures=chosen)
     s = result.summary
     typer.echo(f"analysis: {result.path}  ({s['n_checkpoints']} checkpoints)")
+    for name, reason in s.get("skipped_measures", {}).items():
+        typer.echo(f"skipped the {name} measures: {reason}", err=True)
     typer.echo(
         f"key frequencies: {s['key_frequencies']} (from epoch {s['key_frequencies_epoch']})"
     )

@@ -7,7 +7,7 @@ for the CLI and for notebooks that want both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -29,13 +29,15 @@ def report(
     batch_size: int = 2,
     key_freqs: list[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    measures: Sequence[str] | None = None,
 ) -> Analysis:
     """:func:`~circuits.analysis.analyze` ``run`` into ``out``, then write its dashboard there
     (``dashboard.html`` beside ``measures.csv``, holding the analysis folder's lock); returns the
     analysis. The arguments are :func:`~circuits.analysis.analyze`'s."""
     if not isinstance(run, Run):
         run = load_run(run)
-    analysis = analyze(run, out=out, batch_size=batch_size, key_freqs=key_freqs, on_progress=on_progress)
+    analysis = analyze(run, out=out, batch_size=batch_size, key_freqs=key_freqs, on_progress=on_progress,
+                       measures=measures)
     with hold_run_folder(analysis.path, doing="analysing into"):
         write_run_dashboard(analysis, out=analysis.path / DASHBOARD_FILE, run=run)
     return analysis

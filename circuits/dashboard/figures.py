@@ -30,6 +30,8 @@ def choose_neurons(analysis: Analysis, n: int = 4) -> list[tuple[int, int]]:
     For each key frequency in turn, the neuron of that cluster (at the last checkpoint) whose
     variance is most concentrated in it; then the most concentrated neurons left over.
     """
+    if "neuron_cluster" not in analysis.arrays:  # analysed without the neurons measures
+        return []
     cluster = np.asarray(analysis.arrays["neuron_cluster"])
     best = np.asarray(analysis.arrays["neuron_best_frac"])
     if not len(cluster):
@@ -91,6 +93,25 @@ def grid_activations(
     )
     post = F.relu(pre) if act_fn == "relu" else F.gelu(pre)
     return post, pattern[..., 0]
+
+
+def family_figures(analysis: Analysis) -> dict[str, go.Figure]:
+    """A curve panel for each measure family beyond the built-in ones that the analysis
+    computed (``family:<name>``): a newly registered measure shows up with no edit here."""
+    from circuits.analysis import BUILTIN_MEASURES
+    from circuits.measures import families
+
+    phases = analysis.summary.get("phases")
+    computed = analysis.summary.get("measures", [])
+    figs = {}
+    for f in families():
+        if f.name in BUILTIN_MEASURES or f.name not in computed:
+            continue
+        cols = {c.name: f"{c.name} ({c.unit})" if c.unit else c.name for c in f.columns
+                if c.name in analysis.measures}
+        if cols:
+            figs[f"family:{f.name}"] = plots.plot_measure_columns(analysis.measures, cols, f.doc or f.name, phases)
+    return figs
 
 
 def grid_frames(
@@ -168,11 +189,13 @@ def run_figures(
     figs: dict[str, go.Figure] = {
         "losses": plots.plot_losses(m, phases),
         "accuracies": plots.plot_accuracies(m, phases),
-        "fourier_heatmap": plots.plot_fourier_heatmap(a["epochs"], a["embed_fourier_norms"], key),
-        "gini": plots.plot_gini(m, phases),
-        "weight_norms": plots.plot_weight_norms(m, phases),
-        "key_share": plots.plot_key_share(m, phases),
     }
+    if "embed_fourier_norms" in a:
+        figs["fourier_heatmap"] = plots.plot_fourier_heatmap(a["epochs"], a["embed_fourier_norms"], key)
+    figs["gini"] = plots.plot_gini(m, phases)
+    figs["weight_norms"] = plots.plot_weight_norms(m, phases)
+    figs["key_share"] = plots.plot_key_share(m, phases)
+    figs.update(family_figures(analysis))
     main, rest = plots.circuit_quantities(m)
     if main or rest:
         figs["circuits"] = plots.plot_circuits(m, phases)
@@ -186,13 +209,16 @@ def run_figures(
     else:
         shown = frame_epochs(analysis, max_frames)
     idx = [epochs.index(e) for e in shown if e in epochs]
-    figs["embed_fourier"] = plots.plot_fourier_norms(a["epochs"], a["embed_fourier_norms"], key, idx)
-    figs["neuron_logit_fourier"] = plots.plot_fourier_norms(
-        a["epochs"], a["neuron_logit_fourier_norms"], key, idx,
-        title="Neuron-logit map W_L = W_out W_U in the Fourier basis", what="‖W_L‖",
-    )
-    p = int(np.asarray(a["embed_fourier_norms"]).shape[-1])
-    figs["clusters"] = plots.plot_neuron_clusters(a["epochs"], a["neuron_cluster"], key, idx, n_freq=(p - 1) // 2)
+    if "embed_fourier_norms" in a:
+        figs["embed_fourier"] = plots.plot_fourier_norms(a["epochs"], a["embed_fourier_norms"], key, idx)
+        figs["neuron_logit_fourier"] = plots.plot_fourier_norms(
+            a["epochs"], a["neuron_logit_fourier_norms"], key, idx,
+            title="Neuron-logit map W_L = W_out W_U in the Fourier basis", what="‖W_L‖",
+        )
+    if "neuron_cluster" in a:
+        p = int(np.asarray(a["embed_fourier_norms"]).shape[-1]) if "embed_fourier_norms" in a else None
+        n_freq = (p - 1) // 2 if p is not None else None
+        figs["clusters"] = plots.plot_neuron_clusters(a["epochs"], a["neuron_cluster"], key, idx, n_freq=n_freq)
     if grid is not None and len(grid["epochs"]):
         figs["neurons"] = plots.plot_neuron_activations(
             grid["epochs"], grid["acts"], [n for n, _ in neurons], [k for _, k in neurons]

@@ -23,6 +23,8 @@ class Panel:
     fig: go.Figure
     wide: bool = False
     height: int = 400
+    marker: bool = False
+    """A curve over epochs: a page with a slider draws its epoch on it as a dashed line."""
 
 
 @dataclass
@@ -301,7 +303,7 @@ def render_page(title: str, subtitle: str, facts: list[str], sections: list[Sect
             body.append(f'<div class="{cls}"><div id="{div}" class="plot" data-panel="{panel.key}" '
                         f'data-slider="{int(bool(section.slider))}" style="height:{panel.height}px"></div></div>')
             marker = None
-            if slider_epochs and not section.slider and panel.key in _CURVE_PANELS:
+            if slider_epochs and not section.slider and panel.marker:
                 marker = _add_epoch_marker(panel.fig, slider_epochs[-1])
             spec = _figure_json(panel.fig, panel.height, bool(section.slider))
             (heavy if section.slider else light).append(
@@ -321,9 +323,6 @@ def render_page(title: str, subtitle: str, facts: list[str], sections: list[Sect
         f'{"".join(light)}<script type="application/json" id="figures">{_json_script(meta)}</script>'
         f"<script>{_JS}</script>{''.join(heavy)}</body></html>\n"
     )
-
-
-_CURVE_PANELS = {"losses", "accuracies", "gini", "weight_norms", "key_share", "fourier_heatmap"}
 
 
 def write_page(path: Path, text: str) -> Path:

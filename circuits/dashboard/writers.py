@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from circuits.analysis import Analysis
     from circuits.run import Run
 
+#: The built-in curve panels over epochs, in page order (each carries the slider's epoch marker).
+CURVE_PANELS = ("losses", "accuracies", "fourier_heatmap", "gini", "weight_norms", "key_share")
+
 OPS = {"add": "a + b", "sub": "a − b", "mul": "a · b", "div": "a / b"}
 
 
@@ -126,7 +129,7 @@ def write_run_dashboard(
     config = _read_config(run_path)
     name = Path(str(run_path)).name if run_path else analysis.path.name
     n_epochs = len(np.asarray(analysis.arrays["epochs"]))
-    if n_epochs == 0 or "embed_fourier_norms" not in analysis.arrays:
+    if n_epochs == 0:
         # A run with no intact checkpoint yet: say so rather than draw empty axes.
         text = render_page(
             f"circuits · {name}", "grokking dashboard", _run_facts(analysis, config),
@@ -146,23 +149,18 @@ def write_run_dashboard(
         missing_grid = (" The neuron-activation and attention panels need the run's checkpoints, "
                         "which were not found; they are left out.")
     figs = run_figures(analysis, grid, max_frames, neurons)
-    shown = [int(f.name) for f in figs["embed_fourier"].frames]
-    curves = [
-        Panel("losses", figs["losses"]), Panel("accuracies", figs["accuracies"]),
-        Panel("fourier_heatmap", figs["fourier_heatmap"]), Panel("gini", figs["gini"]),
-        Panel("weight_norms", figs["weight_norms"]), Panel("key_share", figs["key_share"]),
-    ]
+    curves = [Panel(key, figs[key], marker=True) for key in CURVE_PANELS if key in figs]
+    curves += [Panel(key, fig, marker=True) for key, fig in figs.items() if key.startswith("family:")]
     for key in ("circuits", "circuit_details"):
         if key in figs:
             curves.append(Panel(key, figs[key], wide=True, height=int(figs[key].layout.height)))
-    frames_panels = [
-        Panel("embed_fourier", figs["embed_fourier"]),
-        Panel("neuron_logit_fourier", figs["neuron_logit_fourier"]),
-    ]
+    frames_panels = [Panel(key, figs[key]) for key in ("embed_fourier", "neuron_logit_fourier") if key in figs]
     if "neurons" in figs:
         frames_panels.append(Panel("neurons", figs["neurons"], wide=True, height=430))
         frames_panels.append(Panel("attention", figs["attention"], wide=True, height=430))
-    frames_panels.append(Panel("clusters", figs["clusters"], wide=True, height=340))
+    if "clusters" in figs:
+        frames_panels.append(Panel("clusters", figs["clusters"], wide=True, height=340))
+    shown = [int(f.name) for f in frames_panels[0].fig.frames] if frames_panels else []
     note = (
         f"One slider drives every panel below (and the dashed line on the curves above). "
         f"Frames are downsampled: {len(shown)} of {n_epochs} checkpoints are shown, spread evenly "
@@ -180,8 +178,9 @@ def write_run_dashboard(
                  "Shaded: the phases of Nanda et al. (2023, §5.2), detected from the test loss and the "
                  "weight norm. Restricted loss keeps only the key frequencies' directions of the logits; "
                  "excluded loss removes them (§5.1)."),
-        Section("Through the checkpoints", frames_panels, note, slider=shown),
     ]
+    if frames_panels:
+        sections.append(Section("Through the checkpoints", frames_panels, note, slider=shown))
     text = render_page(
         f"circuits · {name}", "grokking dashboard", _run_facts(analysis, config), sections,
         page_footer(f"Analysis: {html.escape(str(analysis.path))}."),

@@ -1,8 +1,11 @@
-"""Progress measures as pure functions on tensors (Nanda et al. 2023 and the papers it cites).
+"""Progress measures as pure functions on tensors (Nanda et al. 2023 and the papers it cites),
+and the registry of measure families that ``circuits analyze`` runs over every checkpoint.
 
-One module per family: ``losses`` (train/test, restricted, excluded), ``frequencies`` (key
+One module per topic: ``losses`` (train/test, restricted, excluded), ``frequencies`` (key
 frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
-weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split). ``circuits.analysis`` runs them over a whole run.
+weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split).
+``registry`` holds the measure families (``families`` registers the built-in ones) and
+:func:`measure`, the one call that computes them for a model as the analysis does.
 """
 
 from circuits.measures.circuits import (
@@ -33,8 +36,27 @@ from circuits.measures.losses import (
 from circuits.measures.norms import weight_norm_sq, weight_norms_sq
 from circuits.measures.phases import Phases, phase_boundaries
 from circuits.measures.sparsity import gini
+from circuits.measures import families as _families  # noqa: F401 - registers the built-in families
+from circuits.measures.registry import (
+    ArraySpec,
+    Column,
+    Family,
+    Result,
+    families,
+    measure,
+    register,
+    unregister,
+)
 
 __all__ = [
+    "ArraySpec",
+    "Column",
+    "Family",
+    "Result",
+    "families",
+    "measure",
+    "register",
+    "unregister",
     "CLUSTER_THRESHOLD",
     "Phases",
     "accuracy",

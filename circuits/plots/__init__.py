@@ -28,6 +28,7 @@ from circuits.plots.curves import (
     plot_gini,
     plot_key_share,
     plot_losses,
+    plot_measure_columns,
     plot_weight_norms,
 )
 from circuits.plots.experiments import (
@@ -73,6 +74,7 @@ __all__ = [
     "plot_gini",
     "plot_weight_norms",
     "plot_key_share",
+    "plot_measure_columns",
     "circuit_columns",
     "circuit_quantities",
     "plot_circuits",

@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 
 from circuits.plots.style import (
     PALETTE,
+    RUN_COLORS,
     SPLIT_LABELS,
     SPLITS,
     _curve_layout,
@@ -164,6 +165,21 @@ def plot_key_share(measures: pd.DataFrame, phases: Mapping[str, int | None] | No
     _shade_phases(fig, phases, measures.epoch)
     _curve_layout(fig, "Variance explained by the key frequencies", "share of variance")
     fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    return fig
+
+
+def plot_measure_columns(
+    measures: pd.DataFrame, columns: Mapping[str, str], title: str,
+    phases: Mapping[str, int | None] | None = None,
+) -> go.Figure:
+    """Any measure family's columns over epochs (``columns``: name -> hover label), phases
+    shaded: the dashboard's panel for a family registered beyond the built-in ones."""
+    fig = go.Figure()
+    for i, (col, label) in enumerate(columns.items()):
+        if col in measures:
+            fig.add_trace(_line(measures.epoch, measures[col], label, RUN_COLORS[i % len(RUN_COLORS)]))
+    _shade_phases(fig, phases, measures.epoch)
+    _curve_layout(fig, title, "value")
     return fig
 
 

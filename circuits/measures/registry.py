@@ -1,0 +1,345 @@
+"""The measure registry: every progress measure of ``circuits analyze`` is a registered family.
+
+A family declares its columns (name, one-line doc, unit), its arrays, what it needs from the
+forward pass over the (a, b) grid, the families whose results it reads, and the tasks it applies
+to; it computes blockwise: ``start`` a state per stack of checkpoints, ``add`` each row block of
+the grid (its logits and MLP activations, :func:`circuits.grid.grid_blocks`), ``finish`` into
+columns and arrays. :func:`compute` runs a selection of families over a stack of checkpoints in
+one pass over the grid; :func:`circuits.analysis.analyze` calls it for every batch of a run's
+checkpoints, and :func:`measure` calls it for one model, so a notebook's one-call measure and
+the batched analysis are the same code.
+
+Adding a measure is one module: subclass :class:`Family`, decorate it with :func:`register`,
+import the module. ``analyze(run, measures=[...])`` and ``circuits analyze --measures`` select
+families by name; a family that does not apply to a run's task is skipped, with the reason
+recorded in ``summary.json``, never filled with numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from circuits.config import RunConfig
+    from circuits.tasks import Task
+
+__all__ = [
+    "Column",
+    "ArraySpec",
+    "Family",
+    "Block",
+    "Checkpoints",
+    "Result",
+    "register",
+    "unregister",
+    "families",
+    "family",
+    "select",
+    "compute",
+    "measure",
+    "column_docs",
+    "array_docs",
+    "column_order",
+]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One scalar per checkpoint: a column of ``measures.csv``."""
+
+    name: str
+    doc: str
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """An array per checkpoint, stacked as ``[ckpt, ...]`` in ``arrays.safetensors``."""
+
+    name: str
+    doc: str
+
+
+@dataclass
+class Result:
+    """What a family's ``finish`` gives: its columns ``[ckpt]``, its arrays ``[ckpt, ...]`` and
+    anything ``shared`` with the families that read it (``uses``)."""
+
+    columns: dict[str, Tensor] = field(default_factory=dict)
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+
+class Checkpoints:
+    """A stack of checkpoints as the families see it: stacked weights (leading ``ckpt`` axis,
+    classic names), the run's task and config, the key frequencies, and the results of the
+    families finished so far (``results[name]``)."""
+
+    def __init__(self, params: Mapping[str, Tensor], task: Task, config: RunConfig, key: Sequence[int]) -> None:
+        self.params = dict(params)
+        self.task, self.config = task, config
+        self.key = [int(k) for k in key]
+        self.results: dict[str, Result] = {}
+        self.block_rows = 0
+        """Rows of a per block of the grid pass (set by :func:`compute`): a family that goes over
+        the grid again in ``finish`` uses the same blocks."""
+
+    @property
+    def p(self) -> int:
+        """The number of elements (the modular tasks' p)."""
+        return self.config.task.p
+
+    @property
+    def n_ckpt(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.params["unembed.W_U"].shape[-1]
+
+    @property
+    def act_fn(self) -> str:
+        return self.config.model.act_fn
+
+
+class Block:
+    """Rows ``a0 <= a < a1`` of the (a, b) grid for every checkpoint of the stack: the
+    last-position ``logits`` (float32, ``[ckpt, pairs, cls]``) and MLP activations ``post``
+    (``[ckpt, pairs, d_mlp]``); ``x64`` is the logits in float64, made once for all families."""
+
+    def __init__(self, a0: int, a1: int, p: int, logits: Tensor | None, post: Tensor | None) -> None:
+        self.a0, self.a1, self.logits, self.post = a0, a1, logits, post
+        self.span = slice(a0 * p, a1 * p)
+
+    @cached_property
+    def x64(self) -> Tensor:
+        assert self.logits is not None
+        return self.logits.to(torch.float64)
+
+
+class Family:
+    """A family of measures; subclass it, set the class attributes, and :func:`register` it.
+
+    ``needs``: what the grid pass must give its ``add`` (``"logits"``, ``"post"``); empty for
+    a family computed from the weights alone. ``uses``: families whose :class:`Result` it reads
+    in ``finish`` (selected with it, finished before it). ``fourier``: it needs the task's
+    Fourier basis and key frequencies. ``internal``: a shared accumulator with no columns of
+    its own, selected only through another family's ``uses``. ``dynamic_columns``: a doc for
+    columns whose names are only known from the weights (``norm_sq.<parameter>``).
+    """
+
+    name: ClassVar[str]
+    doc: ClassVar[str] = ""
+    columns: ClassVar[tuple[Column, ...]] = ()
+    arrays: ClassVar[tuple[ArraySpec, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
+    uses: ClassVar[tuple[str, ...]] = ()
+    fourier: ClassVar[bool] = False
+    internal: ClassVar[bool] = False
+    dynamic_columns: ClassVar[tuple[str, str] | None] = None
+    """``(prefix, doc)`` of columns named ``<prefix><something>``."""
+
+    def applies(self, config: RunConfig) -> str | None:
+        """None when the family applies to this run; otherwise why it does not."""
+        return None
+
+    def start(self, ckpts: Checkpoints) -> Any:
+        """The state its blocks accumulate into (None for a weights-only family)."""
+        return None
+
+    def add(self, state: Any, ckpts: Checkpoints, block: Block) -> None:
+        """Accumulate one row block of the grid (called only when ``needs`` is not empty)."""
+
+    def finish(self, state: Any, ckpts: Checkpoints) -> Result:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Family] = {}
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_COLUMN = re.compile(r"[A-Za-z][A-Za-z0-9_.]*")
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Class decorator: add a family (an instance of ``cls``) to the registry, by its name.
+
+    Registering a name again replaces the family (a notebook redefining its measure)."""
+    name = getattr(cls, "name", "")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{cls.__name__}.name is {name!r}: a family needs a lowercase name of letters, "
+                         "digits and _ (it names CLI choices, summary keys and dashboard panels)")
+    for col in cls.columns:
+        if not _COLUMN.fullmatch(col.name) or col.name == "epoch":
+            raise ValueError(f"column {col.name!r} of {name!r}: use letters, digits, _ and ., not 'epoch'")
+    taken = {c.name: f.name for f in _REGISTRY.values() if f.name != cls.name for c in f.columns}
+    for col in cls.columns:
+        if col.name in taken:
+            raise ValueError(f"column {col.name!r} of {cls.name!r} is already {taken[col.name]!r}'s")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a family (a test's own, say) from the registry."""
+    _REGISTRY.pop(name, None)
+
+
+def families(internal: bool = False) -> list[Family]:
+    """Every registered family, in registration order (the columns' order in ``measures.csv``)."""
+    return [f for f in _REGISTRY.values() if internal or not f.internal]
+
+
+def family(name: str) -> Family:
+    """The registered family ``name``; a ValueError naming the choices otherwise."""
+    if name not in _REGISTRY or _REGISTRY[name].internal:
+        choices = ", ".join(f.name for f in families())
+        raise ValueError(f"no measure family {name!r}; choose from {choices}")
+    return _REGISTRY[name]
+
+
+def select(names: Iterable[str] | None = None) -> list[Family]:
+    """The families ``names`` (default: all) plus those they use, each after what it uses."""
+    wanted = [f.name for f in families()] if names is None else [family(n).name for n in names]
+    order: list[Family] = []
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if name in path:
+            raise ValueError(f"measure families use each other in a cycle: {' -> '.join((*path, name))}")
+        if any(f.name == name for f in order):
+            return
+        if name not in _REGISTRY:
+            raise ValueError(f"measure family {path[-1]!r} uses {name!r}, which is not registered")
+        for dep in _REGISTRY[name].uses:
+            visit(dep, (*path, name))
+        order.append(_REGISTRY[name])
+
+    for name in sorted(set(wanted), key=list(_REGISTRY).index):
+        visit(name, ())
+    return order
+
+
+def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family], dict[str, str]]:
+    """``(families to compute, {skipped family: reason})``: a family that does not apply is
+    skipped, and so is any family that uses a skipped one."""
+    keep: list[Family] = []
+    skipped: dict[str, str] = {}
+    for f in chosen:
+        reason = f.applies(config)
+        if reason is None:
+            missing = [d for d in f.uses if d in skipped]
+            if missing:
+                reason = f"it uses {missing[0]!r}, which does not apply: {skipped[missing[0]]}"
+        if reason is None:
+            keep.append(f)
+        else:
+            skipped[f.name] = reason
+    return keep, skipped
+
+
+def compute(
+    ckpts: Checkpoints, chosen: Sequence[Family], block_rows: int | None = None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Run ``chosen`` (as :func:`select` orders them) over a stack of checkpoints: one pass over
+    row blocks of the grid feeds every family that needs it, then each finishes in order.
+    Returns ``(columns, arrays)`` of the non-internal families."""
+    from circuits.grid import grid_blocks
+
+    with torch.no_grad():
+        states = {f.name: f.start(ckpts) for f in chosen}
+        needs = frozenset().union(*(f.needs for f in chosen))
+        ckpts.block_rows = block_rows or _block_rows(ckpts)
+        if needs:
+            for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.p, ckpts.act_fn, ckpts.block_rows):
+                block = Block(a0, a1, ckpts.p, logits, post)
+                del logits, post
+                for f in chosen:
+                    if f.needs:
+                        f.add(states[f.name], ckpts, block)
+                del block
+        cols: dict[str, Tensor] = {}
+        arrays: dict[str, Tensor] = {}
+        for f in chosen:
+            result = f.finish(states.pop(f.name), ckpts)
+            ckpts.results[f.name] = result
+            if not f.internal:
+                cols.update(result.columns)
+                arrays.update(result.arrays)
+    return cols, arrays
+
+
+def _block_rows(ckpts: Checkpoints) -> int:
+    """Rows of a per block: about 4 MB of activations per block, so the memory-bound
+    reductions over them run from the cache (2-8 checkpoints per batch measured best on a
+    2-core EPYC with 32 MB L3; the whole grid at once was 25-30% slower: benchmarks/analyze.py)."""
+    d_mlp = ckpts.params["blocks.0.mlp.W_in"].shape[-1]
+    return max(1, (4 << 20) // (ckpts.n_ckpt * ckpts.p * d_mlp * 4))
+
+
+def measure(
+    model_or_params: Any,
+    task: Task,
+    config: RunConfig,
+    measures: Iterable[str] | None = None,
+    key_freqs: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Every (or the chosen) measure of one model, as :func:`circuits.analysis.analyze`
+    computes it for a checkpoint: ``{column: value}``. ``key_freqs`` default: detected from the
+    model's own neurons (the analysis takes the run's newest checkpoint's). A family that does
+    not apply to the task is left out (its reason: :func:`applicable`)."""
+    from circuits.grid import stack_state_dicts
+
+    sd = model_or_params.state_dict() if hasattr(model_or_params, "state_dict") else model_or_params
+    params = stack_state_dicts([{k: v.detach().cpu() for k, v in sd.items()}])
+    if key_freqs is None:
+        key_freqs = detect_key_frequencies(params, config)
+    keep, _ = applicable(select(measures), config)
+    cols, _ = compute(Checkpoints(params, task, config, key_freqs), keep)
+    return {name: float(v[0]) for name, v in cols.items()}
+
+
+def detect_key_frequencies(params: Mapping[str, Tensor], config: RunConfig) -> list[int]:
+    """Key frequencies of the last checkpoint of a stack, by the neurons' vote
+    (:func:`circuits.measures.frequencies.key_frequencies`)."""
+    from circuits.grid import grid_forward
+    from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
+
+    last = {k: v[-1:] for k, v in params.items()}
+    with torch.no_grad():
+        _, post = grid_forward(last, config.task.p, config.model.act_fn)
+    return key_frequencies(neuron_frequency_fractions(post[0], config.task.p))
+
+
+def column_docs(chosen: Sequence[Family] | None = None) -> dict[str, dict[str, str]]:
+    """``{column: {"doc", "unit", "family"}}`` of the chosen families (default: all)."""
+    out: dict[str, dict[str, str]] = {}
+    for f in chosen if chosen is not None else families():
+        if f.internal:
+            continue
+        for c in f.columns:
+            out[c.name] = {"doc": c.doc, "unit": c.unit, "family": f.name}
+        if f.dynamic_columns is not None:
+            prefix, doc = f.dynamic_columns
+            out[f"{prefix}*"] = {"doc": doc, "unit": "", "family": f.name}
+    return out
+
+
+def array_docs(chosen: Sequence[Family] | None = None) -> dict[str, str]:
+    """``{array: doc}`` of the chosen families (default: all), after ``epochs``."""
+    out = {"epochs": "int64 [ckpt]: the checkpoint epoch of each row of every other array"}
+    for f in chosen if chosen is not None else families():
+        out.update({a.name: a.doc for a in f.arrays})
+    return out
+
+
+def column_order(chosen: Sequence[Family] | None = None) -> tuple[str, ...]:
+    """``epoch`` and the declared columns of the chosen families, in registry order."""
+    names = ["epoch"]
+    for f in chosen if chosen is not None else families():
+        names += [c.name for c in f.columns]
+    return tuple(names)
