@@ -181,6 +181,17 @@ def _key_set(run: Run, epoch: int) -> list[int]:
     return detect_key_frequencies(stack_state_dicts([run.state_dict(epoch)]), run.config)
 
 
+def _measure_chunk(
+    run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None,
+    chosen: Sequence[Family] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Columns and arrays of the chosen families (default: every one that applies) for a stack
+    of checkpoints: :func:`circuits.measures.registry.compute` in row blocks of the grid."""
+    if chosen is None:
+        chosen, _ = applicable(select(), run.config)
+    return compute(Checkpoints(params, run.task, run.config, key), chosen, block_rows)
+
+
 def analyze(
     run: Run | str | Path,
     out: str | Path | None = None,
@@ -347,7 +358,7 @@ def _analyze(
             except CheckpointError as err:
                 damaged[e] = str(err)
         if sds:
-            cols, arrs = compute(Checkpoints(stack_state_dicts(sds), run.task, run.config, key), computed)
+            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed)
             new_cols.append(cols)
             new_arrays.append(arrs)
             new_epochs += good

@@ -186,6 +186,24 @@ def test_in_process_resume_extends_a_run_bitwise(tmp_path: Path) -> None:
     assert resumed.metrics.equals(full.metrics)
 
 
+@pytest.mark.parametrize("engine", ["fused", "reference"])
+def test_both_engines_resume_bitwise_through_the_one_loop(tmp_path: Path, engine: str) -> None:
+    # One loop, one resume codec (issue 18): an interrupted run of either engine resumes to the
+    # bits of an uninterrupted one, warm-up included (the lr schedule is part of the state).
+    cfg = tiny_config(engine=engine, warmup_steps=15)
+    full = circuits.train(cfg, out=tmp_path / "full")
+
+    def stop(info) -> None:  # noqa: ANN001
+        if info.epoch == 23:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        circuits.train(cfg, out=tmp_path / "part", on_step=stop)
+    resumed = circuits.train(cfg, out=tmp_path / "part")
+    _assert_same_checkpoints(full, resumed)
+    assert resumed.metrics.equals(full.metrics)
+
+
 def _cli_train_cmd(out: Path) -> list[str]:
     return [
         sys.executable, "-m", "circuits.cli", "train", "--preset", "quick", "--p", "23",
