@@ -125,6 +125,33 @@ class TaskConfig:
                     f"(pool_size {self.pool_size}); lower train_size or raise pool_size"
                 )
 
+    # The task's layout (circuits.tasks.base): derived, never stored. A modular task has the p
+    # residues as elements and as answer classes, and '=' as one more token after them.
+    @property
+    def n_elements(self) -> int:
+        """Elements a and b range over (the residues 0..p-1)."""
+        return self.p
+
+    @property
+    def eq_token(self) -> int:
+        """Index of the '=' token (after the elements)."""
+        return self.n_elements
+
+    @property
+    def n_tokens(self) -> int:
+        """Input vocabulary: the elements and '='."""
+        return self.n_elements + 1
+
+    @property
+    def n_classes(self) -> int:
+        """Answer classes: the elements (the TransformerLens demo's choice)."""
+        return self.n_elements
+
+    @property
+    def n_ctx(self) -> int:
+        """Input sequence length: ``[a, b, =]``."""
+        return 3
+
     @property
     def n_pairs(self) -> int:
         """Number of valid (a, b) pairs: p^2, or p(p-1) when b = 0 is excluded (division)."""
@@ -280,21 +307,21 @@ class RunConfig:
                 "use --engine reference"
             )
 
-    # Derived values: never stored, so they cannot disagree with p.
+    # Derived values: never stored, so they cannot disagree with the task.
     @property
     def d_vocab(self) -> int:
-        """Input vocabulary: the p residues plus the '=' token (index p)."""
-        return self.task.p + 1
+        """Input vocabulary: the task's tokens (the p residues plus '=', index p)."""
+        return self.task.n_tokens
 
     @property
     def d_vocab_out(self) -> int:
-        """Output classes: the p residues (the TransformerLens demo's choice)."""
-        return self.task.p
+        """Output classes: the task's answers (the p residues)."""
+        return self.task.n_classes
 
     @property
     def n_ctx(self) -> int:
-        """Sequence length of ``[a, b, =]``."""
-        return 3
+        """Sequence length of the task's inputs (``[a, b, =]``)."""
+        return self.task.n_ctx
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-ready)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,10 @@ from torch import Tensor
 
 from circuits.model import is_buffer_key
 
-__all__ = ["grid_blocks", "grid_forward", "grid_pattern", "grid_resid_mid", "stack_state_dicts"]
+if TYPE_CHECKING:
+    from circuits.tasks import Task
+
+__all__ = ["grid_blocks", "grid_forward", "grid_layout", "grid_pattern", "grid_resid_mid", "stack_state_dicts", "Layout"]
 
 
 def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -45,20 +48,35 @@ class _AttentionTables(NamedTuple):
     const: Tensor  # [ckpt, d_model]: '=' residual + b_O
 
 
-def grid_pattern(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt p p head pos"]:
+Layout = Union[int, "Task"]
+"""Whose grid: a :class:`circuits.tasks.Task` (its elements and '=' token), or for a modular
+task its p (elements 0..p-1, '=' is token p)."""
+
+
+def grid_layout(of: Layout) -> tuple[int, int]:
+    """``(n_elements, eq_token)`` of a task, or of the modular task of modulus ``of``."""
+    if isinstance(of, int):
+        return of, of
+    if of.n_ctx != 3:
+        raise ValueError(f"the grid forward reads inputs [a, b, =]; this task's have {of.n_ctx} tokens")
+    return of.n_elements, of.eq_token
+
+
+def grid_pattern(params: Mapping[str, Tensor], task: Layout) -> Float[Tensor, "ckpt n n head pos"]:
     """The '=' query's attention over the three key positions on the (a, b) grid.
 
     The key at position 0 depends on a only and the key at position 1 on b only, so the scores
     are per-token tables broadcast over the grid; equal to the hooked model's
     ``blocks.0.attn.hook_pattern[:, :, -1]`` for every input (tested).
     """
+    n, eq = grid_layout(task)
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     W_Q, W_K = params["blocks.0.attn.W_Q"], params["blocks.0.attn.W_K"]
     b_Q, b_K = params["blocks.0.attn.b_Q"], params["blocks.0.attn.b_K"]
     scale = math.sqrt(W_Q.shape[-1])
-    r0 = W_E[:, :p] + W_pos[:, None, 0]  # a at position 0: [ckpt, p, d]
-    r1 = W_E[:, :p] + W_pos[:, None, 1]  # b at position 1
-    r2 = W_E[:, p] + W_pos[:, 2]  # '=' at position 2: [ckpt, d]
+    r0 = W_E[:, :n] + W_pos[:, None, 0]  # a at position 0: [ckpt, n, d]
+    r1 = W_E[:, :n] + W_pos[:, None, 1]  # b at position 1
+    r2 = W_E[:, eq] + W_pos[:, 2]  # '=' at position 2: [ckpt, d]
     q = torch.einsum("kd,khde->khe", r2, W_Q) + b_Q
     k0 = torch.einsum("ktd,khde->kthe", r0, W_K) + b_K[:, None]
     k1 = torch.einsum("ktd,khde->kthe", r1, W_K) + b_K[:, None]
@@ -72,16 +90,17 @@ def grid_pattern(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt p 
     return torch.softmax(scores, dim=-1)
 
 
-def _attention_tables(params: Mapping[str, Tensor], p: int) -> _AttentionTables:
+def _attention_tables(params: Mapping[str, Tensor], task: Layout) -> _AttentionTables:
+    n, eq = grid_layout(task)
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     W_V, W_O = params["blocks.0.attn.W_V"], params["blocks.0.attn.W_O"]
     b_V, b_O = params["blocks.0.attn.b_V"], params["blocks.0.attn.b_O"]
-    r0 = W_E[:, :p] + W_pos[:, None, 0]
-    r1 = W_E[:, :p] + W_pos[:, None, 1]
-    r2 = W_E[:, p] + W_pos[:, 2]
+    r0 = W_E[:, :n] + W_pos[:, None, 0]
+    r1 = W_E[:, :n] + W_pos[:, None, 1]
+    r2 = W_E[:, eq] + W_pos[:, 2]
     bvo = torch.einsum("khe,khem->khm", b_V, W_O)
     return _AttentionTables(
-        pattern=grid_pattern(params, p),
+        pattern=grid_pattern(params, task),
         vo0=torch.einsum("ktd,khde,khem->kthm", r0, W_V, W_O) + bvo[:, None],
         vo1=torch.einsum("ktd,khde,khem->kthm", r1, W_V, W_O) + bvo[:, None],
         vo2=torch.einsum("kd,khde,khem->khm", r2, W_V, W_O) + bvo,
@@ -99,13 +118,13 @@ def _resid_rows(t: _AttentionTables, a0: int, a1: int) -> Float[Tensor, "ckpt ro
     return out.reshape(out.shape[0], -1, out.shape[-1])
 
 
-def grid_resid_mid(params: Mapping[str, Tensor], p: int) -> Float[Tensor, "ckpt pp d_model"]:
+def grid_resid_mid(params: Mapping[str, Tensor], task: Layout) -> Float[Tensor, "ckpt pp d_model"]:
     """Residual stream at the last position after attention, for every (a, b)."""
-    return _resid_rows(_attention_tables(params, p), 0, p)
+    return _resid_rows(_attention_tables(params, task), 0, grid_layout(task)[0])
 
 
 def grid_blocks(
-    params: Mapping[str, Tensor], p: int, act_fn: str = "relu", block_rows: int | None = None
+    params: Mapping[str, Tensor], task: Layout, act_fn: str = "relu", block_rows: int | None = None
 ) -> Iterator[tuple[int, int, Float[Tensor, "ckpt rows cls"], Float[Tensor, "ckpt rows neuron"]]]:
     """The grid forward in blocks of ``block_rows`` values of a: ``(a0, a1, logits, post)``.
 
@@ -116,15 +135,16 @@ def grid_blocks(
     several times cheaper than passes over the whole grid (benchmarks/analyze.py).
     Default: the whole grid in one block.
     """
-    tables = _attention_tables(params, p)
+    n, _ = grid_layout(task)
+    tables = _attention_tables(params, task)
     W_in, b_in = params["blocks.0.mlp.W_in"], params["blocks.0.mlp.b_in"]
     W_out, b_out = params["blocks.0.mlp.W_out"], params["blocks.0.mlp.b_out"]
     W_U, b_U = params["unembed.W_U"], params["unembed.b_U"]
     W_L = W_out @ W_U
     bias = (b_U + torch.einsum("kd,kdc->kc", b_out, W_U))[:, None]
-    step = p if block_rows is None else max(1, block_rows)
-    for a0 in range(0, p, step):
-        a1 = min(p, a0 + step)
+    step = n if block_rows is None else max(1, block_rows)
+    for a0 in range(0, n, step):
+        a1 = min(n, a0 + step)
         r = _resid_rows(tables, a0, a1)
         pre = torch.baddbmm(b_in[:, None], r, W_in)
         post = pre.relu_() if act_fn == "relu" else F.gelu(pre)
@@ -133,12 +153,12 @@ def grid_blocks(
 
 
 def grid_forward(
-    params: Mapping[str, Tensor], p: int, act_fn: str = "relu"
+    params: Mapping[str, Tensor], task: Layout, act_fn: str = "relu"
 ) -> tuple[Float[Tensor, "ckpt pp cls"], Float[Tensor, "ckpt pp neuron"]]:
     """Last-position logits and MLP activations for every (a, b), for stacked checkpoints.
 
     ``params`` are stacked one-layer state dicts (:func:`stack_state_dicts`). Returns
     ``(logits [ckpt, p^2, d_vocab_out], post [ckpt, p^2, d_mlp])`` in canonical order a*p + b.
     """
-    _, _, logits, post = next(grid_blocks(params, p, act_fn))
+    _, _, logits, post = next(grid_blocks(params, task, act_fn))
     return logits, post

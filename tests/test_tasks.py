@@ -86,3 +86,38 @@ def test_random_labels_are_seeded_symmetric_and_uniformish() -> None:
     assert counts.min() > 0.4 * counts.mean()
     again = make_task(TaskConfig(p=p, frac=0.5, random_labels=True, data_seed=5))
     assert torch.equal(again.labels, task.labels)
+
+
+def test_the_task_interface_describes_the_modular_tasks() -> None:
+    # issue 18: the task, not p, tells the model, the grid forward and the measures its layout.
+    from circuits.config import preset
+    from circuits.grid import grid_forward, stack_state_dicts
+    from circuits.model import make_model
+    from circuits.tasks import ModularTask, task_class
+
+    cfg = preset("quick").replace(p=13, d_model=16, d_mlp=32, n_heads=2)
+    task = make_task(cfg.task)
+    assert isinstance(task, ModularTask) and task_class(cfg.task) is ModularTask and task.has_fourier
+    assert (task.n_elements, task.eq_token, task.n_tokens, task.n_classes, task.n_ctx) == (13, 13, 14, 13, 3)
+    assert (cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx) == (task.n_tokens, task.n_classes, task.n_ctx)
+    assert bool((task.tokens[:, 2] == task.eq_token).all()) and task.tokens.shape == (task.n_pairs, task.n_ctx)
+    a, b = torch.tensor([0, 3, 12]), torch.tensor([5, 0, 12])
+    assert torch.equal(task.tokens[task.pair_index(a, b), :2], torch.stack([a, b], 1))
+    basis = task.fourier_basis()
+    assert torch.allclose(basis @ basis.T, torch.eye(13, dtype=basis.dtype), atol=1e-12)
+    dirs = task.answer_directions([1, 4])
+    assert torch.allclose(dirs @ dirs.T, torch.eye(4, dtype=dirs.dtype), atol=1e-12)
+    # Each direction depends on (a, b) through a + b mod p only: the answer of addition.
+    s = (task.tokens[:, 0] + task.tokens[:, 1]) % 13
+    for d in dirs:
+        for v in range(13):
+            assert torch.allclose(d[s == v], d[s == v][0].expand(13))
+    # The grid forward reads the layout from the task: the same logits as from p, and the
+    # hooked model's on every input.
+    params = stack_state_dicts([make_model(cfg).state_dict()])
+    by_task, _ = grid_forward(params, task, "relu")
+    by_p, _ = grid_forward(params, 13, "relu")
+    assert torch.equal(by_task, by_p)
+    with torch.no_grad():
+        hooked = make_model(cfg)(task.tokens)[:, -1]
+    torch.testing.assert_close(by_task[0], hooked, rtol=1e-4, atol=1e-5)

@@ -52,9 +52,12 @@ def choose_neurons(analysis: Analysis, n: int = 4) -> list[tuple[int, int]]:
 
 
 def grid_activations(
-    params: Mapping[str, Any], p: int, neurons: Sequence[int], act_fn: str = "relu"
+    params: Mapping[str, Any], p: Any, neurons: Sequence[int], act_fn: str = "relu"
 ) -> tuple[Any, Any]:
     """MLP activations of a few ``neurons`` and the attention to a, over the (a, b) grid.
+
+    ``p``: the task (its elements and '=' token; :data:`circuits.grid.Layout`), or a modular
+    task's modulus.
 
     ``params`` are stacked checkpoints (:func:`circuits.grid.stack_state_dicts`).
     Returns ``(acts [ckpt, a, b, len(neurons)], attention [ckpt, a, b, head])``: equal to the
@@ -66,8 +69,9 @@ def grid_activations(
     import torch
     import torch.nn.functional as F
 
-    from circuits.grid import grid_pattern
+    from circuits.grid import grid_layout, grid_pattern
 
+    n, eq = grid_layout(p)  # a task, or a modular task's p
     pattern = grid_pattern(params, p)  # [k, a, b, h, 3]
     W_E, W_pos = params["embed.W_E"], params["pos_embed.W_pos"]
     W_V, W_O = params["blocks.0.attn.W_V"], params["blocks.0.attn.W_O"]
@@ -75,9 +79,9 @@ def grid_activations(
     idx = torch.tensor([int(n) for n in neurons], dtype=torch.long)
     W_in, b_in = params["blocks.0.mlp.W_in"][..., idx], params["blocks.0.mlp.b_in"][..., idx]
     OI = torch.einsum("khem,kmn->khen", W_O, W_in)  # W_O then W_in: [k, h, d_head, n]
-    r0 = W_E[:, :p] + W_pos[:, None, 0]
-    r1 = W_E[:, :p] + W_pos[:, None, 1]
-    r2 = W_E[:, p] + W_pos[:, 2]
+    r0 = W_E[:, :n] + W_pos[:, None, 0]
+    r1 = W_E[:, :n] + W_pos[:, None, 1]
+    r2 = W_E[:, eq] + W_pos[:, 2]
     v0 = torch.einsum("ktd,khde->kthe", r0, W_V) + b_V[:, None]
     v1 = torch.einsum("ktd,khde->kthe", r1, W_V) + b_V[:, None]
     v2 = torch.einsum("kd,khde->khe", r2, W_V) + b_V
@@ -128,7 +132,7 @@ def grid_frames(
     from circuits.grid import stack_state_dicts
     from circuits.errors import CheckpointError
 
-    p, act_fn = run.config.task.p, run.config.model.act_fn
+    layout, act_fn = run.config.task, run.config.model.act_fn
     keep: list[int] = []
     acts: list[np.ndarray] = []
     attn: list[np.ndarray] = []
@@ -137,7 +141,7 @@ def grid_frames(
     def flush() -> None:
         if sds:
             with torch.no_grad():
-                post, pattern = grid_activations(stack_state_dicts(sds), p, neurons, act_fn)
+                post, pattern = grid_activations(stack_state_dicts(sds), layout, neurons, act_fn)
             acts.append(post.float().numpy())
             attn.append(pattern.float().numpy())
             sds.clear()
@@ -151,11 +155,11 @@ def grid_frames(
         if len(sds) == batch_size:
             flush()
     flush()
-    n_heads = run.config.model.n_heads
+    n_heads, n = run.config.model.n_heads, layout.n_elements
     return {
         "epochs": keep,
-        "acts": np.concatenate(acts) if acts else np.zeros((0, p, p, len(neurons)), np.float32),
-        "attention": np.concatenate(attn) if attn else np.zeros((0, p, p, n_heads), np.float32),
+        "acts": np.concatenate(acts) if acts else np.zeros((0, n, n, len(neurons)), np.float32),
+        "attention": np.concatenate(attn) if attn else np.zeros((0, n, n, n_heads), np.float32),
     }
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.model import Transformer
 
-__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable", "warmup_lr"]
+__all__ = ["StackedAdamW", "stack_models", "member_state", "check_stackable", "stack_key", "warmup_lr"]
 
 #: Training fields that must agree across an ensemble: they set the shared loop and schedule.
 SHARED_TRAIN_FIELDS = (
@@ -36,30 +36,35 @@ def warmup_lr(lr: Tensor, warmup: Tensor, update: Tensor) -> Tensor:
     return lr * ramp.clamp(max=1.0)
 
 
+def stack_key(config: RunConfig) -> dict[str, object]:
+    """What members of one stack must share: the model's shape (every model field but the seed),
+    the task's layout (tokens, classes, sequence length, elements), the schedule and the engine."""
+    key: dict[str, object] = dict(dataclasses.asdict(config.model))
+    key.pop("seed")
+    t = config.task
+    key.update(d_vocab=t.n_tokens, d_vocab_out=t.n_classes, n_ctx=t.n_ctx, n_elements=t.n_elements)
+    key.update({k: getattr(config.train, k) for k in SHARED_TRAIN_FIELDS})
+    key["engine"] = config.train.engine
+    return key
+
+
 def check_stackable(configs: Sequence[RunConfig]) -> None:
     """Raise ``ValueError`` naming the first field that keeps these runs out of one stack."""
     if not configs:
         raise ValueError("an ensemble needs at least one run config")
-    first = configs[0]
-    shape = dict(dataclasses.asdict(first.model), p=first.task.p)
-    shape.pop("seed")
+    first = stack_key(configs[0])
     for i, cfg in enumerate(configs[1:], start=1):
-        other = dict(dataclasses.asdict(cfg.model), p=cfg.task.p)
-        other.pop("seed")
-        for key, value in shape.items():
-            if other[key] != value:
-                raise ValueError(
-                    f"member {i} has {key}={other[key]!r} but member 0 has {value!r}: members "
-                    "of one ensemble share shapes; put it in a separate ensemble"
-                )
-        for key in SHARED_TRAIN_FIELDS:
-            if getattr(cfg.train, key) != getattr(first.train, key):
-                raise ValueError(
-                    f"member {i} has {key}={getattr(cfg.train, key)!r} but member 0 has "
-                    f"{getattr(first.train, key)!r}: members of one ensemble share the schedule"
-                )
-        if cfg.train.engine != "fused":
-            raise ValueError(f"member {i} uses engine {cfg.train.engine!r}; ensembles are fused")
+        other = stack_key(cfg)
+        for key, value in first.items():
+            if other[key] == value:
+                continue
+            if key == "engine":
+                raise ValueError(f"member {i} uses engine {other[key]!r}; ensembles are fused")
+            what = "the schedule" if key in SHARED_TRAIN_FIELDS else "shapes"
+            raise ValueError(
+                f"member {i} has {key}={other[key]!r} but member 0 has {value!r}: members of one "
+                f"ensemble share {what}; put it in a separate ensemble"
+            )
 
 
 def stack_models(models: Sequence[Transformer], device: torch.device | str = "cpu") -> dict[str, Tensor]:

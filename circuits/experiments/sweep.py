@@ -20,7 +20,7 @@ import torch
 
 from circuits.config import RunConfig
 from circuits.grid import grid_forward, stack_state_dicts
-from circuits.engine.stacked import SHARED_TRAIN_FIELDS
+from circuits.engine.stacked import stack_key
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
@@ -87,12 +87,7 @@ def check_grid(name: str, values: Sequence[Any]) -> list[Any]:
 
 
 def _stack_key(config: RunConfig) -> str:
-    shape = dataclasses.asdict(config.model)
-    shape.pop("seed")
-    shape["p"] = config.task.p
-    shape.update({k: getattr(config.train, k) for k in SHARED_TRAIN_FIELDS})
-    shape["engine"] = config.train.engine
-    return json.dumps(shape, sort_keys=True)
+    return json.dumps(stack_key(config), sort_keys=True)
 
 
 def _is_done(path: Path, config: RunConfig) -> bool:
@@ -169,10 +164,10 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     frequencies.
     """
     epoch = run.epochs[-1] if epoch is None else epoch
-    p = run.config.task.p
+    p = run.config.task.n_elements
     state = run.state_dict(epoch)
     params = stack_state_dicts([state])
-    logits, post = grid_forward(params, p, run.config.model.act_fn)
+    logits, post = grid_forward(params, run.config.task, run.config.model.act_fn)
     task = run.task
     out: dict[str, float | int | None] = {"epoch": epoch}
     out.update(split_metrics(logits[0].to(torch.float64), task))

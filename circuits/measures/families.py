@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuits.fourier import line_index, sum_directions
+from circuits.fourier import line_index
 from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
@@ -100,7 +100,7 @@ class KeyDirections(Family):
     fourier = True
 
     def start(self, ckpts: Checkpoints) -> dict[str, Tensor]:
-        dirs = sum_directions(ckpts.p, ckpts.key, F64)  # [D, pp], orthonormal
+        dirs = ckpts.task.answer_directions(ckpts.key)  # [D, pairs], orthonormal
         n, cls = ckpts.n_ckpt, ckpts.n_classes
         return {
             "dirs": dirs, "plus": line_index(ckpts.p),

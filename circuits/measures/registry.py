@@ -93,8 +93,8 @@ class Checkpoints:
 
     @property
     def p(self) -> int:
-        """The number of elements (the modular tasks' p)."""
-        return self.config.task.p
+        """The task's number of elements (a modular task's p): the grid is p x p."""
+        return self.task.n_elements
 
     @property
     def n_ckpt(self) -> int:
@@ -227,10 +227,15 @@ def select(names: Iterable[str] | None = None) -> list[Family]:
 def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family], dict[str, str]]:
     """``(families to compute, {skipped family: reason})``: a family that does not apply is
     skipped, and so is any family that uses a skipped one."""
+    from circuits.tasks import task_class
+
     keep: list[Family] = []
     skipped: dict[str, str] = {}
+    fourier = task_class(config.task).has_fourier
     for f in chosen:
         reason = f.applies(config)
+        if reason is None and f.fourier and not fourier:
+            reason = f"the {config.task.op} task has no Fourier basis to read it in"
         if reason is None:
             missing = [d for d in f.uses if d in skipped]
             if missing:
@@ -255,7 +260,7 @@ def compute(
         needs = frozenset().union(*(f.needs for f in chosen))
         ckpts.block_rows = block_rows or _block_rows(ckpts)
         if needs:
-            for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.p, ckpts.act_fn, ckpts.block_rows):
+            for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.task, ckpts.act_fn, ckpts.block_rows):
                 block = Block(a0, a1, ckpts.p, logits, post)
                 del logits, post
                 for f in chosen:
@@ -311,8 +316,8 @@ def detect_key_frequencies(params: Mapping[str, Tensor], config: RunConfig) -> l
 
     last = {k: v[-1:] for k, v in params.items()}
     with torch.no_grad():
-        _, post = grid_forward(last, config.task.p, config.model.act_fn)
-    return key_frequencies(neuron_frequency_fractions(post[0], config.task.p))
+        _, post = grid_forward(last, config.task, config.model.act_fn)
+    return key_frequencies(neuron_frequency_fractions(post[0], config.task.n_elements))
 
 
 def column_docs(chosen: Sequence[Family] | None = None) -> dict[str, dict[str, str]]:

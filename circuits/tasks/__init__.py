@@ -1,0 +1,65 @@
+"""Tasks: the tables the network learns, behind one interface (:class:`Task`).
+
+``base`` is the interface and the seeded split every task shares; ``modular`` holds the binary
+operations over Z_p (Power et al. 2022). A new task is a module here: its table, its layout
+properties in :class:`circuits.config.TaskConfig`, and (where it has one) its Fourier basis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from circuits.config import TaskConfig
+from circuits.errors import RunFolderError
+from circuits.tasks.base import SplitError, Task, make_split, split_problem
+from circuits.tasks.modular import OPERATIONS, ModularTask, make_grid
+
+__all__ = [
+    "Task",
+    "ModularTask",
+    "make_task",
+    "make_grid",
+    "make_split",
+    "OPERATIONS",
+    "SplitError",
+    "split_problem",
+    "task_from_saved_split",
+    "task_class",
+]
+
+
+def task_class(config: TaskConfig) -> type[Task]:
+    """The :class:`Task` subclass that :func:`make_task` builds for ``config`` (its class
+    attributes, such as ``has_fourier``, are known before the table is built)."""
+    return ModularTask
+
+
+def make_task(
+    config: TaskConfig,
+    train_idx: Tensor | None = None,
+    test_idx: Tensor | None = None,
+) -> Task:
+    """Build the task of ``config``; pass saved split indices to reuse them rather than
+    re-derive them (a split that does not fit raises :class:`SplitError`)."""
+    tokens, labels, valid = make_grid(config)
+    if train_idx is None or test_idx is None:
+        train_idx, test_idx = make_split(config, valid)
+    else:
+        problem = split_problem(config, valid, train_idx, test_idx)
+        if problem is not None:
+            raise SplitError(problem)
+    return task_class(config)(config, tokens, labels, valid, train_idx, test_idx)
+
+
+def task_from_saved_split(config: TaskConfig, train_idx: Tensor, test_idx: Tensor, path: Path) -> Task:
+    """:func:`make_task` with a run's saved split; RunFolderError names ``path`` when it does
+    not fit ``config``."""
+    try:
+        return make_task(config, train_idx, test_idx)
+    except SplitError as e:
+        raise RunFolderError(
+            f"split file {path} does not fit the run's config: {e}; restore the run's own split "
+            "file, or retrain with --force"
+        ) from None
