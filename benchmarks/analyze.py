@@ -2,7 +2,8 @@
 
 The checkpoints are nanda-sized weights (p = 113, d_model 128, d_mlp 512): the initialisation
 plus seeded perturbations, written through the run store, so the work per checkpoint is that of
-a real run. Our path is :func:`circuits.analysis.analyze` (batched grid forward). The baseline
+a real run. Our path is :func:`circuits.report.report` (the batched analysis and the dashboard, as
+``circuits analyze`` runs them). The baseline
 is what a notebook does: for each checkpoint, load the hooked model, ``run_with_cache`` on all
 p² inputs, and compute the same measures with the same functions, one checkpoint at a time.
 The baseline is timed on ``--baseline-ckpts`` checkpoints and scaled to the full count.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from circuits.analysis import analyze
+from circuits.report import report
 from circuits.config import preset
 from circuits.measures import (
     accuracy,
@@ -84,7 +85,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = make_fake_run(Path(tmp) / "nanda", args.ckpts)
         t0 = time.perf_counter()
-        result = analyze(run, out=Path(tmp) / "analysis")
+        # report() = analyze() + the dashboard: the work `circuits analyze` does (before the
+        # seams change analyze() drew the dashboard itself, so the two versions time the same).
+        result = report(run, out=Path(tmp) / "analysis")
         ours = time.perf_counter() - t0
         key = result.key_frequencies or [14, 35, 41, 42, 52]
         sample = run.epochs[: args.baseline_ckpts]

@@ -320,6 +320,8 @@ def _analyze(
     # Key frequencies from the newest intact checkpoint.
     key = key_freqs
     key_epoch = None
+    if key is None and run.config.model.n_layers != 1:
+        key = []  # the neurons' vote reads a one-layer model; the Fourier families are skipped
     for e in reversed(epochs):
         try:
             if key is None:
@@ -383,6 +385,8 @@ def _analyze(
     arrays = _merge_arrays(done_arrays, new_arrays, new_epochs)
     summary = _summary(run, measures, arrays, key, key_epoch, key_freqs is not None, damaged, computed)
     summary["measures"] = _names(computed)
+    internal = {f.name for f in chosen if f.internal}
+    skipped = {name: why for name, why in skipped.items() if name not in internal}
     if skipped:
         summary["skipped_measures"] = skipped
     summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist(), computed)

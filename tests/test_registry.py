@@ -145,3 +145,18 @@ def test_the_one_call_measure_is_the_analysis_row(tiny_run: circuits.Run, tmp_pa
         assert value == pytest.approx(float(row[name]), rel=1e-6, abs=1e-9), name
     losses = measure(tiny_run.model(epoch), tiny_run.task, tiny_run.config, measures=["losses"])
     assert set(losses) == {"train_loss", "test_loss", "train_acc", "test_acc"}
+
+
+def test_a_two_layer_run_gets_no_one_layer_measures(tmp_path: Path) -> None:
+    # The grid forward reads one layer: a deeper model's Fourier, loss and circuit columns
+    # would be wrong numbers, so they are skipped with the reason; the norms still apply.
+    from tests.conftest import tiny_config
+
+    run = circuits.train(tiny_config(engine="reference", n_layers=2, epochs=20), out=tmp_path / "deep")
+    result = analyze(run, out=tmp_path / "a")
+    assert [c for c in result.measures.columns if not c.startswith("norm_sq.")] == ["epoch", "weight_norm_sq"]
+    skipped = result.summary["skipped_measures"]
+    assert set(skipped) == {"losses", "fourier_losses", "sparsity", "key_share", "neurons", "circuits"}
+    assert all("n_layers = 2" in reason for reason in skipped.values())
+    direct = sum(v.double().pow(2).sum() for v in run.state_dict(run.epochs[-1]).values())
+    assert result.measures.weight_norm_sq.iloc[-1] == pytest.approx(float(direct), rel=1e-12)

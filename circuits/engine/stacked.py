@@ -39,9 +39,12 @@ def warmup_lr(lr: Tensor, warmup: Tensor, update: Tensor) -> Tensor:
 def stack_key(config: RunConfig) -> dict[str, object]:
     """What members of one stack must share: the model's shape (every model field but the seed),
     the task's layout (tokens, classes, sequence length, elements), the schedule and the engine."""
-    key: dict[str, object] = dict(dataclasses.asdict(config.model))
-    key.pop("seed")
     t = config.task
+    # The config field a user sets comes first, so a refusal names it (p for a modular task);
+    # the layout it implies follows, so any task whose layout differs is told apart too.
+    key: dict[str, object] = {"p": t.p}
+    key.update(dataclasses.asdict(config.model))
+    key.pop("seed")
     key.update(d_vocab=t.n_tokens, d_vocab_out=t.n_classes, n_ctx=t.n_ctx, n_elements=t.n_elements)
     key.update({k: getattr(config.train, k) for k in SHARED_TRAIN_FIELDS})
     key["engine"] = config.train.engine

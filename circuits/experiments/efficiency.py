@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import ArrayLike
 
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
+from circuits.measures.phases import crossing
 from circuits.experiments.sweep import (
     ExperimentResult,
     Member,
@@ -62,20 +62,6 @@ def _seeded(base: RunConfig, offset: int, /, **overrides: Any) -> RunConfig:
     fields: dict[str, Any] = {"seed": base.model.seed + offset, "data_seed": base.task.data_seed + offset}
     fields.update(overrides)  # a grid over seed or data_seed sets them itself
     return base.replace(**fields)
-
-
-def crossing(x: ArrayLike, y: ArrayLike, level: float) -> float | None:
-    """First x where ``y`` crosses ``level``, interpolated linearly in log x (None: no crossing)."""
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float) - level
-    for i in range(len(xs) - 1):
-        if ys[i] == 0:
-            return float(xs[i])
-        if ys[i] * ys[i + 1] < 0:
-            t = ys[i] / (ys[i] - ys[i + 1])
-            return float(math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i]))))
-    if len(ys) and ys[-1] == 0:
-        return float(xs[-1])
-    return None
 
 
 def reference_circuits(

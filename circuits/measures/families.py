@@ -215,6 +215,7 @@ class Norms(Family):
 
     name = "norms"
     doc = "sum of squared weights, total and per parameter"
+    one_layer = False
     columns = (Column("weight_norm_sq", "sum of squared weights over every parameter", "weight²"),)
     dynamic_columns = ("norm_sq.", "sum of squared weights of the named parameter")
 

@@ -51,11 +51,13 @@ curves have not reached yet (a run still memorising, or not grokked) is ``None``
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-__all__ = ["Phases", "non_finite_epoch", "phase_boundaries", "stable_segment_end"]
+__all__ = ["Phases", "crossing", "non_finite_epoch", "phase_boundaries", "stable_segment_end"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +162,21 @@ def phase_boundaries(
     settle = np.nonzero(nrate[steepest:] < cleanup_frac * nrate[steepest])[0]
     cleanup_end = int(epochs[steepest + int(settle[0])]) if len(settle) else None
     return Phases(mem_end, formation_end, cleanup_end)
+
+
+def crossing(x: ArrayLike, y: ArrayLike, level: float) -> float | None:
+    """First x where ``y`` crosses ``level``, interpolated linearly in log x (None: no crossing).
+
+    The critical dataset size of Varma et al. (2023) is such a crossing of the memorising
+    circuit's norm (or efficiency) curve over training-set sizes; the ungrokking threshold one
+    of test accuracy."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float) - level
+    for i in range(len(xs) - 1):
+        if ys[i] == 0:
+            return float(xs[i])
+        if ys[i] * ys[i + 1] < 0:
+            t = ys[i] / (ys[i] - ys[i + 1])
+            return float(math.exp(math.log(xs[i]) + t * (math.log(xs[i + 1]) - math.log(xs[i]))))
+    if len(ys) and ys[-1] == 0:
+        return float(xs[-1])
+    return None

@@ -130,7 +130,7 @@ class Family:
     ``needs``: what the grid pass must give its ``add`` (``"logits"``, ``"post"``); empty for
     a family computed from the weights alone. ``uses``: families whose :class:`Result` it reads
     in ``finish`` (selected with it, finished before it). ``fourier``: it needs the task's
-    Fourier basis and key frequencies. ``internal``: a shared accumulator with no columns of
+    Fourier basis and key frequencies. ``one_layer``: it needs a one-layer model. ``internal``: a shared accumulator with no columns of
     its own, selected only through another family's ``uses``. ``dynamic_columns``: a doc for
     columns whose names are only known from the weights (``norm_sq.<parameter>``).
     """
@@ -142,6 +142,9 @@ class Family:
     needs: ClassVar[frozenset[str]] = frozenset()
     uses: ClassVar[tuple[str, ...]] = ()
     fourier: ClassVar[bool] = False
+    one_layer: ClassVar[bool] = True
+    """It reads a one-layer transformer (the grid forward and ``blocks.0``'s weights); the
+    families that do not (the norms) set False."""
     internal: ClassVar[bool] = False
     dynamic_columns: ClassVar[tuple[str, str] | None] = None
     """``(prefix, doc)`` of columns named ``<prefix><something>``."""
@@ -236,6 +239,9 @@ def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family
         reason = f.applies(config)
         if reason is None and f.fourier and not fourier:
             reason = f"the {config.task.op} task has no Fourier basis to read it in"
+        if reason is None and f.one_layer and config.model.n_layers != 1:
+            reason = (f"it reads a one-layer transformer (the grid forward, blocks.0); this model has "
+                      f"n_layers = {config.model.n_layers}")
         if reason is None:
             missing = [d for d in f.uses if d in skipped]
             if missing:

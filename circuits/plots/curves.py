@@ -67,13 +67,6 @@ def plot_accuracies(measures: pd.DataFrame, phases: Mapping[str, int | None] | N
     return fig
 
 
-def _merge_freqs(norms: np.ndarray) -> np.ndarray:
-    """Component norms [..., p] (Const, cos 1, sin 1, ...) -> one norm per frequency [..., (p-1)/2]."""
-    nonconst = norms[..., 1:]
-    pairs = nonconst.reshape(*nonconst.shape[:-1], -1, 2)
-    return np.sqrt((pairs.astype(np.float64) ** 2).sum(-1))
-
-
 def plot_fourier_heatmap(
     epochs: Any,
     norms: Any,
@@ -89,7 +82,11 @@ def plot_fourier_heatmap(
     frequencies, marked on the right.
     """
     e = _np(epochs)
-    merged = _merge_freqs(_np(norms)).astype(np.float32)  # [ckpt, k]
+    import torch
+
+    from circuits.fourier import frequency_norms
+
+    merged = frequency_norms(torch.as_tensor(_np(norms), dtype=torch.float64)).numpy().astype(np.float32)  # [ckpt, k]
     n_freq = merged.shape[1] if merged.ndim == 2 else 0
     fig = go.Figure(go.Heatmap(
         x=e, y=np.arange(1, n_freq + 1), z=merged.T, colorscale="Viridis", name=what,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import plotly.graph_objects as go
 
+from circuits.measures.phases import crossing
 from circuits.plots.style import (
     LINE,
     PALETTE,
@@ -71,18 +72,6 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} needs columns {list(columns)}; missing {missing}")
 
 
-def _crossing(x: np.ndarray, diff: np.ndarray) -> float | None:
-    """First x where ``diff`` changes sign, interpolated in log x."""
-    for i in range(len(x) - 1):
-        if diff[i] == 0:
-            return float(x[i])
-        if diff[i] * diff[i + 1] < 0:
-            lx0, lx1 = math.log(x[i]), math.log(x[i + 1])
-            t = diff[i] / (diff[i] - diff[i + 1])
-            return float(math.exp(lx0 + t * (lx1 - lx0)))
-    return None
-
-
 _DATASET_SIZE_VALUES = {
     "efficiency": ("Circuit efficiency vs training-set size", "efficiency (logit per unit parameter norm)"),
     "weight_norm": ("Parameter norm at convergence vs training-set size", "parameter norm ‖θ‖ at the end"),
@@ -120,7 +109,7 @@ def plot_efficiency_vs_dataset_size(df: pd.DataFrame, value: str = "efficiency")
         ))
     if "mem" in means and "gen" in means:
         both = means["mem"].to_frame("mem").join(means["gen"].to_frame("gen"), how="inner").sort_index()
-        d = _crossing(_np(both.index).astype(float), _np(both["mem"] - both["gen"]).astype(float))
+        d = crossing(_np(both.index).astype(float), _np(both["mem"] - both["gen"]).astype(float), 0.0)
         if d is not None:
             fig.add_vline(x=d, line={"color": "#444", "dash": "dash", "width": 1.5})
             fig.add_annotation(x=math.log10(d), xref="x", y=1.0, yref="paper", yanchor="bottom",
