@@ -263,15 +263,21 @@ def compute(
 
     with torch.no_grad():
         states = {f.name: f.start(ckpts) for f in chosen}
-        needs = frozenset().union(*(f.needs for f in chosen))
         ckpts.block_rows = block_rows or _block_rows(ckpts)
-        if needs:
+        # The activations are reduced first, while the forward has just left them in the cache,
+        # and dropped before the logits' float64 passes: the order of the single-function pass
+        # this replaced, so the block's working set is what it was.
+        by_post = [f for f in chosen if "post" in f.needs]
+        by_logits = [f for f in chosen if f.needs and "post" not in f.needs]
+        if by_post or by_logits:
             for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.task, ckpts.act_fn, ckpts.block_rows):
                 block = Block(a0, a1, ckpts.p, logits, post)
                 del logits, post
-                for f in chosen:
-                    if f.needs:
-                        f.add(states[f.name], ckpts, block)
+                for f in by_post:
+                    f.add(states[f.name], ckpts, block)
+                block.post = None
+                for f in by_logits:
+                    f.add(states[f.name], ckpts, block)
                 del block
         cols: dict[str, Tensor] = {}
         arrays: dict[str, Tensor] = {}
