@@ -605,7 +605,9 @@ class RunStore:
         """Drop rows after ``last_epoch`` (they belong to work lost in a kill, to be redone)."""
         rows = [r for r in self.read_metrics_rows() if r["epoch"] <= last_epoch]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        # The dialect of append_metrics (csv's "\r\n"), so a resumed run's table is byte for byte
+        # an uninterrupted run's (it was "\n" here: the rows kept on resume changed their endings).
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})

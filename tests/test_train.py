@@ -202,6 +202,8 @@ def test_both_engines_resume_bitwise_through_the_one_loop(tmp_path: Path, engine
     resumed = circuits.train(cfg, out=tmp_path / "part")
     _assert_same_checkpoints(full, resumed)
     assert resumed.metrics.equals(full.metrics)
+    for name in ("metrics.csv", "manifest.json"):  # the files themselves, not only their values
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
 
 
 def _cli_train_cmd(out: Path) -> list[str]:
