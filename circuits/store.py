@@ -605,10 +605,12 @@ class RunStore:
         """Drop rows after ``last_epoch`` (they belong to work lost in a kill, to be redone)."""
         rows = [r for r in self.read_metrics_rows() if r["epoch"] <= last_epoch]
         buf = io.StringIO()
-        # The dialect of append_metrics (csv's "\r\n"), so a resumed run's table is byte for byte
-        # an uninterrupted run's (it was "\n" here: the rows kept on resume changed their endings).
+        # Every run's table has been written this way since 0.1.0: the header (written here when
+        # a run starts) ends in "\n", each row (append_metrics: csv's default) in "\r\n". Rows
+        # kept on resume are written as append_metrics wrote them, so a resumed run's table is
+        # byte for byte an uninterrupted run's (they used to be rewritten with "\n").
+        csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n").writeheader()
         writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
         for row in rows:
             writer.writerow({k: _fmt(row[k]) for k in METRIC_COLUMNS})
         atomic_write_bytes(self.root / METRICS_FILE, buf.getvalue().encode())
