@@ -18,7 +18,6 @@ import typer
 from circuits import cli_experiments
 from circuits.cli_common import (
     UserError,
-    build_config,
     config_from_kwargs,
     config_parameters,
     set_signature,

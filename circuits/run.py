@@ -21,6 +21,7 @@ from circuits.store import RunStore, clear_run_folder, is_safe_name, require_run
 
 if TYPE_CHECKING:
     import pandas as pd
+    import torch
     from torch import Tensor
 
     from circuits.model import Transformer

@@ -32,7 +32,7 @@ from circuits.experiments.sweep import (
     run_members,
     write_result,
 )
-from circuits.experiments.ungrokking import FIT_ACC, GROKKED_ACC, add_curve_events
+from circuits.experiments.ungrokking import GROKKED_ACC, add_curve_events
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run
 from circuits.trainer import StepInfo
