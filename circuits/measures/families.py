@@ -44,6 +44,12 @@ def _pair_nll(x: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return nll.squeeze(-1), picked.squeeze(-1), (picked >= top).squeeze(-1)
 
 
+def _by_split(cols: dict[str, Tensor], name: str, means: Tensor, splits: Any) -> None:
+    """``cols[name.format(split)]`` = column j of ``means [ckpt, split]``, NaN for an empty split."""
+    for j, (split, idx) in enumerate(splits):
+        cols[name.format(split)] = means[:, j] if len(idx) else torch.full_like(means[:, j], float("nan"))
+
+
 def _split_means(task: Any) -> tuple[tuple[tuple[str, Tensor], ...], Tensor]:
     """The splits and a ``[pp, split]`` matrix whose column j averages over split j."""
     splits = (("train", task.train_idx), ("test", task.test_idx))
@@ -114,7 +120,8 @@ class KeyDirections(Family):
         state["diag"].index_add_(1, state["plus"][span], x)
 
     def finish(self, state: dict[str, Tensor], ckpts: Checkpoints) -> Result:
-        return Result(shared=state)
+        # Orthonormal directions: |P_S(L)|^2 = |coeffs|^2.
+        return Result(shared={**state, "gen_sq": state["coeffs"].pow(2).sum((1, 2))})
 
 
 @register
@@ -133,12 +140,9 @@ class Losses(Family):
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
         s = ckpts.results["logit_sums"].shared
-        losses, accs = s["nll"] @ s["split_weights"], s["correct"] @ s["split_weights"]
         cols: dict[str, Tensor] = {}
-        for j, (split, idx) in enumerate(s["splits"]):
-            empty = torch.full_like(losses[:, j], float("nan"))
-            cols[f"{split}_loss"] = losses[:, j] if len(idx) else empty
-            cols[f"{split}_acc"] = accs[:, j] if len(idx) else empty
+        _by_split(cols, "{}_loss", s["nll"] @ s["split_weights"], s["splits"])
+        _by_split(cols, "{}_acc", s["correct"] @ s["split_weights"], s["splits"])
         return Result(columns=cols)
 
 
@@ -241,8 +245,7 @@ class KeyShare(Family):
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
         s, k = ckpts.results["logit_sums"].shared, ckpts.results["key_directions"].shared
-        gen_sq = k["coeffs"].pow(2).sum((1, 2))  # orthonormal directions: |P_S(L)|^2 = |coeffs|^2
-        return Result(columns={"key_logit_frac": gen_sq / s["centred_sq"].clamp_min(1e-300)})
+        return Result(columns={"key_logit_frac": k["gen_sq"] / s["centred_sq"].clamp_min(1e-300)})
 
 
 @register
@@ -324,7 +327,7 @@ class Circuits(Family):
         mean, coeffs, dirs = s["mean"], k["coeffs"], k["dirs"]
         cols: dict[str, Tensor] = {}
         centred_sq = s["centred_sq"]
-        cols["gen_share"] = (coeffs.pow(2).sum((1, 2)) / centred_sq.clamp_min(1e-300)).sqrt()
+        cols["gen_share"] = (k["gen_sq"] / centred_sq.clamp_min(1e-300)).sqrt()
         # Every frequency: the part of L that depends on (a, b) through a + b only, i.e. each
         # anti-diagonal's mean minus the overall mean (sum_direction_share with freqs=None).
         all_sq = p * (k["diag"] / p - mean[:, None]).pow(2).sum((1, 2))
@@ -335,11 +338,8 @@ class Circuits(Family):
         mem_rowsum = s["rowsum"] - mean.sum(-1, keepdim=True) - gen_rowsum
         for name, part_correct, part_rowsum in (("gen", gen_correct, gen_rowsum), ("mem", mem_correct, mem_rowsum)):
             margin = part_correct - (part_rowsum - part_correct) / (n_cls - 1)
-            logit_means, margin_means = part_correct @ s["split_weights"], margin @ s["split_weights"]
-            for j, (split, idx) in enumerate(s["splits"]):
-                empty = torch.full_like(logit_means[:, j], float("nan"))
-                cols[f"{name}_logit_{split}"] = logit_means[:, j] if len(idx) else empty
-                cols[f"{name}_margin_{split}"] = margin_means[:, j] if len(idx) else empty
+            _by_split(cols, name + "_logit_{}", part_correct @ s["split_weights"], s["splits"])
+            _by_split(cols, name + "_margin_{}", margin @ s["split_weights"], s["splits"])
         nkf = ckpts.results["neurons"].shared["neuron_key_frac"]
         cols.update(circuit_norms_sq(ckpts.params, p, ckpts.key, nkf))
         for name in ("gen", "mem"):
