@@ -345,18 +345,20 @@ def train_stack(
             hold_run_folders([stores[i].root for i in open_]), deterministic():
         members = [_open_member(configs[i], stores[i]) for i in open_]
         epochs = configs[0].train.epochs
-        with sigint_flag() as interrupted:
-            while True:
-                todo = [m for m in members if m.epoch < epochs and m.diverged is None]
-                if not todo:
-                    break
-                lo = min(m.epoch for m in todo)
-                group = [m for m in todo if m.epoch == lo]
-                ahead = [m.epoch for m in todo if m.epoch > lo]
-                _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted, dev)
-        for m in members:
-            if m.diverged is not None:
-                m.store.mark_diverged(m.diverged, m.config.train.lr)
+        try:
+            with sigint_flag() as interrupted:
+                while True:
+                    todo = [m for m in members if m.epoch < epochs and m.diverged is None]
+                    if not todo:
+                        break
+                    lo = min(m.epoch for m in todo)
+                    group = [m for m in todo if m.epoch == lo]
+                    ahead = [m.epoch for m in todo if m.epoch > lo]
+                    _train_segment(group, lo, min(ahead, default=epochs), on_step, interrupted, dev)
+        finally:  # also when Ctrl-C stops the others after a member diverged
+            for m in members:
+                if m.diverged is not None:
+                    m.store.mark_diverged(m.diverged, m.config.train.lr)
     runs = {str(stores[i].root): (mark["epoch"], resume_epoch(stores[i])) for i, mark in lost.items()}
     lrs = {str(stores[i].root): float(mark["lr"]) for i, mark in lost.items()}
     for m in members:

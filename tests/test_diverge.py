@@ -109,3 +109,17 @@ def test_an_ensemble_rerun_reports_its_diverged_member_and_leaves_the_rest(tmp_p
     with pytest.raises(TrainingDiverged) as err:
         circuits.train_ensemble([bad, good], outs)
     assert list(err.value.runs) == [str(outs[0])] and [_files(o) for o in outs] == before
+
+
+def test_a_member_that_diverged_before_a_ctrl_c_is_marked(tmp_path: Path) -> None:
+    bad, good = tiny_config(lr=1e6, seed=1), tiny_config(seed=4)
+    outs = [tmp_path / "bad", tmp_path / "good"]
+
+    def stop(info) -> None:  # noqa: ANN001
+        if info.epoch == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        circuits.train_ensemble([bad, good], outs, on_step=stop)
+    assert circuits.load_run(outs[0]).store.diverged() is not None
+    assert circuits.load_run(outs[1]).store.diverged() is None and not circuits.load_run(outs[1]).is_complete
