@@ -58,7 +58,7 @@ from circuits.tasks import Task, make_task, task_from_saved_split
 
 __all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "train_stack", "evaluate",
            "loss_fn", "split_metrics", "last_position_logits", "lr_at", "initial_model", "with_init_digest",
-           "resume_tensors"]
+           "resume_tensors", "resume_weights"]
 
 
 class RunExistsError(RunFolderError):
@@ -107,6 +107,11 @@ def resume_tensors(weights: dict[str, Tensor], optimizer: dict[str, Tensor]) -> 
     tensors.update(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
+
+
+def resume_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's weights of a resume point written by :func:`resume_tensors`."""
+    return {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
 @contextmanager
@@ -265,8 +270,7 @@ def finished_model(config: RunConfig, store: RunStore) -> Transformer | None:
     model = make_model(config)
     tensors, meta = resume
     check_resume(store, config, model, tensors, meta)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-                          strict=False)
+    model.load_state_dict(resume_weights(tensors), strict=False)
     return model
 
 
@@ -390,8 +394,7 @@ def _open_member(config: RunConfig, store: RunStore) -> _Member:
     if resume is not None:
         tensors, meta = resume
         check_resume(store, config, model, tensors, meta)
-        weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict(resume_weights(tensors), strict=False)
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("opt.")}
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])

@@ -33,6 +33,17 @@ def tiny_config(**overrides: object) -> RunConfig:
     return base.replace(**overrides) if overrides else base
 
 
+def stop_at(epoch: int):  # noqa: ANN201
+    """An ``on_step`` that raises KeyboardInterrupt after ``epoch`` (no save: the folder keeps its
+    last resume point, as a kill would leave it)."""
+
+    def on_step(info) -> None:  # noqa: ANN001
+        if info.epoch == epoch:
+            raise KeyboardInterrupt
+
+    return on_step
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     # Tests that draw random weights do so from a known state.

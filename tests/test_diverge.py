@@ -14,7 +14,7 @@ import circuits
 from circuits.errors import TrainingDiverged
 from circuits.measures import phase_boundaries
 from circuits.trainer import resume_epoch
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, stop_at, tiny_config
 from tests.test_ensemble import _assert_close_runs
 
 
@@ -115,11 +115,7 @@ def test_a_member_that_diverged_before_a_ctrl_c_is_marked(tmp_path: Path) -> Non
     bad, good = tiny_config(lr=1e6, seed=1), tiny_config(seed=4)
     outs = [tmp_path / "bad", tmp_path / "good"]
 
-    def stop(info) -> None:  # noqa: ANN001
-        if info.epoch == 40:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        circuits.train_ensemble([bad, good], outs, on_step=stop)
+        circuits.train_ensemble([bad, good], outs, on_step=stop_at(40))
     assert circuits.load_run(outs[0]).store.diverged() is not None
     assert circuits.load_run(outs[1]).store.diverged() is None and not circuits.load_run(outs[1]).is_complete

@@ -18,7 +18,7 @@ from circuits.analysis import analyze
 from circuits.cli import main as cli_main
 from circuits.errors import RunFolderError
 from circuits.store import MANIFEST_FILE, METRICS_FILE, SPLIT_FILE, RunStore
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli, stop_at, tiny_config
 
 
 def _one_line(result) -> str:  # noqa: ANN001
@@ -85,12 +85,8 @@ def test_a_deleted_manifest_is_reported_reindexed_and_the_run_resumes_bitwise(tm
     whole = circuits.train(cfg, out=tmp_path / "whole")
     root = tmp_path / "run"
 
-    def stop(info) -> None:  # noqa: ANN001
-        if info.epoch == 30:
-            raise KeyboardInterrupt
-
     with pytest.raises(BaseException):  # noqa: B017, PT011 - TrainingInterrupted or KeyboardInterrupt
-        circuits.train(cfg, out=root, on_step=stop)
+        circuits.train(cfg, out=root, on_step=stop_at(30))
     (root / MANIFEST_FILE).unlink()
     run = circuits.load_run(root)
     assert run.epochs == [] and len(run.unindexed()) > 0
@@ -227,12 +223,8 @@ def test_a_torn_last_metrics_row_is_trained_again_and_a_hole_is_refused(tmp_path
     whole = circuits.train(cfg, out=tmp_path / "whole")
     root = tmp_path / "run"
 
-    def stop(info) -> None:  # noqa: ANN001
-        if info.epoch == 32:
-            raise KeyboardInterrupt
-
     with pytest.raises(BaseException):  # noqa: B017, PT011
-        circuits.train(cfg, out=root, on_step=stop)
+        circuits.train(cfg, out=root, on_step=stop_at(32))
     metrics = root / METRICS_FILE
     text = metrics.read_text()
     # A kill mid-append: the rows after the resume point end in a cut line.
@@ -242,7 +234,7 @@ def test_a_torn_last_metrics_row_is_trained_again_and_a_hole_is_refused(tmp_path
     # A row lost in the middle (damage, not a kill) is refused, not dropped for good.
     stopped = tmp_path / "hole"
     with pytest.raises(BaseException):  # noqa: B017, PT011
-        circuits.train(cfg, out=stopped, on_step=stop)
+        circuits.train(cfg, out=stopped, on_step=stop_at(32))
     lines = (stopped / METRICS_FILE).read_text().splitlines(keepends=True)
     lines[2] = "10,0.5,garbage\n"
     (stopped / METRICS_FILE).write_text("".join(lines))
@@ -255,12 +247,8 @@ def test_orphan_temporary_files_are_removed_under_the_lock_and_nothing_else(tmp_
     cfg = tiny_config()
     root = tmp_path / "run"
 
-    def stop(info) -> None:  # noqa: ANN001
-        if info.epoch == 20:
-            raise KeyboardInterrupt
-
     with pytest.raises(BaseException):  # noqa: B017, PT011
-        circuits.train(cfg, out=root, on_step=stop)
+        circuits.train(cfg, out=root, on_step=stop_at(20))
     orphans = [root / ".manifest.json.x1y2.tmp", root / ".resume.safetensors.abc.tmp",
                root / "checkpoints" / ".epoch_000000030.safetensors.q9.tmp"]
     mine = [root / "notes.tmp", root / "checkpoints" / ".mine.tmp"]

@@ -20,7 +20,7 @@ from circuits.config import preset
 from circuits.errors import RunFolderError
 from circuits.store import LOCK_FILE, RESUME_META_FILE, RunStore
 from circuits.trainer import RunExistsError, lr_at
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, stop_at, tiny_config
 
 
 def _assert_same_checkpoints(a: circuits.Run, b: circuits.Run) -> None:
@@ -193,12 +193,8 @@ def test_both_engines_resume_bitwise_through_the_one_loop(tmp_path: Path, engine
     cfg = tiny_config(engine=engine, warmup_steps=15)
     full = circuits.train(cfg, out=tmp_path / "full")
 
-    def stop(info) -> None:  # noqa: ANN001
-        if info.epoch == 23:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        circuits.train(cfg, out=tmp_path / "part", on_step=stop)
+        circuits.train(cfg, out=tmp_path / "part", on_step=stop_at(23))
     resumed = circuits.train(cfg, out=tmp_path / "part")
     _assert_same_checkpoints(full, resumed)
     assert resumed.metrics.equals(full.metrics)
