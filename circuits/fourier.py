@@ -1,9 +1,12 @@
-"""The real Fourier basis over Z_p and 1D/2D transforms (Nanda et al. 2023, Appendix / §4).
+"""The real Fourier basis over Z_n and 1D/2D transforms (Nanda et al. 2023, Appendix / §4).
 
-Convention (the official code's, science.md Part A §2): row 0 is the constant 1/sqrt(p); for
-k = 1..(p-1)/2, row 2k-1 is cos(2πkx/p) and row 2k is sin(2πkx/p), each of unit norm. The
-matrix ``F`` is orthonormal, so ``F @ F.T = I`` and a transform is a matrix product.
-Inputs on the (a, b) grid are in canonical order (index a*p + b).
+Convention (the official code's, science.md Part A §2): row 0 is the constant 1/sqrt(n); for
+k = 1..(n-1)/2, row 2k-1 is cos(2πkx/n) and row 2k is sin(2πkx/n), each of unit norm. For even
+n (the multiplicative group of Z_p has order p - 1) a last row holds the Nyquist frequency
+cos(πx) = (-1)^x, which has no sine; it is a basis row but not one of the frequencies
+k = 1..(n-1)//2 that the measures look for. The matrix ``F`` is orthonormal, so ``F @ F.T = I``
+and a transform is a matrix product. Inputs on the (a, b) grid are in canonical order
+(index a*n + b). ``p`` in the names below is the group's order n.
 """
 
 from __future__ import annotations
@@ -30,19 +33,22 @@ __all__ = [
 
 
 def n_frequencies(p: int) -> int:
-    """Number of non-constant frequencies, (p - 1) / 2 (p odd)."""
+    """Number of frequencies with a cos and a sin row, (p - 1) // 2 (the Nyquist row of an even
+    order is not one of them)."""
     return (p - 1) // 2
 
 
 @lru_cache(maxsize=16)
 def _basis(p: int, dtype: torch.dtype) -> Tensor:
-    if p % 2 == 0:
-        raise ValueError(f"the real Fourier basis here needs odd p, got {p}")
+    if p < 2:
+        raise ValueError(f"the Fourier basis needs a group of order >= 2, got {p}")
     x = torch.arange(p, dtype=torch.float64)
     rows = [torch.ones(p, dtype=torch.float64)]
     for k in range(1, n_frequencies(p) + 1):
         rows.append(torch.cos(2 * math.pi * k * x / p))
         rows.append(torch.sin(2 * math.pi * k * x / p))
+    if p % 2 == 0:
+        rows.append(torch.cos(math.pi * x))
     basis = torch.stack(rows)
     basis = basis / basis.norm(dim=1, keepdim=True)
     return basis.to(dtype)
@@ -58,6 +64,8 @@ def fourier_labels(p: int) -> list[str]:
     labels = ["Const"]
     for k in range(1, n_frequencies(p) + 1):
         labels += [f"cos {k}", f"sin {k}"]
+    if p % 2 == 0:
+        labels.append(f"cos {p // 2}")
     return labels
 
 
@@ -92,20 +100,21 @@ def line_index(p: int, sign: int = 1, device: torch.device | str | None = None) 
 
 
 def sum_directions(
-    p: int, freqs: list[int] | tuple[int, ...], dtype: torch.dtype = torch.float64
+    p: int, freqs: list[int] | tuple[int, ...], dtype: torch.dtype = torch.float64, sign: int = 1
 ) -> Float[Tensor, "dirs pp"]:
-    """Unit vectors cos(w_k(a+b)) and sin(w_k(a+b)) over the grid, w_k = 2πk/p (2 per k).
+    """Unit vectors cos(w_k(a + sign b)) and sin(w_k(a + sign b)) over the grid, w_k = 2πk/p
+    (2 per k): ``sign=1`` for a sum, -1 for a difference.
 
     These are the directions of the restricted and excluded losses (Nanda et al. 2023, §5.1);
-    they are orthonormal for distinct k in 1..(p-1)/2.
+    they are orthonormal for distinct k in 1..(p-1)//2.
     """
     a = torch.arange(p, dtype=torch.float64).repeat_interleave(p)
     b = torch.arange(p, dtype=torch.float64).repeat(p)
     rows = []
     for k in freqs:
         if not 1 <= k <= n_frequencies(p):
-            raise ValueError(f"frequency {k} is outside 1..{n_frequencies(p)} for p={p}")
-        angle = 2 * math.pi * k * (a + b) / p
+            raise ValueError(f"frequency {k} is outside 1..{n_frequencies(p)} for a group of order {p}")
+        angle = 2 * math.pi * k * (a + sign * b) / p
         rows += [torch.cos(angle), torch.sin(angle)]
     if not rows:
         return torch.zeros(0, p * p, dtype=dtype)
@@ -114,7 +123,8 @@ def sum_directions(
 
 
 def frequency_norms(coeff_norms: Float[Tensor, "*batch p"]) -> Float[Tensor, "*batch freq"]:
-    """Merge cos k and sin k component norms into one norm per frequency k = 1..(p-1)/2."""
-    nonconst = coeff_norms[..., 1:]
+    """Merge cos k and sin k component norms into one norm per frequency k = 1..(p-1)//2
+    (an even order's Nyquist row is left out: it is not one of the frequencies)."""
+    nonconst = coeff_norms[..., 1 : 1 + 2 * n_frequencies(coeff_norms.shape[-1])]
     pairs = einops.rearrange(nonconst, "... (k two) -> ... k two", two=2)
     return pairs.pow(2).sum(-1).sqrt()

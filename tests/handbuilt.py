@@ -15,14 +15,26 @@ import torch
 from circuits.config import preset
 from circuits.model import make_model
 
-def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.0):  # noqa: ANN201
-    """(config, model) computing modular addition with the key frequencies `freqs`."""
+def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.0, op: str = "add"):  # noqa: ANN201
+    """(config, model) computing modular addition with the key frequencies `freqs`.
+
+    ``op="mul"``: the same algorithm on the discrete logarithm (the frequencies are then of
+    Z_(p-1)); the 0 token embeds to 0, and class 0 gets no logit."""
     S = len(freqs)
     d_model = 4 * S
     d_mlp = S * phases
-    cfg = preset("quick").replace(p=p, d_model=d_model, n_heads=1, d_mlp=d_mlp)
+    cfg = preset("quick").replace(p=p, d_model=d_model, n_heads=1, d_mlp=d_mlp, op=op)
     model = make_model(cfg)
     x = torch.arange(p, dtype=torch.float64)
+    mask = torch.ones(p, dtype=torch.float64)
+    n = p
+    if op == "mul":
+        from circuits.tasks import fourier_view
+
+        view = fourier_view(cfg.task)
+        n = view.n
+        x = view.element_position.to(torch.float64)  # log x; the 0 token is masked out below
+        mask[0] = 0.0
     with torch.no_grad():
         for prm in model.parameters(): prm.zero_()
         W_E = torch.zeros(p + 1, d_model, dtype=torch.float64)
@@ -30,10 +42,10 @@ def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.
         W_in = torch.zeros(d_model, d_mlp, dtype=torch.float64)
         W_out = torch.zeros(d_mlp, d_model, dtype=torch.float64)
         for i, k in enumerate(freqs):
-            w = 2 * math.pi * k / p
-            W_E[:p, 2*i] = torch.cos(w * x); W_E[:p, 2*i+1] = torch.sin(w * x)
+            w = 2 * math.pi * k / n
+            W_E[:p, 2*i] = torch.cos(w * x) * mask; W_E[:p, 2*i+1] = torch.sin(w * x) * mask
             o = 2 * S + 2 * i
-            W_U[o] = torch.cos(w * x); W_U[o+1] = torch.sin(w * x)
+            W_U[o] = torch.cos(w * x) * mask; W_U[o+1] = torch.sin(w * x) * mask
             for j in range(phases):
                 n = i * phases + j; phi = 2 * math.pi * j / phases
                 W_in[2*i, n] = 3 * math.cos(phi); W_in[2*i+1, n] = -3 * math.sin(phi)

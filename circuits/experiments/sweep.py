@@ -164,7 +164,6 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     frequencies.
     """
     epoch = run.epochs[-1] if epoch is None else epoch
-    p = run.config.task.n_elements
     state = run.state_dict(epoch)
     params = stack_state_dicts([state])
     logits, post = grid_forward(params, run.config.task, run.config.model.act_fn)
@@ -173,13 +172,18 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     out.update(split_metrics(logits[0].to(torch.float64), task))
     norm = weight_norm_sq(state) ** 0.5
     _, margin = part_logit_stats(logits.to(torch.float64), task.labels, task.train_idx)
-    key = key_frequencies(neuron_frequency_fractions(post[0], p))
     out.update(
         weight_norm=norm,
         margin_train=float(margin[0]),
         efficiency=float(margin[0]) / norm if norm > 0 else 0.0,
-        gen_share_all=float(sum_direction_share(logits, p)[0]),
-        gen_share=float(sum_direction_share(logits, p, key)[0]) if key else 0.0,
+    )
+    if not task.has_fourier:  # the shares need the task's answer directions
+        out.update(gen_share_all=None, gen_share=None, n_key_freqs=None)
+        return out
+    key = key_frequencies(neuron_frequency_fractions(post[0], task))
+    out.update(
+        gen_share_all=float(sum_direction_share(logits, task)[0]),
+        gen_share=float(sum_direction_share(logits, task, key)[0]) if key else 0.0,
         n_key_freqs=len(key),
     )
     return out

@@ -4,7 +4,9 @@ Varma et al. (2023, "Explaining grokking through circuit efficiency") explain gr
 competition between a memorising circuit C_mem and a generalising circuit C_gen, won by the
 more *efficient* one (more logit per unit of parameter norm). They compare separate networks
 (random labels vs large data); here one network is split into the two parts at every
-checkpoint, by definitions that add up exactly (docs/measures.md, science.md Part C):
+checkpoint, by definitions that add up exactly (docs/measures.md, science.md Part C). The
+functions take the task (or p for addition) and read its Fourier view: for mul and div, the
+pairs with a, b != 0 and the classes 1..p-1 in discrete-log order.
 
 * **Logits.** Over all p^2 inputs, ``L = L_bias + L_gen + L_mem``: ``L_bias`` the per-class mean
   over inputs, ``L_gen = P_S(L)`` the projection of each logit column onto cos/sin(w_k(a+b)) for
@@ -27,8 +29,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.fourier import _basis, line_index
+from circuits.fourier import line_index
 from circuits.measures.losses import project_sum_directions
+from circuits.tasks import TaskLike, as_view
 
 __all__ = [
     "logit_parts",
@@ -49,15 +52,17 @@ SHARED_PARAMS = (
 
 
 def logit_parts(
-    logits: Float[Tensor, "*ckpt pp cls"], p: int, freqs: list[int]
-) -> tuple[Float[Tensor, "*ckpt 1 cls"], Float[Tensor, "*ckpt pp cls"], Float[Tensor, "*ckpt pp cls"]]:
-    """``(L_bias, L_gen, L_mem)`` in float64; ``L_bias + L_gen + L_mem == L`` exactly up to rounding.
+    logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike, freqs: list[int]
+) -> tuple[Float[Tensor, "*ckpt 1 cls"], Float[Tensor, "*ckpt nn cls"], Float[Tensor, "*ckpt nn cls"]]:
+    """``(L_bias, L_gen, L_mem)`` in float64 on the task's view; ``L_bias + L_gen + L_mem`` is
+    the view's logits exactly up to rounding.
 
     ``L_bias`` broadcasts over the inputs (one value per class).
     """
-    x = logits.to(torch.float64)
+    view = as_view(task)
+    x = view.take(logits, classes=True).to(torch.float64)
     bias = x.mean(dim=-2, keepdim=True)
-    gen = project_sum_directions(x, p, freqs)  # sum directions have zero mean: P_S(L - bias) = P_S(L)
+    gen = project_sum_directions(x, view.own(), freqs)  # zero-mean directions: P_S(L - bias) = P_S(L)
     return bias, gen, x - bias - gen
 
 
@@ -77,20 +82,24 @@ def part_logit_stats(
 
 
 def sum_direction_share(
-    logits: Float[Tensor, "*ckpt pp cls"], p: int, freqs: list[int] | None = None
+    logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike, freqs: list[int] | None = None
 ) -> Float[Tensor, "*ckpt"]:
-    """``‖P_S(L - L_bias)‖ / ‖L - L_bias‖``: Varma et al.'s trig-subspace share of the logit norm.
+    """``‖P_S(L - L_bias)‖ / ‖L - L_bias‖``: Varma et al.'s trig-subspace share of the logit norm
+    (on the task's view).
 
     ``freqs=None`` takes every frequency: then P_S(L - L_bias) is exactly the part of the logits
-    that depends on (a, b) only through (a + b) mod p, i.e. each anti-diagonal's mean minus the
-    overall mean, so the share needs no key set (``gen_share_all``).
+    that depends on (a, b) only through the answer's position (a + b mod p for add; for sub
+    a - b; for mul and div, the discrete log of the answer), i.e. each such line's mean minus
+    the overall mean, so the share needs no key set (``gen_share_all``).
     """
-    x = logits.to(torch.float64)
+    view = as_view(task)
+    x = view.take(logits, classes=True).to(torch.float64)
+    p = view.n
     centred_sq = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))
     if freqs is not None:
-        gen_sq = project_sum_directions(x, p, freqs).pow(2).sum((-2, -1))
+        gen_sq = project_sum_directions(x, view.own(), freqs).pow(2).sum((-2, -1))
     else:
-        diag = line_index(p, 1, x.device)
+        diag = line_index(p, view.sign, x.device)
         sums = x.new_zeros(*x.shape[:-2], p, x.shape[-1]).index_add_(-2, diag, x)
         means = sums / p
         gen_sq = p * (means - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))
@@ -99,7 +108,7 @@ def sum_direction_share(
 
 def circuit_norms_sq(
     params: Mapping[str, Tensor],
-    p: int,
+    task: TaskLike,
     freqs: list[int],
     neuron_key_frac: Float[Tensor, "ckpt d_mlp"],
 ) -> dict[str, Float[Tensor, " ckpt"]]:
@@ -109,16 +118,20 @@ def circuit_norms_sq(
     ``neuron_key_frac`` is each neuron's share of activation variance in the key frequencies
     (:func:`circuits.measures.frequencies.neuron_frequency_fractions` summed over S), clipped to
     [0, 1]. Returns ``gen_norm_sq``, ``mem_norm_sq`` and ``shared_norm_sq``; they add up to the
-    total sum of squared weights.
+    total sum of squared weights. The Fourier rows are the task view's: for mul and div, the
+    discrete-log characters over the nonzero residues (the 0 token's row and class 0 go to the
+    memorising part with everything else outside the key directions).
     """
     f64 = torch.float64
+    view = as_view(task)
     W_E = params["embed.W_E"].to(f64)
     W_U = params["unembed.W_U"].to(f64)
-    basis = _basis(p, f64).to(W_E.device)
+    basis = view.basis().to(W_E.device)  # [n, elements]
     rows = torch.tensor([r for k in freqs for r in (2 * k - 1, 2 * k)], dtype=torch.long)
+    p = view.n_elements
     # Token axis of W_E (number tokens only; '=' is not a residue) and output axis of W_U.
-    emb = torch.einsum("ip,kpd->kid", basis, W_E[:, :p]).pow(2).sum(-1)  # [ckpt, p]
-    unemb = torch.einsum("ip,kdp->kid", basis, W_U[..., :p]).pow(2).sum(-1)
+    emb = torch.einsum("ip,kpd->kid", basis, W_E[:, :p]).pow(2).sum(-1)  # [ckpt, n]
+    unemb = torch.einsum("ip,kdp->kid", view.class_basis().to(W_U.device), W_U[..., : view.n_classes]).pow(2).sum(-1)
     emb_gen, unemb_gen = emb[:, rows].sum(-1), unemb[:, rows].sum(-1)
     emb_total = W_E.pow(2).sum((1, 2))
     unemb_total = W_U.pow(2).sum((1, 2))

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuits.fourier import line_index
+from circuits.fourier import line_index, sum_directions
 from circuits.measures.circuits import circuit_efficiency, circuit_norms_sq
 from circuits.measures.frequencies import (
     CLUSTER_THRESHOLD,
@@ -60,6 +60,33 @@ def _split_means(task: Any) -> tuple[tuple[tuple[str, Tensor], ...], Tensor]:
     return splits, weights
 
 
+def _sums_start(n: int, pp: int, cls: int) -> dict[str, Tensor]:
+    return {
+        "nll": torch.empty(n, pp, dtype=F64), "picked": torch.empty(n, pp, dtype=F64),
+        "correct": torch.empty(n, pp, dtype=F64), "rowsum": torch.empty(n, pp, dtype=F64),
+        "colsum": torch.zeros(n, cls, dtype=F64), "sumsq": torch.zeros(n, dtype=F64),
+        "logits32": torch.empty(n, pp, cls, dtype=torch.float32),
+    }
+
+
+def _sums_add(state: dict[str, Tensor], span: slice | Tensor, logits: Tensor, x: Tensor, labels: Tensor) -> None:
+    state["logits32"][:, span] = logits
+    state["nll"][:, span], state["picked"][:, span], hit = _pair_nll(x, labels[span])
+    state["correct"][:, span] = hit.to(F64)
+    state["rowsum"][:, span] = x.sum(-1)
+    state["colsum"] += x.sum(1)
+    state["sumsq"] += x.pow(2).sum((1, 2))
+
+
+def _sums_finish(state: dict[str, Tensor], table: Any) -> dict[str, Any]:
+    pp = table.labels.shape[0]
+    mean = state["colsum"] / pp  # [ckpt, cls]: L_bias
+    splits, weights = _split_means(table)
+    return {**state, "mean": mean, "centred_sq": state["sumsq"] - pp * mean.pow(2).sum(-1),
+            "splits": splits, "split_weights": weights, "labels": table.labels, "valid": table.valid,
+            "train_idx": table.train_idx}
+
+
 @register
 class LogitSums(Family):
     """Per-pair cross-entropy, correct-class logit and hit, and the logits' sums over the grid."""
@@ -69,36 +96,45 @@ class LogitSums(Family):
     needs = frozenset({"logits"})
 
     def start(self, ckpts: Checkpoints) -> dict[str, Tensor]:
-        n, pp, cls = ckpts.n_ckpt, ckpts.p * ckpts.p, ckpts.n_classes
-        return {
-            "nll": torch.empty(n, pp, dtype=F64), "picked": torch.empty(n, pp, dtype=F64),
-            "correct": torch.empty(n, pp, dtype=F64), "rowsum": torch.empty(n, pp, dtype=F64),
-            "colsum": torch.zeros(n, cls, dtype=F64), "sumsq": torch.zeros(n, dtype=F64),
-            "logits32": torch.empty(n, pp, cls, dtype=torch.float32),
-        }
+        return _sums_start(ckpts.n_ckpt, ckpts.p * ckpts.p, ckpts.n_classes)
 
     def add(self, state: dict[str, Tensor], ckpts: Checkpoints, block: Block) -> None:
-        span, x = block.span, block.x64
-        state["logits32"][:, span] = block.logits
-        state["nll"][:, span], state["picked"][:, span], hit = _pair_nll(x, ckpts.task.labels[span])
-        state["correct"][:, span] = hit
-        state["rowsum"][:, span] = x.sum(-1)
-        state["colsum"] += x.sum(1)
-        state["sumsq"] += x.pow(2).sum((1, 2))
+        _sums_add(state, block.span, block.logits, block.x64, ckpts.task.labels)
 
     def finish(self, state: dict[str, Tensor], ckpts: Checkpoints) -> Result:
-        pp = ckpts.p * ckpts.p
-        mean = state["colsum"] / pp  # [ckpt, cls]: L_bias
-        splits, weights = _split_means(ckpts.task)
-        return Result(shared={
-            **state, "mean": mean, "centred_sq": state["sumsq"] - pp * mean.pow(2).sum(-1),
-            "splits": splits, "split_weights": weights,
-        })
+        return Result(shared=_sums_finish(state, ckpts.task))
+
+
+@register
+class FourierSums(Family):
+    """:class:`LogitSums` in the task's Fourier view: for add and sub the same result; for mul
+    and div over the pairs with a, b != 0 and the classes 1..p-1 in discrete-log order."""
+
+    name = "fourier_sums"
+    internal = True
+    needs = frozenset({"logits"})
+    uses = ("logit_sums",)
+    fourier = True
+
+    def start(self, ckpts: Checkpoints) -> dict[str, Tensor] | None:
+        n = ckpts.view.n
+        return None if ckpts.view.identity else _sums_start(ckpts.n_ckpt, n * n, n)
+
+    def add(self, state: dict[str, Tensor] | None, ckpts: Checkpoints, block: Block) -> None:
+        if state is not None:
+            vb = block.fourier
+            _sums_add(state, vb.span, vb.logits, vb.x64, ckpts.table.labels)
+
+    def finish(self, state: dict[str, Tensor] | None, ckpts: Checkpoints) -> Result:
+        if state is None:
+            return ckpts.results["logit_sums"]
+        return Result(shared=_sums_finish(state, ckpts.table))
 
 
 @register
 class KeyDirections(Family):
-    """Each logit column's coefficients on the key sum directions, and its anti-diagonal sums."""
+    """Each logit column's coefficients on the key answer directions, and its sums along the
+    lines on which the answer is constant (a + b = s for add), in the task's Fourier view."""
 
     name = "key_directions"
     internal = True
@@ -106,16 +142,18 @@ class KeyDirections(Family):
     fourier = True
 
     def start(self, ckpts: Checkpoints) -> dict[str, Tensor]:
-        dirs = ckpts.task.answer_directions(ckpts.key)  # [D, pairs], orthonormal
-        n, cls = ckpts.n_ckpt, ckpts.n_classes
+        view = ckpts.view
+        dirs = sum_directions(view.n, ckpts.key, F64, view.sign)  # [D, view pairs], orthonormal
+        n = ckpts.n_ckpt
         return {
-            "dirs": dirs, "plus": line_index(ckpts.p),
-            "coeffs": torch.zeros(n, len(dirs), cls, dtype=F64),  # <dir, L column>
-            "diag": torch.zeros(n, ckpts.p, cls, dtype=F64),  # sums of L along a + b = s
+            "dirs": dirs, "plus": line_index(view.n, view.sign),
+            "coeffs": torch.zeros(n, len(dirs), view.n, dtype=F64),  # <dir, L column>
+            "diag": torch.zeros(n, view.n, view.n, dtype=F64),  # sums of L along each answer line
         }
 
     def add(self, state: dict[str, Tensor], ckpts: Checkpoints, block: Block) -> None:
-        span, x = block.span, block.x64
+        vb = block.fourier
+        span, x = vb.span, vb.x64
         state["coeffs"] += torch.matmul(state["dirs"][:, span], x)
         state["diag"].index_add_(1, state["plus"][span], x)
 
@@ -160,12 +198,12 @@ class FourierLosses(Family):
         Column("restricted_acc", "accuracy of the restricted logits on all valid pairs", "fraction"),
         Column("excluded_acc", "accuracy of the excluded logits on the training pairs", "fraction"),
     )
-    uses = ("logit_sums", "key_directions")
+    uses = ("fourier_sums", "key_directions")
     fourier = True
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
-        s, k = ckpts.results["logit_sums"].shared, ckpts.results["key_directions"].shared
-        task, p, labels = ckpts.task, ckpts.p, ckpts.task.labels
+        s, k = ckpts.results["fourier_sums"].shared, ckpts.results["key_directions"].shared
+        p, labels, valid = ckpts.view.n, s["labels"], s["valid"]
         mean, coeffs, dirs, nll = s["mean"], k["coeffs"], k["dirs"], s["nll"]
         cols: dict[str, Tensor] = {}
         restricted_nll, restricted_hit = torch.empty_like(nll), torch.empty_like(nll)
@@ -175,10 +213,10 @@ class FourierLosses(Family):
             restricted = torch.baddbmm(mean[:, None], dirs[:, span].T.expand(ckpts.n_ckpt, -1, -1), coeffs)
             restricted_nll[:, span], _, hit = _pair_nll(restricted, labels[span])
             restricted_hit[:, span] = hit
-        valid_w = task.valid.to(F64) / task.valid.sum()
+        valid_w = valid.to(F64) / valid.sum()
         cols["restricted_loss"] = restricted_nll @ valid_w
         cols["restricted_acc"] = restricted_hit @ valid_w
-        train = task.train_idx
+        train = s["train_idx"]
         excluded = s["logits32"][:, train].to(F64) - torch.matmul(dirs[:, train].T, coeffs)
         cols["excluded_loss"] = cross_entropy(excluded, labels[train])
         cols["excluded_acc"] = accuracy(excluded, labels[train])
@@ -205,8 +243,8 @@ class Sparsity(Family):
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
         params = ckpts.params
-        emb = embed_fourier_norms(params["embed.W_E"], ckpts.p)  # [ckpt, p]
-        nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"])
+        emb = embed_fourier_norms(params["embed.W_E"], ckpts.view)  # [ckpt, n]
+        nl = neuron_logit_fourier_norms(params["blocks.0.mlp.W_out"], params["unembed.W_U"], ckpts.view)
         return Result(
             columns={"gini_embed": gini(emb[:, 1:]), "gini_neuron_logit": gini(nl[:, 1:])},
             arrays={"embed_fourier_norms": emb.float(), "neuron_logit_fourier_norms": nl.float()},
@@ -240,11 +278,11 @@ class KeyShare(Family):
         Column("key_logit_frac", "share of the centred logits' squared norm in the key sum directions",
                "fraction"),
     )
-    uses = ("logit_sums", "key_directions")
+    uses = ("fourier_sums", "key_directions")
     fourier = True
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
-        s, k = ckpts.results["logit_sums"].shared, ckpts.results["key_directions"].shared
+        s, k = ckpts.results["fourier_sums"].shared, ckpts.results["key_directions"].shared
         return Result(columns={"key_logit_frac": k["gen_sq"] / s["centred_sq"].clamp_min(1e-300)})
 
 
@@ -273,10 +311,11 @@ class Neurons(Family):
 
     def start(self, ckpts: Checkpoints) -> NeuronFrequencySums:
         W_in = ckpts.params["blocks.0.mlp.W_in"]
-        return NeuronFrequencySums(ckpts.n_ckpt, ckpts.p, W_in.shape[-1], W_in.dtype, W_in.device)
+        return NeuronFrequencySums(ckpts.n_ckpt, ckpts.view.n, W_in.shape[-1], W_in.dtype, W_in.device)
 
     def add(self, state: NeuronFrequencySums, ckpts: Checkpoints, block: Block) -> None:
-        state.add(block.a0, block.post)
+        vb = block.fourier
+        state.add(vb.rows, vb.post)
 
     def finish(self, state: NeuronFrequencySums, ckpts: Checkpoints) -> Result:
         fractions = state.fractions()
@@ -318,18 +357,20 @@ class Circuits(Family):
         Column("gen_efficiency", "gen_margin_train / sqrt(gen_norm_sq)", "logit/weight"),
         Column("mem_efficiency", "mem_margin_train / sqrt(mem_norm_sq)", "logit/weight"),
     )
-    uses = ("logit_sums", "key_directions", "neurons")
+    uses = ("fourier_sums", "key_directions", "neurons")
     fourier = True
 
     def finish(self, state: None, ckpts: Checkpoints) -> Result:
-        s, k = ckpts.results["logit_sums"].shared, ckpts.results["key_directions"].shared
-        p, labels, n_cls = ckpts.p, ckpts.task.labels, ckpts.n_classes
+        s, k = ckpts.results["fourier_sums"].shared, ckpts.results["key_directions"].shared
+        p, labels = ckpts.view.n, s["labels"]
+        n_cls = p
         mean, coeffs, dirs = s["mean"], k["coeffs"], k["dirs"]
         cols: dict[str, Tensor] = {}
         centred_sq = s["centred_sq"]
         cols["gen_share"] = (k["gen_sq"] / centred_sq.clamp_min(1e-300)).sqrt()
-        # Every frequency: the part of L that depends on (a, b) through a + b only, i.e. each
-        # anti-diagonal's mean minus the overall mean (sum_direction_share with freqs=None).
+        # Every frequency: the part of L that depends on (a, b) through the answer's position
+        # only (a + b for add), i.e. each answer line's mean minus the overall mean
+        # (sum_direction_share with freqs=None).
         all_sq = p * (k["diag"] / p - mean[:, None]).pow(2).sum((1, 2))
         cols["gen_share_all"] = (all_sq / centred_sq.clamp_min(1e-300)).sqrt()
         gen_correct = torch.einsum("dq,kdq->kq", dirs, coeffs[:, :, labels])
@@ -341,7 +382,7 @@ class Circuits(Family):
             _by_split(cols, name + "_logit_{}", part_correct @ s["split_weights"], s["splits"])
             _by_split(cols, name + "_margin_{}", margin @ s["split_weights"], s["splits"])
         nkf = ckpts.results["neurons"].shared["neuron_key_frac"]
-        cols.update(circuit_norms_sq(ckpts.params, p, ckpts.key, nkf))
+        cols.update(circuit_norms_sq(ckpts.params, ckpts.view, ckpts.key, nkf))
         for name in ("gen", "mem"):
             cols[f"{name}_efficiency"] = circuit_efficiency(cols[f"{name}_margin_train"], cols[f"{name}_norm_sq"])
         return Result(columns=cols)

@@ -8,6 +8,10 @@ key frequency when at least max(3, d_mlp // 100) neurons vote for it. The offici
 every argmax with no threshold, which lets one stray neuron add a frequency; the vote keeps the
 threshold the paper uses for its clusters. The embedding-norm rule (TransformerLens demo) is
 :func:`embed_key_frequencies`.
+
+Each function takes the task (or p for modular addition) and works in its Fourier view
+(:class:`circuits.tasks.FourierView`): for mul and div the grid of the discrete logarithms of
+a, b != 0, whose group Z_(p-1) has frequencies 1..(p-2)/2.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.fourier import _basis, fft1d, line_index, n_frequencies
+from circuits.tasks import TaskLike, as_view
 
 __all__ = [
     "neuron_frequency_fractions",
@@ -33,11 +38,12 @@ CLUSTER_THRESHOLD = 0.85
 
 
 def neuron_frequency_fractions(
-    acts: Float[Tensor, "*ckpt pp neuron"], p: int
+    acts: Float[Tensor, "*ckpt pp neuron"], task: TaskLike
 ) -> Float[Tensor, "*ckpt neuron freq"]:
     """Fraction of each neuron's centred variance in each frequency's 3x3 Fourier block.
 
-    ``acts`` are activations over the p^2 inputs in canonical order (a*p + b). The block of
+    ``acts`` are activations over the grid's inputs in canonical order (a*p + b), taken to the
+    task's Fourier view (an n x n grid; for add, n = p and the whole grid). The block of
     frequency k holds the 8 coefficients {Const, cos k, sin k}^2 minus (Const, Const). Its
     energy needs no 2D transform: by the product-to-sum identities, the four "same-frequency"
     coefficients carry (1/p)(|Y+^(k)|^2 + |Y-^(k)|^2) where Y+ and Y- are the sums of the
@@ -47,22 +53,28 @@ def neuron_frequency_fractions(
     O(p^3)-per-neuron 2D transform with O(p^2) work (tested against the full transform).
     :class:`NeuronFrequencySums` computes the same from row blocks of the grid.
     """
+    view = as_view(task)
     x = acts if acts.dtype in (torch.float32, torch.float64) else acts.float()
+    grid = view.n_elements * view.n_elements
+    if x.shape[-2] != grid:
+        raise ValueError(f"expected {grid} inputs (the grid of {view.n_elements} elements) on axis -2, "
+                         f"got {x.shape[-2]}")
+    x = view.take(x)
     *lead, pp, n = x.shape
-    if pp != p * p:
-        raise ValueError(f"expected p^2 = {p * p} inputs on axis -2, got {pp}")
     flat = x.reshape(-1, pp, n)
-    sums = NeuronFrequencySums(flat.shape[0], p, n, x.dtype, x.device)
+    sums = NeuronFrequencySums(flat.shape[0], view.n, n, x.dtype, x.device)
     sums.add(0, flat)
-    return sums.fractions().reshape(*lead, n, n_frequencies(p))
+    return sums.fractions().reshape(*lead, n, n_frequencies(view.n))
 
 
 class NeuronFrequencySums:
     """:func:`neuron_frequency_fractions` accumulated over row blocks of the (a, b) grid.
 
     ``add(a0, block)`` takes the activations of the pairs with a0 <= a < a0 + rows (canonical
-    order, ``[ckpt, rows * p, neuron]``), blocks in any order, each row once; ``fractions()``
-    then gives ``[ckpt, neuron, freq]``. The four line sums are additive over blocks. The
+    order of an n x n grid, ``[ckpt, rows * n, neuron]``), blocks in any order, each row once;
+    ``a0`` may instead be a tensor of the block's row indices (a Fourier view's rows, which a
+    block of the task's grid holds in any order). ``fractions()`` then gives
+    ``[ckpt, neuron, freq]``. The four line sums are additive over blocks. The
     centred energy is summed around the first block's mean and corrected to the grid mean at the
     end (exact algebra; the shift keeps float32 block sums free of cancellation).
     """
@@ -75,15 +87,20 @@ class NeuronFrequencySums:
         self._plus = line_index(p, 1, device)
         self._minus = line_index(p, -1, device)
 
-    def add(self, a0: int, block: Float[Tensor, "ckpt rows neuron"]) -> None:
-        """Accumulate the activations of rows a0 .. a0 + block.shape[1] // p - 1."""
+    def add(self, a0: int | Tensor, block: Float[Tensor, "ckpt rows neuron"]) -> None:
+        """Accumulate the activations of rows a0 .. a0 + block.shape[1] // n - 1 (or of the
+        rows listed in the tensor ``a0``)."""
         p = self.p
         c, rows, n = block.shape
         m = rows // p
         grid = block.reshape(c, m, p, n)
-        self.lines[:, 0, a0 : a0 + m] = grid.sum(dim=2)  # R[a]: row sums
+        if isinstance(a0, Tensor):
+            self.lines[:, 0, a0] = grid.sum(dim=2)
+            pairs: slice | Tensor = (a0[:, None] * p + torch.arange(p, device=a0.device)).reshape(-1)
+        else:
+            self.lines[:, 0, a0 : a0 + m] = grid.sum(dim=2)  # R[a]: row sums
+            pairs = slice(a0 * p, (a0 + m) * p)
         self.lines[:, 1] += grid.sum(dim=1)  # S[b]: column sums
-        pairs = slice(a0 * p, (a0 + m) * p)
         self.lines[:, 2].index_add_(1, self._plus[pairs], block)  # Y+[s]
         self.lines[:, 3].index_add_(1, self._minus[pairs], block)  # Y-[d]
         if self.shift is None:
@@ -97,8 +114,8 @@ class NeuronFrequencySums:
         p, lines = self.p, self.lines
         c, _, _, n = lines.shape
         basis = _basis(p, lines.dtype).to(lines.device)
-        coeffs = torch.matmul(basis[1:], lines)  # [c, 4, p - 1, n]: cos 1, sin 1, cos 2, ...
         k = n_frequencies(p)
+        coeffs = torch.matmul(basis[1 : 1 + 2 * k], lines)  # [c, 4, 2k, n]: cos 1, sin 1, cos 2, ...
         block = coeffs.pow(2).view(c, 4, k, 2, n).sum(dim=(1, 3)) / p  # [c, k, n]
         # The centred energy (Parseval: every coefficient but (Const, Const)), from the shifted
         # sum of squares: sum (x - s)^2 - p^2 (mean - s)^2 = sum (x - mean)^2.
@@ -136,22 +153,37 @@ def key_frequencies(
 
 
 def embed_fourier_norms(
-    W_E: Float[Tensor, "*ckpt d_vocab d_model"], p: int
-) -> Float[Tensor, "*ckpt p"]:
-    """Norm of each Fourier component of the embedding, '=' row dropped: ``‖(F @ W_E[:p])_i‖``."""
-    return fft1d(W_E[..., :p, :].transpose(-1, -2).to(torch.float64)).norm(dim=-2)
+    W_E: Float[Tensor, "*ckpt d_vocab d_model"], task: TaskLike
+) -> Float[Tensor, "*ckpt n"]:
+    """Norm of each Fourier component of the embedding over the task's view: for add,
+    ``‖(F @ W_E[:p])_i‖`` ('=' row dropped); for mul and div, the rows of the nonzero residues
+    in discrete-log order (the '=' and 0 rows dropped)."""
+    view = as_view(task)
+    rows = W_E[..., view.elements.to(W_E.device), :] if not view.identity else W_E[..., : view.n, :]
+    return fft1d(rows.transpose(-1, -2).to(torch.float64)).norm(dim=-2)
 
 
 def neuron_logit_fourier_norms(
-    W_out: Float[Tensor, "*ckpt d_mlp d_model"], W_U: Float[Tensor, "*ckpt d_model p"]
-) -> Float[Tensor, "*ckpt p"]:
-    """Fourier norms of the neuron-logit map W_L = W_out @ W_U along its output axis."""
+    W_out: Float[Tensor, "*ckpt d_mlp d_model"], W_U: Float[Tensor, "*ckpt d_model p"],
+    task: TaskLike | None = None,
+) -> Float[Tensor, "*ckpt n"]:
+    """Fourier norms of the neuron-logit map W_L = W_out @ W_U along its output axis (the
+    task's view of the classes; default every class, as for add)."""
     W_L = W_out.to(torch.float64) @ W_U.to(torch.float64)
+    if task is not None:
+        W_L = _classes(W_L, task)
     return fft1d(W_L).norm(dim=-2)
 
 
-def embed_key_frequencies(W_E: Float[Tensor, "d_vocab d_model"], p: int, ratio: float = 0.25) -> list[int]:
+def _classes(x: Tensor, task: TaskLike) -> Tensor:
+    """The last axis (classes) taken to the task's view."""
+    view = as_view(task)
+    return x if view.identity else x.index_select(-1, view.classes.to(x.device))
+
+
+def embed_key_frequencies(W_E: Float[Tensor, "d_vocab d_model"], task: TaskLike, ratio: float = 0.25) -> list[int]:
     """Embedding-norm rule: frequencies with a cos or sin component above ``ratio`` x the max."""
-    norms = embed_fourier_norms(W_E, p)[1:]
+    norms = embed_fourier_norms(W_E, task)
+    norms = norms[1 : 1 + 2 * n_frequencies(norms.shape[-1])]
     keep = torch.nonzero(norms > ratio * norms.max()).squeeze(1)
     return sorted({int(i) // 2 + 1 for i in keep})

@@ -28,13 +28,14 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from circuits.config import RunConfig
-    from circuits.tasks import Task
+    from circuits.tasks import FourierView, Task, ViewTable
 
 __all__ = [
     "Column",
     "ArraySpec",
     "Family",
     "Block",
+    "ViewBlock",
     "Checkpoints",
     "Result",
     "register",
@@ -96,6 +97,20 @@ class Checkpoints:
         """The task's number of elements (a modular task's p): the grid is p x p."""
         return self.task.n_elements
 
+    @cached_property
+    def view(self) -> FourierView:
+        """The task's Fourier view (:class:`circuits.tasks.FourierView`): the frame of every
+        ``fourier`` family (they are skipped for a task without one)."""
+        view = self.task.fourier_view()
+        if view is None:
+            raise ValueError(type(self.task).no_view_reason(self.task.config))
+        return view
+
+    @cached_property
+    def table(self) -> ViewTable:
+        """The task's labels, validity and split in the view's coordinates."""
+        return self.view.table(self.task)
+
     @property
     def n_ckpt(self) -> int:
         return next(iter(self.params.values())).shape[0]
@@ -114,14 +129,63 @@ class Block:
     last-position ``logits`` (float32, ``[ckpt, pairs, cls]``) and MLP activations ``post``
     (``[ckpt, pairs, d_mlp]``); ``x64`` is the logits in float64, made once for all families."""
 
-    def __init__(self, a0: int, a1: int, p: int, logits: Tensor | None, post: Tensor | None) -> None:
+    def __init__(self, a0: int, a1: int, p: int, logits: Tensor | None, post: Tensor | None,
+                 view: FourierView | None = None) -> None:
         self.a0, self.a1, self.logits, self.post = a0, a1, logits, post
         self.span = slice(a0 * p, a1 * p)
+        self._view = view
 
     @cached_property
     def x64(self) -> Tensor:
         assert self.logits is not None
         return self.logits.to(torch.float64)
+
+    @cached_property
+    def fourier(self) -> ViewBlock:
+        """The block in the task's Fourier view (what the ``fourier`` families read)."""
+        if self._view is None:
+            raise ValueError("this task has no Fourier view")
+        return ViewBlock(self, self._view)
+
+
+class ViewBlock:
+    """A :class:`Block` in the coordinates of the task's :class:`circuits.tasks.FourierView`:
+    ``rows`` (the view rows it holds: an int a0 for a view that is the whole grid, else a
+    tensor), ``span`` (their pairs' view indices), ``post``, ``logits`` and ``x64`` with the
+    pairs (and classes) in view order. For add and sub these are the block's own tensors."""
+
+    def __init__(self, block: Block, view: FourierView) -> None:
+        self._block, self.view = block, view
+        if view.identity:
+            self.rows: int | Tensor = block.a0
+            self.span: slice | Tensor = block.span
+        else:
+            pos = view.element_position[block.a0 : block.a1]
+            self._keep = torch.nonzero(pos >= 0).squeeze(1)
+            self.rows = pos[self._keep]
+            self.span = (self.rows[:, None] * view.n + torch.arange(view.n)).reshape(-1)
+
+    def _take(self, x: Tensor, classes: bool) -> Tensor:
+        v, b = self.view, self._block
+        grid = x.reshape(x.shape[0], b.a1 - b.a0, v.n_elements, x.shape[-1])
+        out = grid[:, self._keep][:, :, v.elements].reshape(x.shape[0], -1, x.shape[-1])
+        return out.index_select(-1, v.classes) if classes else out
+
+    @property
+    def post(self) -> Tensor:
+        post = self._block.post
+        assert post is not None
+        return post if self.view.identity else self._take(post, False)
+
+    @cached_property
+    def logits(self) -> Tensor:
+        logits = self._block.logits
+        assert logits is not None
+        return logits if self.view.identity else self._take(logits, True)
+
+    @cached_property
+    def x64(self) -> Tensor:
+        return self._block.x64 if self.view.identity else self.logits.to(torch.float64)
 
 
 class Family:
@@ -230,15 +294,15 @@ def select(names: Iterable[str] | None = None) -> list[Family]:
 def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family], dict[str, str]]:
     """``(families to compute, {skipped family: reason})``: a family that does not apply is
     skipped, and so is any family that uses a skipped one."""
-    from circuits.tasks import task_class
+    from circuits.tasks import fourier_view, task_class
 
     keep: list[Family] = []
     skipped: dict[str, str] = {}
-    fourier = task_class(config.task).has_fourier
+    fourier = fourier_view(config.task) is not None
     for f in chosen:
         reason = f.applies(config)
         if reason is None and f.fourier and not fourier:
-            reason = f"the {config.task.op} task has no Fourier basis to read it in"
+            reason = task_class(config.task).no_view_reason(config.task)
         if reason is None and f.one_layer and config.model.n_layers != 1:
             reason = (f"it reads a one-layer transformer (the grid forward, blocks.0); this model has "
                       f"n_layers = {config.model.n_layers}")
@@ -270,8 +334,9 @@ def compute(
         by_post = [f for f in chosen if "post" in f.needs]
         by_logits = [f for f in chosen if f.needs and "post" not in f.needs]
         if by_post or by_logits:
+            view = ckpts.task.fourier_view()
             for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.task, ckpts.act_fn, ckpts.block_rows):
-                block = Block(a0, a1, ckpts.p, logits, post)
+                block = Block(a0, a1, ckpts.p, logits, post, view)
                 del logits, post
                 for f in by_post:
                     f.add(states[f.name], ckpts, block)
@@ -322,14 +387,19 @@ def measure(
 
 def detect_key_frequencies(params: Mapping[str, Tensor], config: RunConfig) -> list[int]:
     """Key frequencies of the last checkpoint of a stack, by the neurons' vote
-    (:func:`circuits.measures.frequencies.key_frequencies`)."""
+    (:func:`circuits.measures.frequencies.key_frequencies`) in the task's Fourier view; none
+    for a task without one."""
     from circuits.grid import grid_forward
     from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
+    from circuits.tasks import fourier_view
 
+    view = fourier_view(config.task)
+    if view is None:
+        return []
     last = {k: v[-1:] for k, v in params.items()}
     with torch.no_grad():
         _, post = grid_forward(last, config.task, config.model.act_fn)
-    return key_frequencies(neuron_frequency_fractions(post[0], config.task.n_elements))
+    return key_frequencies(neuron_frequency_fractions(post[0], view))
 
 
 def column_docs(chosen: Sequence[Family] | None = None) -> dict[str, dict[str, str]]:

@@ -8,17 +8,24 @@ properties in :class:`circuits.config.TaskConfig`, and (where it has one) its Fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 from torch import Tensor
 
 from circuits.config import TaskConfig
 from circuits.errors import RunFolderError
-from circuits.tasks.base import SplitError, Task, make_split, split_problem
-from circuits.tasks.modular import OPERATIONS, ModularTask, make_grid
+from circuits.tasks.base import FourierView, SplitError, Task, ViewTable, make_split, split_problem
+from circuits.tasks.modular import OPERATIONS, ModularTask, make_grid, primitive_root
 
 __all__ = [
     "Task",
     "ModularTask",
+    "FourierView",
+    "ViewTable",
+    "fourier_view",
+    "as_view",
+    "TaskLike",
+    "primitive_root",
     "make_task",
     "make_grid",
     "make_split",
@@ -32,8 +39,36 @@ __all__ = [
 
 def task_class(config: TaskConfig) -> type[Task]:
     """The :class:`Task` subclass that :func:`make_task` builds for ``config`` (its class
-    attributes, such as ``has_fourier``, are known before the table is built)."""
+    attributes and class methods, such as :meth:`Task.view_of`, are known before the table is
+    built)."""
     return ModularTask
+
+
+TaskLike = Union[int, Task, TaskConfig, FourierView]
+"""What a measure function takes for its task: a :class:`Task`, its config, its
+:class:`FourierView`, or for modular addition its p (``p=`` kept from 0.1)."""
+
+
+def as_view(task: TaskLike) -> FourierView:
+    """The Fourier view the measure functions read for ``task``; a ValueError naming the
+    reason when the task has none."""
+    if isinstance(task, FourierView):
+        return task
+    if isinstance(task, bool) or not isinstance(task, (int, Task, TaskConfig)):
+        raise TypeError(f"expected a task, its config, its FourierView or p, got {type(task).__name__}")
+    if isinstance(task, int):
+        return FourierView.cyclic(task)
+    config = task.config if isinstance(task, Task) else task
+    view = fourier_view(config)
+    if view is None:
+        raise ValueError(f"no Fourier measure applies: {task_class(config).no_view_reason(config)}")
+    return view
+
+
+def fourier_view(config: TaskConfig) -> FourierView | None:
+    """The Fourier view of the task ``config`` describes (None: the Fourier measures do not
+    apply, :meth:`Task.no_view_reason` says why)."""
+    return task_class(config).view_of(config)
 
 
 def make_task(

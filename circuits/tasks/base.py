@@ -5,16 +5,24 @@ layout (elements, tokens, the '=' token, classes, sequence length) is derived fr
 (:class:`circuits.config.TaskConfig`: ``n_elements``, ``n_tokens``, ``eq_token``, ``n_classes``,
 ``n_ctx``); a :class:`Task` adds the full table: the inputs, the answers, which pairs are valid,
 and the split. Pairs are indexed on the canonical grid ``a * n_elements + b`` (a slowest), as in
-Nanda et al. (2023), so a vector over pairs reshapes to an (a, b) image. Where the task has one,
-``fourier_basis()`` and ``answer_directions(freqs)`` give its Fourier (character) basis and the
-directions that carry the answer; a task without them returns None and the Fourier measures
-are skipped for it, with the reason. Nothing else uses ``p`` as a stand-in for these.
+Nanda et al. (2023), so a vector over pairs reshapes to an (a, b) image.
+
+Where the answer is a sum or difference in a cyclic group, the task has a :class:`FourierView`:
+the group's order n, which element and which class sit at each group position, and the sign.
+Addition over Z_p is the whole grid (n = p, positions = residues, a + b); subtraction reads
+a - b; multiplication and division read the discrete logarithm (the multiplicative group of Z_p
+is cyclic of order p - 1: a = g^i, b = g^j, ab = g^(i+j), a/b = g^(i-j)), on the pairs with
+a, b != 0 and the classes 1..p-1. The Fourier measures (key frequencies, restricted and
+excluded loss, Gini, the circuit split) work in the view: its characters are the task's
+Fourier basis, its sum or difference directions carry the answer. A task with no view (the
+polynomial operations) gets none of them, and the reason is recorded. Nothing else uses ``p``
+as a stand-in for these.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -22,7 +30,136 @@ from torch import Tensor
 
 from circuits.config import ConfigError, TaskConfig
 
-__all__ = ["Task", "SplitError", "make_split", "split_problem"]
+__all__ = ["Task", "FourierView", "ViewTable", "SplitError", "make_split", "split_problem"]
+
+
+@dataclass(frozen=True, eq=False)
+class FourierView:
+    """Where a task's answer is ``i + sign * j`` in a cyclic group Z_n (the Fourier measures' frame).
+
+    Attributes:
+        n: the group's order.
+        sign: 1 when the answer sits at position i + j, -1 at i - j.
+        elements: ``[n]`` the element (input token) at each group position.
+        classes: ``[n]`` the answer class at each group position.
+        n_elements, n_classes: the task's (the full grid is n_elements x n_elements).
+        reason: what the view reads, in words (for docs and summaries).
+    """
+
+    n: int
+    sign: int
+    elements: Int[Tensor, " n"]
+    classes: Int[Tensor, " n"]
+    n_elements: int
+    n_classes: int
+    reason: str = field(default="")
+
+    @classmethod
+    def cyclic(cls, p: int, sign: int = 1) -> FourierView:
+        """The whole p x p grid as Z_p: addition (``sign=1``) or subtraction (``sign=-1``)."""
+        ar = torch.arange(p)
+        what = "a + b" if sign == 1 else "a - b"
+        return cls(p, sign, ar, ar, p, p, f"characters of Z_{p} in {what}")
+
+    def own(self) -> FourierView:
+        """The same group as a whole grid of its own (for values already in view coordinates)."""
+        return self if self.identity else FourierView.cyclic(self.n, self.sign)
+
+    @cached_property
+    def identity(self) -> bool:
+        """The view is the whole grid in its own order (no pair or class is left out)."""
+        ar = torch.arange(self.n)
+        return (self.n == self.n_elements == self.n_classes and torch.equal(self.elements, ar)
+                and torch.equal(self.classes, ar))
+
+    @cached_property
+    def pairs(self) -> Int[Tensor, " nn"]:
+        """Canonical grid index of view pair (i, j), in view order i * n + j."""
+        return (self.elements[:, None] * self.n_elements + self.elements[None, :]).reshape(-1)
+
+    @cached_property
+    def element_position(self) -> Int[Tensor, " n_elements"]:
+        """Each element's group position, -1 for an element outside the view (0 for mul, div)."""
+        pos = torch.full((self.n_elements,), -1, dtype=torch.long)
+        pos[self.elements] = torch.arange(self.n)
+        return pos
+
+    @cached_property
+    def class_position(self) -> Int[Tensor, " n_classes"]:
+        """Each class's group position, -1 for a class outside the view."""
+        pos = torch.full((self.n_classes,), -1, dtype=torch.long)
+        pos[self.classes] = torch.arange(self.n)
+        return pos
+
+    def take(self, x: Tensor, classes: bool = False) -> Tensor:
+        """``x [..., pairs, last]`` over the canonical grid, its pairs (axis -2) taken to the
+        view's in view order; with ``classes``, its last axis (logits) to the view's classes."""
+        if self.identity:
+            return x
+        out = x.index_select(-2, self.pairs.to(x.device))
+        return out.index_select(-1, self.classes.to(x.device)) if classes else out
+
+    def labels(self, labels: Int[Tensor, " pairs"]) -> Int[Tensor, " nn"]:
+        """The answers of the view's pairs as group positions of their classes."""
+        if self.identity:
+            return labels
+        pos = self.class_position[labels[self.pairs]]
+        if bool((pos < 0).any()):
+            raise ValueError("an answer of a pair in the Fourier view is outside the view's classes")
+        return pos
+
+    def index(self, idx: Int[Tensor, " k"]) -> Int[Tensor, " m"]:
+        """Canonical pair indices ``idx`` as view indices, those outside the view dropped."""
+        if self.identity:
+            return idx
+        pos = torch.full((self.n_elements * self.n_elements,), -1, dtype=torch.long)
+        pos[self.pairs] = torch.arange(self.n * self.n)
+        out = pos[idx]
+        return out[out >= 0]
+
+    def table(self, task: Task) -> ViewTable:
+        """The task's labels, validity and split in view coordinates."""
+        if self.identity:
+            return ViewTable(task.labels, task.valid, task.train_idx, task.test_idx)
+        return ViewTable(self.labels(task.labels), task.valid[self.pairs],
+                         self.index(task.train_idx), self.index(task.test_idx))
+
+    def basis(self) -> Float[Tensor, "n n_elements"]:
+        """The characters of Z_n over the task's elements (rows Const, cos 1, sin 1, ...;
+        columns of elements outside the view are 0), orthonormal."""
+        from circuits.fourier import fourier_basis
+
+        out = torch.zeros(self.n, self.n_elements, dtype=torch.float64)
+        out[:, self.elements] = fourier_basis(self.n, torch.float64)
+        return out
+
+    def class_basis(self) -> Float[Tensor, "n n_classes"]:
+        """The characters of Z_n over the task's answer classes (as :meth:`basis`)."""
+        from circuits.fourier import fourier_basis
+
+        out = torch.zeros(self.n, self.n_classes, dtype=torch.float64)
+        out[:, self.classes] = fourier_basis(self.n, torch.float64)
+        return out
+
+    def directions(self, freqs: list[int]) -> Float[Tensor, "dirs pairs"]:
+        """The answer directions cos/sin(w_k (i + sign j)) over the canonical grid (0 on pairs
+        outside the view), orthonormal."""
+        from circuits.fourier import sum_directions
+
+        dirs = sum_directions(self.n, freqs, torch.float64, self.sign)
+        out = torch.zeros(len(dirs), self.n_elements * self.n_elements, dtype=torch.float64)
+        out[:, self.pairs] = dirs
+        return out
+
+
+@dataclass(frozen=True)
+class ViewTable:
+    """A task's labels, validity and split in the coordinates of its :class:`FourierView`."""
+
+    labels: Int[Tensor, " pairs"]
+    valid: Bool[Tensor, " pairs"]
+    train_idx: Int[Tensor, " train"]
+    test_idx: Int[Tensor, " test"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +173,6 @@ class Task:
         valid: ``[pairs]`` bool, False where the operation is undefined (b = 0 for division).
         train_idx, test_idx: canonical indices (``a * n_elements + b``) of the two splits.
     """
-
-    has_fourier: ClassVar[bool] = False
-    """Whether the task has a Fourier basis and answer directions (the Fourier measures apply)."""
 
     config: TaskConfig
     tokens: Int[Tensor, "pair 3"]
@@ -86,15 +220,38 @@ class Task:
         """Canonical index of the pairs (a, b): ``a * n_elements + b``."""
         return a * self.n_elements + b
 
-    def fourier_basis(self) -> Float[Tensor, "n n"] | None:
-        """The orthonormal Fourier (character) basis of the elements, or None when the task has
-        none (the Fourier measures are then skipped)."""
+    @classmethod
+    def view_of(cls, config: TaskConfig) -> FourierView | None:
+        """The :class:`FourierView` of the task ``config`` describes (known before the table
+        is built), or None."""
         return None
+
+    @classmethod
+    def no_view_reason(cls, config: TaskConfig) -> str:
+        """Why the task ``config`` describes has no Fourier view (for summaries and the CLI)."""
+        return f"the {cls.__name__} task has no Fourier basis the measures know"
+
+    def fourier_view(self) -> FourierView | None:
+        """The task's :class:`FourierView`, or None when it has none (the Fourier measures are
+        then skipped, with :meth:`no_view_reason`)."""
+        return type(self).view_of(self.config)
+
+    @property
+    def has_fourier(self) -> bool:
+        """Whether the Fourier measures apply (the task has a :class:`FourierView`)."""
+        return self.fourier_view() is not None
+
+    def fourier_basis(self) -> Float[Tensor, "n n_elements"] | None:
+        """The orthonormal Fourier (character) basis over the elements (:meth:`FourierView.basis`),
+        or None when the task has none."""
+        view = self.fourier_view()
+        return None if view is None else view.basis()
 
     def answer_directions(self, freqs: list[int]) -> Float[Tensor, "dirs pair"] | None:
         """Orthonormal directions over the grid that carry the answer at frequencies ``freqs``
-        (the restricted and excluded losses' directions), or None."""
-        return None
+        (the restricted and excluded losses' directions, :meth:`FourierView.directions`), or None."""
+        view = self.fourier_view()
+        return None if view is None else view.directions(freqs)
 
     def is_train(self) -> Bool[Tensor, " pair"]:
         """Boolean mask over the canonical grid: True on training pairs."""

@@ -2,23 +2,26 @@
 
 p elements (the residues), p + 1 input tokens (the residues and '=', token p), p output
 classes, inputs ``[a, b, =]`` on the canonical grid a * p + b. Operations that exclude some
-pairs (division by 0) mark them invalid. Z_p has the real Fourier basis (:mod:`circuits.fourier`);
-for addition the answer is carried by the sum directions cos/sin(w_k (a + b)) (Nanda et al.
-2023, §4), which the restricted and excluded losses and the circuit split read.
+pairs (division by 0) mark them invalid. The Fourier view of each operation
+(:class:`circuits.tasks.base.FourierView`; science.md, "Which directions, which measures"):
+add reads the characters of Z_p in a + b (Nanda et al. 2023, §4), sub in a - b, mul and div
+the characters of the discrete logarithm (base the least primitive root g) in log a + log b
+and log a - log b, on the pairs with a, b != 0 and the classes 1..p-1; mix1 and the
+polynomial operations have no view.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from circuits.config import TaskConfig
-from circuits.tasks.base import Task
+from circuits.tasks.base import FourierView, Task
 
-__all__ = ["OPERATIONS", "ModularTask", "make_grid"]
+__all__ = ["OPERATIONS", "ModularTask", "make_grid", "primitive_root", "modular_view"]
 
 
 def _inverse(b: Tensor, p: int) -> Tensor:
@@ -51,23 +54,52 @@ OPERATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
 }
 
 
+def primitive_root(p: int) -> int:
+    """The least generator g of the multiplicative group of Z_p (p prime): g^((p-1)/q) != 1
+    for every prime q dividing p - 1."""
+    n, factors, q = p - 1, set(), 2
+    while q * q <= n:
+        while n % q == 0:
+            factors.add(q)
+            n //= q
+        q += 1
+    if n > 1:
+        factors.add(n)
+    for g in range(2, p):
+        if all(pow(g, (p - 1) // q, p) != 1 for q in factors):
+            return g
+    if p == 2:
+        return 1
+    raise ValueError(f"{p} has no primitive root: not a prime")
+
+
+@lru_cache(maxsize=32)
+def modular_view(op: str, p: int) -> FourierView | None:
+    """The Fourier view of operation ``op`` over Z_p, or None (mix1, the polynomials)."""
+    if op in ("add", "sub"):
+        return FourierView.cyclic(p, 1 if op == "add" else -1)
+    if op in ("mul", "div"):
+        g = primitive_root(p)
+        powers = torch.tensor([pow(g, i, p) for i in range(p - 1)])
+        what = "log a + log b" if op == "mul" else "log a - log b"
+        return FourierView(p - 1, 1 if op == "mul" else -1, powers, powers, p, p,
+                           f"characters of the discrete logarithm (base {g}) in {what}, on a, b != 0")
+    return None
+
+
 class ModularTask(Task):
     """A binary operation over Z_p (``TaskConfig.op``) on the full (a, b) grid, with its split."""
 
-    has_fourier = True
+    @classmethod
+    def view_of(cls, config: TaskConfig) -> FourierView | None:
+        """The operation's view (:func:`modular_view`): Z_p for add and sub, the discrete
+        logarithm's Z_(p-1) for mul and div, None for the rest."""
+        return modular_view(config.op, config.p)
 
-    def fourier_basis(self) -> Float[Tensor, "n n"]:
-        """The real Fourier basis of Z_p, rows Const, cos 1, sin 1, ... (:func:`circuits.fourier.fourier_basis`)."""
-        from circuits.fourier import fourier_basis
-
-        return fourier_basis(self.n_elements, torch.float64)
-
-    def answer_directions(self, freqs: list[int]) -> Float[Tensor, "dirs pair"]:
-        """The sum directions cos/sin(w_k (a + b)) of ``freqs`` over the grid, orthonormal: the
-        directions the restricted and excluded losses keep and remove (Nanda et al. 2023, §5.1)."""
-        from circuits.fourier import sum_directions
-
-        return sum_directions(self.n_elements, freqs, torch.float64)
+    @classmethod
+    def no_view_reason(cls, config: TaskConfig) -> str:
+        return (f"op {config.op} has no Fourier basis the measures know (add, sub, mul and div "
+                "have one)")
 
 
 def make_grid(config: TaskConfig) -> tuple[Tensor, Tensor, Tensor]:
