@@ -26,6 +26,7 @@ import numpy as np
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.measures.phases import crossing
+from circuits.tasks import fourier_view, task_class
 from circuits.experiments.sweep import (
     ExperimentResult,
     Member,
@@ -87,6 +88,9 @@ def reference_circuits(
     _check_size(base, mem_size, "memorisation")
     if not 0.0 < gen_frac <= 1.0:
         raise ProtocolError(f"gen_frac must lie in (0, 1], got {gen_frac}")
+    view = fourier_view(base.task)
+    if view is None:
+        raise ProtocolError(f"the reference circuits compare Fourier shares: {task_class(base.task).no_view_reason(base.task)}")
     members = []
     for s in _seeds(seeds):
         members.append(Member(f"mem-s{s}", _seeded(base, s, random_labels=True, train_size=mem_size),
@@ -95,7 +99,9 @@ def reference_circuits(
         members.append(Member(f"gen-s{s}", gen, (("kind", "gen"), ("seed", s), ("dataset_size", gen.task.n_train))))
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
-    chance = 1.0 / math.sqrt(base.task.p + 1)
+    # Logits with no structure put 1/sqrt(n + 1) of their norm in the all-frequency span of
+    # the task's view (n = p for add and sub, p - 1 for mul and div) by chance.
+    chance = 1.0 / math.sqrt(view.n + 1)
     mem, gen = table[table.kind == "mem"], table[table.kind == "gen"]
     summary = {
         "p": base.task.p,
