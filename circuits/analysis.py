@@ -183,13 +183,25 @@ def _key_set(run: Run, epoch: int) -> list[int]:
 
 def _measure_chunk(
     run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None,
-    chosen: Sequence[Family] | None = None,
+    chosen: Sequence[Family] | None = None, init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Columns and arrays of the chosen families (default: every one that applies) for a stack
-    of checkpoints: :func:`circuits.measures.registry.compute` in row blocks of the grid."""
+    of checkpoints: :func:`circuits.measures.registry.compute` in row blocks of the grid.
+    ``init``: the run's epoch-0 weights stacked (:func:`_init_weights`)."""
     if chosen is None:
         chosen, _ = applicable(select(), run.config)
-    return compute(Checkpoints(params, run.task, run.config, key), chosen, block_rows)
+    return compute(Checkpoints(params, run.task, run.config, key, init), chosen, block_rows)
+
+
+def _init_weights(run: Run) -> dict[str, torch.Tensor] | None:
+    """The run's initialisation (checkpoint 0) as a stack of one, or None when it has none (an
+    imported run may start later)."""
+    if not run.epochs or run.epochs[0] != 0:
+        return None
+    try:
+        return stack_state_dicts([run.state_dict(0)])
+    except CheckpointError:  # named where the checkpoint itself is measured
+        return None
 
 
 def analyze(
@@ -350,6 +362,7 @@ def _analyze(
     new_arrays: list[dict[str, torch.Tensor]] = []
     new_epochs: list[int] = []
     total = len(todo)
+    init = _init_weights(run) if todo else None
     for start in range(0, total, batch_size):
         chunk = todo[start : start + batch_size]
         sds, good = [], []
@@ -360,7 +373,7 @@ def _analyze(
             except CheckpointError as err:
                 damaged[e] = str(err)
         if sds:
-            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed)
+            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed, init=init)
             new_cols.append(cols)
             new_arrays.append(arrs)
             new_epochs += good

@@ -184,13 +184,34 @@ def _capacity(**kw: Any) -> None:
 
 
 @_command("zones", "Huang et al.'s zone map over model width x training-set size: progression, "
-          "ungrokking, grokking, semi-grokking.", [_WIDTHS, _SIZES, _SEEDS])
+          "comprehension, ungrokking, grokking, semi-grokking; and Liu et al.'s phases.",
+          [_WIDTHS, _SIZES, _SEEDS,
+           _option("capacity", Optional[Path], None, "capacity.json of `circuits experiment capacity`: the "
+                   "widths' memorisation capacity, which tells progression (D above it) from comprehension.")])
 def _zones(**kw: Any) -> None:
     from circuits.experiments import zones
 
     params = {"seeds": kw.pop("seeds"), "widths": _ints("widths", kw.pop("widths")),
-              "sizes": _ints("sizes", kw.pop("sizes"))}
-    _launch("zones", zones, kw, params)
+              "sizes": _ints("sizes", kw.pop("sizes")), "capacity": _capacity_file(kw.pop("capacity"))}
+    # The capacity only classifies: the same runs (and folder) serve with and without it.
+    _launch("zones", zones, kw, params, unhashed=("capacity",))
+
+
+def _capacity_file(path: Path | None) -> dict[int, float] | None:
+    """The ``capacity_by_width`` of a capacity protocol's summary, checked (UserError otherwise)."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+        caps = {int(k): float(v) for k, v in data["capacity_by_width"].items()}
+    except FileNotFoundError:
+        raise UserError(f"--capacity {path}: no such file; run `circuits experiment capacity` first") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"--capacity {path} is not a capacity.json written by `circuits experiment capacity` "
+                        "(it needs a capacity_by_width object of width: pairs)") from None
+    return caps
 
 
 def _grid(specs: list[str]) -> dict[str, list[Any]]:

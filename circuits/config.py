@@ -67,6 +67,10 @@ def _check_float(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
+#: Fields added after 0.1.0 and their defaults: left out of the config hash at the default.
+ADDED_FIELDS: dict[tuple[str, str], Any] = {("task", "label_noise"): 0.0}
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """A binary operation table over Z_p with a seeded train/test split (Power et al. 2022)."""
@@ -88,6 +92,9 @@ class TaskConfig:
     (the training set of the same task with train_size = pool_size): ungrokking's subsets."""
     subset_seed: int = 0
     """Seed of the draw of the training pairs from the pool (used with pool_size)."""
+    label_noise: float = 0.0
+    """Fraction of the training pairs given a seeded uniform wrong label (test pairs stay
+    clean; Doshi et al. 2023): round(label_noise * n_train) pairs, saved in the split file."""
 
     def __post_init__(self) -> None:
         _check_int("p", self.p)
@@ -112,6 +119,11 @@ class TaskConfig:
         if not isinstance(self.random_labels, bool):
             raise ConfigError(f"random_labels must be true or false, got {self.random_labels!r}")
         _check_int("subset_seed", self.subset_seed, 0)
+        _check_float("label_noise", self.label_noise)
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ConfigError(f"label_noise must lie in [0, 1), got {self.label_noise}")
+        if self.label_noise and self.random_labels:
+            raise ConfigError("label_noise corrupts a real table; with random_labels every label is noise already")
         if self.pool_size is not None:
             _check_int("pool_size", self.pool_size, 1)
             if self.pool_size > self.n_pairs:
@@ -164,6 +176,11 @@ class TaskConfig:
             return self.train_size
         assert self.frac is not None
         return max(1, int(self.n_pairs * self.frac))
+
+    @property
+    def n_noisy(self) -> int:
+        """Training pairs with a corrupted label: round(label_noise * n_train)."""
+        return round(self.label_noise * self.n_train)
 
 
 @dataclass(frozen=True)
@@ -340,6 +357,11 @@ class RunConfig:
         """
         d = self.to_dict()
         d.pop("preset")
+        # Fields added after 0.1.0 count only when set: a config that leaves them at their
+        # default keeps its hash, so its default run folder keeps its name (design.md).
+        for (group, name), default in ADDED_FIELDS.items():
+            if d[group][name] == default:
+                d[group].pop(name)
         if d["train"]["init_sha256"] is not None:
             d["train"].pop("init_from")
         return d

@@ -61,11 +61,9 @@ class Run:
     @cached_property
     def task(self) -> Task:
         """The task with the split saved in the run (never re-derived)."""
-        from circuits.store import SPLIT_FILE
-        from circuits.tasks import task_from_saved_split
+        from circuits.tasks import saved_task
 
-        train_idx, test_idx = self.store.read_split()
-        return task_from_saved_split(self.config.task, train_idx, test_idx, self.path / SPLIT_FILE)
+        return saved_task(self.config.task, self.store)
 
     @property
     def epochs(self) -> list[int]:
@@ -176,12 +174,10 @@ class Run:
 
     def check_split(self) -> str | None:
         """What is wrong with the split file against the config, or None (``circuits info``)."""
-        from circuits.store import SPLIT_FILE
-        from circuits.tasks import task_from_saved_split
+        from circuits.tasks import saved_task
 
         try:
-            train_idx, test_idx = self.store.read_split()
-            task_from_saved_split(self.config.task, train_idx, test_idx, self.path / SPLIT_FILE)
+            saved_task(self.config.task, self.store)
         except RunFolderError as e:
             return str(e)
         return None

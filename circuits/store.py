@@ -356,19 +356,35 @@ class RunStore:
         """The library versions recorded when the run was created."""
         return json.loads((self.root / CONFIG_FILE).read_text()).get("versions", {})
 
-    def write_split(self, train_idx: Tensor, test_idx: Tensor) -> None:
-        """Save the exact train/test canonical indices."""
+    def write_split(self, train_idx: Tensor, test_idx: Tensor, noisy_idx: Tensor | None = None) -> None:
+        """Save the exact train/test canonical indices, and the training pairs whose label was
+        corrupted (``label_noise``) as ``noisy`` when there are any."""
         i64 = _torch().int64
-        data = st_save({"train": train_idx.to(i64), "test": test_idx.to(i64)})
-        atomic_write_bytes(self.root / SPLIT_FILE, data)
+        tensors = {"train": train_idx.to(i64), "test": test_idx.to(i64)}
+        if noisy_idx is not None and len(noisy_idx):
+            tensors["noisy"] = noisy_idx.to(i64)
+        atomic_write_bytes(self.root / SPLIT_FILE, st_save(tensors))
+
+    @property
+    def split_path(self) -> Path:
+        """The run's split file."""
+        return self.root / SPLIT_FILE
+
+    def _split_tensors(self) -> dict[str, Tensor]:
+        path = self.split_path
+        tensors = read_safetensors(path, kind="split file")
+        if set(tensors) not in ({"train", "test"}, {"train", "test", "noisy"}):
+            raise RunFolderError(f"{path} is damaged: expected tensors 'train' and 'test' (and 'noisy')")
+        return tensors
 
     def read_split(self) -> tuple[Tensor, Tensor]:
         """The saved ``(train_idx, test_idx)``."""
-        path = self.root / SPLIT_FILE
-        tensors = read_safetensors(path, kind="split file")
-        if set(tensors) != {"train", "test"}:
-            raise RunFolderError(f"{path} is damaged: expected tensors 'train' and 'test'")
+        tensors = self._split_tensors()
         return tensors["train"], tensors["test"]
+
+    def read_noisy(self) -> Tensor | None:
+        """The saved corrupted-label training pairs, or None (a run without label noise)."""
+        return self._split_tensors().get("noisy")
 
     # ---- checkpoints -------------------------------------------------------------------
     def read_manifest(self) -> dict[str, dict[str, Any]]:

@@ -47,14 +47,13 @@ from circuits.resume import check_resume
 from circuits.store import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
-    SPLIT_FILE,
     RunFolderError,
     RunStore,
     file_sha256,
     read_safetensors,
     removed_if_not_started,
 )
-from circuits.tasks import Task, make_task, task_from_saved_split
+from circuits.tasks import Task, make_task, saved_task
 
 __all__ = ["StepInfo", "TrainingInterrupted", "RunExistsError", "train_run", "train_stack", "evaluate",
            "loss_fn", "split_metrics", "last_position_logits", "lr_at", "initial_model", "with_init_digest",
@@ -172,11 +171,10 @@ def prepare_store(config: RunConfig, store: RunStore) -> Task:
                 f"{store.root} holds a run with a different config ({diff}); "
                 "use another --out, or --force to overwrite it"
             )
-        train_idx, test_idx = store.read_split()
-        return task_from_saved_split(config.task, train_idx, test_idx, store.root / SPLIT_FILE)
+        return saved_task(config.task, store)
     store.root.mkdir(parents=True, exist_ok=True)
     task = make_task(config.task)
-    store.write_split(task.train_idx, task.test_idx)
+    store.write_split(task.train_idx, task.test_idx, task.noisy_idx)
     # The config is written last: a folder with config.json is a run with a split.
     store.write_config(config)
     return task
@@ -265,8 +263,7 @@ def finished_model(config: RunConfig, store: RunStore) -> Transformer | None:
     resume = store.read_resume()
     if resume is None or resume[1].get("epoch") != config.train.epochs:
         return None
-    train_idx, test_idx = store.read_split()
-    task_from_saved_split(config.task, train_idx, test_idx, store.root / SPLIT_FILE)
+    saved_task(config.task, store)
     model = make_model(config)
     tensors, meta = resume
     check_resume(store, config, model, tensors, meta)

@@ -62,6 +62,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> circuits.Run:
     return circuits.train(preset("quick"), out=tmp_path_factory.mktemp("runs") / "quick")
 
 
+@pytest.fixture(scope="session")
+def quick_analysis(quick_run: circuits.Run, tmp_path_factory: pytest.TempPathFactory) -> circuits.Analysis:
+    """The quick run analysed once, for the science tests that read its curves."""
+    return circuits.analyze(quick_run, out=tmp_path_factory.mktemp("analyses") / "quick")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``circuits ARGS`` in a subprocess, as a user would."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

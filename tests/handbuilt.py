@@ -27,12 +27,12 @@ def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.
     model = make_model(cfg)
     x = torch.arange(p, dtype=torch.float64)
     mask = torch.ones(p, dtype=torch.float64)
-    n = p
+    order = p
     if op == "mul":
         from circuits.tasks import fourier_view
 
         view = fourier_view(cfg.task)
-        n = view.n
+        order = view.n
         x = view.element_position.to(torch.float64)  # log x; the 0 token is masked out below
         mask[0] = 0.0
     with torch.no_grad():
@@ -42,7 +42,7 @@ def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.
         W_in = torch.zeros(d_model, d_mlp, dtype=torch.float64)
         W_out = torch.zeros(d_mlp, d_model, dtype=torch.float64)
         for i, k in enumerate(freqs):
-            w = 2 * math.pi * k / n
+            w = 2 * math.pi * k / order
             W_E[:p, 2*i] = torch.cos(w * x) * mask; W_E[:p, 2*i+1] = torch.sin(w * x) * mask
             o = 2 * S + 2 * i
             W_U[o] = torch.cos(w * x) * mask; W_U[o+1] = torch.sin(w * x) * mask

@@ -101,11 +101,6 @@ def test_cli_analyze(tiny_run: circuits.Run, tmp_path: Path) -> None:
 # ---- science on the real quick run --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def quick_analysis(quick_run: circuits.Run, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    return analyze(quick_run, out=tmp_path_factory.mktemp("analyses") / "quick")
-
-
 def _first(m, col: str, below: float) -> int:  # noqa: ANN001
     return int(m.epoch[m[col] < below].iloc[0])
 

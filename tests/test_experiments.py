@@ -6,6 +6,7 @@ the memorising norm growing with D, ungrokking below D_crit, capacity growing wi
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 
@@ -248,6 +249,48 @@ def test_zone_rule_on_written_curves() -> None:
     assert ev["fit_epoch"] == 100 and ev["rise_epoch"] == 2500 and ev["plateau_test_acc"] == 1.0
 
 
+def test_zone_rule_tells_progression_from_comprehension_by_the_measured_capacity() -> None:
+    # Issue 20, item 4: a fast generaliser is Huang et al.'s progression only when the data
+    # exceed what the width can memorise; within capacity it is Liu et al.'s comprehension.
+    n = 40
+    together = _curves([min(1.0, 0.05 * i) for i in range(n)], [min(1.0, 0.05 * i) for i in range(n)])
+    assert classify_zone(together, dataset_size=300, capacity=200.0) == "progression"
+    assert classify_zone(together, dataset_size=300, capacity=500.0) == "comprehension"
+    assert classify_zone(together, dataset_size=300, capacity=300.0) == "comprehension"  # D <= D_mem
+    assert classify_zone(together) == "progression"  # capacity unknown: not told apart
+    late = _curves([1.0] * n, [0.02] * 25 + [1.0] * 15)
+    assert classify_zone(late, dataset_size=300, capacity=500.0) == "grokking"  # delay decides first
+    assert classify_zone(_curves([1.0] * n, [0.02] * n), dataset_size=300, capacity=500.0) == "ungrokking"
+
+
+def test_liu_phase_rule_on_written_curves() -> None:
+    # Liu et al. (2022), App. A Table 1: 90% thresholds, a 10^5-step budget, a 10^3-step gap.
+    from circuits.measures.phases import liu_phase
+
+    steps = list(range(0, 100_001, 500))
+    n = len(steps)
+
+    def ramp(at: int) -> list[float]:
+        return [0.05 if s < at else 1.0 for s in steps]
+
+    comp = liu_phase(steps, ramp(2_000), ramp(2_500))
+    assert comp == {"phase": "comprehension", "train_step": 2_000, "test_step": 2_500, "truncated": False}
+    grok = liu_phase(steps, ramp(2_000), ramp(30_000))
+    assert grok["phase"] == "grokking" and grok["test_step"] - grok["train_step"] == 28_000
+    assert liu_phase(steps, ramp(2_000), [0.3] * n)["phase"] == "memorization"
+    assert liu_phase(steps, [0.5] * n, [0.3] * n)["phase"] == "confusion"
+    assert liu_phase(steps, [0.5] * n, ramp(4_000))["phase"] == "unclassified"
+    # A crossing after the budget does not count; the thresholds are strict ("exceed 90%").
+    assert liu_phase(steps, ramp(2_000), ramp(30_000), budget=20_000)["phase"] == "memorization"
+    assert liu_phase(steps, [0.9] * n, [0.9] * n)["phase"] == "confusion"
+    # The gap and the threshold are parameters.
+    assert liu_phase(steps, ramp(2_000), ramp(30_000), gap=50_000)["phase"] == "comprehension"
+    assert liu_phase(steps, [0.95] * n, [0.95] * n, threshold=0.96)["phase"] == "confusion"
+    # A run shorter than its budget is classified on its own length and flagged.
+    short = liu_phase(steps[:21], ramp(2_000)[:21], [0.3] * 21)
+    assert short["phase"] == "memorization" and short["truncated"] is True
+
+
 def test_bad_protocol_parameters_get_clear_errors(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(ProtocolError, match="grid is empty"):
         critical_dataset_size(tmp_path, sizes=[], base=small())
@@ -289,6 +332,19 @@ def test_cli_zones_writes_table_and_figure_and_resumes(tmp_path) -> None:  # noq
     summary = [line for line in r.stdout.splitlines() if line.startswith("zones: 4 rows")]
     assert again.returncode == 0 and summary and summary[0] in again.stdout
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.safetensors")} == mtimes
+    assert set(table.liu_phase) <= {"comprehension", "grokking", "memorization", "confusion", "unclassified"}
+    # With the widths' measured capacity, the same runs (not retrained) are classified again.
+    (tmp_path / "cap.json").write_text(json.dumps({"capacity_by_width": {"16": 1000.0, "32": 50.0}}))
+    third = run_cli(*args, "--capacity", str(tmp_path / "cap.json"))
+    assert third.returncode == 0, third.stderr
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.safetensors")} == mtimes
+    t3 = pd.read_csv(tmp_path / "zones.csv")
+    assert t3.set_index("d_model").capacity.to_dict() == {16: 1000.0, 32: 50.0}
+    assert "progression" not in set(t3[t3.d_model == 16].zone)  # D <= capacity: never progression
+    assert json.loads((tmp_path / "zones.json").read_text())["capacity_by_width"] == {"16": 1000.0, "32": 50.0}
+    (tmp_path / "bad.json").write_text("{}")
+    bad = run_cli(*args, "--capacity", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "capacity_by_width" in bad.stderr and bad.stderr.strip().count("\n") == 0
 
 
 def test_phase_diagram_over_two_fields_and_its_cli(tmp_path) -> None:  # noqa: ANN001

@@ -179,3 +179,18 @@ def test_grid_forward_matches_hooked_model(overrides: dict) -> None:
             ref, cache = model.run_with_cache(tokens)
             torch.testing.assert_close(logits[i], ref[:, -1], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(post[i], cache["blocks.0.mlp.hook_post"][:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_neuron_without_variance_has_no_frequency() -> None:
+    # A dead neuron (always 0) and a constant one carry no frequency: their fractions were
+    # rounding noise over rounding noise (1e19 in a hand-built network), which clustered them
+    # and moved their norm between the circuits when the weights were rescaled.
+    p = 13
+    a = torch.arange(p).repeat_interleave(p).float()
+    b = torch.arange(p).repeat(p).float()
+    live = 1.0 + torch.cos(2 * torch.pi * 4 * (a + b) / p)
+    acts = torch.stack([live, torch.zeros_like(live), torch.full_like(live, 2.0), 1e-3 * live], dim=1)
+    fractions = neuron_frequency_fractions(acts, p)
+    assert fractions[1].abs().max() == 0 and fractions[2].abs().max() == 0
+    cluster, _ = neuron_clusters(fractions)
+    assert cluster.tolist() == [4, -1, -1, 4]  # a small but varying neuron keeps its frequency

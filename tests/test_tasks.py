@@ -121,3 +121,46 @@ def test_the_task_interface_describes_the_modular_tasks() -> None:
     with torch.no_grad():
         hooked = make_model(cfg)(task.tokens)[:, -1]
     torch.testing.assert_close(by_task[0], hooked, rtol=1e-4, atol=1e-5)
+
+
+def test_label_noise_corrupts_training_pairs_only_and_is_saved(tmp_path) -> None:  # noqa: ANN001
+    # science.md, "Label noise": exactly round(f * n_train) training pairs get a seeded uniform
+    # wrong label; test pairs stay clean; the corrupted indices are saved in the run folder.
+    from circuits.config import ConfigError, preset
+    from circuits.errors import RunFolderError
+    from circuits.store import RunStore
+    from safetensors.torch import load_file, save_file
+
+    import circuits
+    from tests.conftest import tiny_config
+
+    cfg = TaskConfig(p=11, frac=0.5, label_noise=0.2)
+    task = make_task(cfg)
+    k = round(0.2 * cfg.n_train)
+    assert len(task.noisy_idx) == k and bool(torch.isin(task.noisy_idx, task.train_idx).all())
+    assert bool((task.labels[task.noisy_idx] != task.clean_labels[task.noisy_idx]).all())
+    assert int((task.labels != task.clean_labels).sum()) == k
+    assert torch.equal(task.labels[task.test_idx], task.clean_labels[task.test_idx])
+    assert torch.equal(make_task(cfg).labels, task.labels)  # seeded
+    # Wrong labels are uniform over the p - 1 wrong classes: every shift occurs on a big table.
+    big = make_task(TaskConfig(p=31, frac=0.9, label_noise=0.5))
+    shifts = (big.labels - big.clean_labels)[big.noisy_idx] % 31
+    assert set(shifts.tolist()) == set(range(1, 31))
+    with pytest.raises(ConfigError, match="label_noise"):
+        TaskConfig(p=11, label_noise=1.0)
+    with pytest.raises(ConfigError, match="random_labels"):
+        TaskConfig(p=11, label_noise=0.1, random_labels=True)
+    # Left at 0 it does not change a config's hash (the default run folder keeps its name).
+    assert preset("quick").replace(label_noise=0.0).short_hash() == preset("quick").short_hash()
+    assert preset("quick").replace(label_noise=0.1).short_hash() != preset("quick").short_hash()
+    # Saved in the split file; the run's task reads it back; a tampered list is named.
+    run = circuits.train(tiny_config(label_noise=0.1, epochs=20), out=tmp_path / "r")
+    split = RunStore(run.path).split_path
+    saved = load_file(split)
+    assert torch.equal(saved["noisy"], run.task.noisy_idx) and len(saved["noisy"]) > 0
+    trained_on = run.task.labels[run.task.train_idx]
+    assert not torch.equal(trained_on, run.task.clean_labels[run.task.train_idx])
+    saved["noisy"] = saved["noisy"][1:]
+    save_file(saved, split)
+    with pytest.raises(RunFolderError, match="corrupted-label pairs"):
+        circuits.load_run(run.path).task  # noqa: B018

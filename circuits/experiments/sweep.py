@@ -22,7 +22,7 @@ from circuits.config import RunConfig
 from circuits.grid import grid_forward, stack_state_dicts
 from circuits.engine.stacked import stack_key
 from circuits.errors import ProtocolError
-from circuits.measures.circuits import part_logit_stats, sum_direction_share
+from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
@@ -157,8 +157,9 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
 
     Loss and accuracy on the run's split (float64 loss over the full grid), the total parameter
     norm ``sqrt(sum of squared weights)``, the network's mean logit margin on the training pairs
-    (correct-class logit minus the mean other-class logit) and its efficiency = margin / norm
-    (Varma et al. 2023: logit per unit of parameter norm), the trig-subspace shares of the
+    (correct-class logit minus the mean other-class logit) and its efficiency =
+    margin^(1/4) / norm (Varma et al. 2023; scale-free, as the circuit columns:
+    :func:`circuits.measures.circuits.circuit_efficiency`), the trig-subspace shares of the
     logits (``gen_share_all``: every frequency, i.e. the part that depends on a+b only;
     ``gen_share``: the key frequencies the network's neurons vote for) and the number of key
     frequencies.
@@ -175,7 +176,7 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     out.update(
         weight_norm=norm,
         margin_train=float(margin[0]),
-        efficiency=float(margin[0]) / norm if norm > 0 else 0.0,
+        efficiency=float(circuit_efficiency(margin[0], torch.tensor(norm * norm, dtype=torch.float64))),
     )
     if not task.has_fourier:  # the shares need the task's answer directions
         out.update(gen_share_all=None, gen_share=None, n_key_freqs=None)

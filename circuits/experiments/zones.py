@@ -16,7 +16,7 @@ pairs it can fit) and its critical dataset size D_crit:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from circuits.experiments.sweep import (
 )
 from circuits.experiments.ungrokking import GROKKED_ACC, add_curve_events
 from circuits.measures.norms import weight_norm_sq
+from circuits.measures.phases import liu_phase
 from circuits.run import Run
 from circuits.trainer import StepInfo
 
@@ -48,22 +49,28 @@ CHANCE_ACC = 0.1
 #: The zone rule in one line (written into the protocol's summary).
 ZONE_RULE = (
     "plateau test acc >= 0.95: grokking if it rose >= 2x later than train acc reached 0.99, "
-    "else progression; plateau in [0.1, 0.95): semi-grokking if train acc reached 0.99, else "
+    "else progression when D exceeds the width's measured capacity D_mem (or it is unknown) "
+    "and comprehension when it does not; plateau in [0.1, 0.95): semi-grokking if train acc reached 0.99, else "
     "progression; below 0.1: ungrokking if train acc reached 0.99, else confusion (plateau = "
     "median test acc over the last 20% of logged epochs)"
 )
 
 
-def classify_zone(events: dict[str, float | int | None]) -> str:
+def classify_zone(
+    events: dict[str, float | int | None], dataset_size: int | None = None, capacity: float | None = None
+) -> str:
     """Huang et al.'s zone of one run from :func:`~circuits.experiments.ungrokking.curve_events`.
 
     The rule, in order: plateau test accuracy >= 0.95 is **grokking** when the test accuracy rose
-    at least ``GROKKING_DELAY`` (2) times later than the training set was fit, else
-    **progression** (train and test rose together); a plateau in [0.1, 0.95) is
-    **semi-grokking** when the training set was fit (train accuracy >= 0.99 at some epoch), else
-    **progression** (capacity-bound: train and test rise together, Huang et al.'s D > D_mem);
-    below 0.1 a run that fit its training set is **ungrokking** (memorisation only) and one that
-    did not is **confusion** (neither fits nor generalises).
+    at least ``GROKKING_DELAY`` (2) times later than the training set was fit; otherwise the run
+    generalised fast, which is Huang et al.'s **progression** only when the data exceed what the
+    width can memorise (``dataset_size`` > ``capacity``, the width's measured D_mem from
+    :func:`memorisation_capacity`) and Liu et al.'s **comprehension** when they do not; with the
+    capacity unknown it stays **progression** (the two are then not told apart). A plateau in
+    [0.1, 0.95) is **semi-grokking** when the training set was fit (train accuracy >= 0.99 at
+    some epoch), else **progression** (capacity-bound: train and test rise together); below 0.1
+    a run that fit its training set is **ungrokking** (memorisation only) and one that did not
+    is **confusion** (neither fits nor generalises).
     """
     plateau = float(events["plateau_test_acc"])  # type: ignore[arg-type]
     if plateau >= GROKKED_ACC:
@@ -71,6 +78,8 @@ def classify_zone(events: dict[str, float | int | None]) -> str:
         fit = events.get("fit_epoch")
         if fit is not None and delay is not None and delay >= GROKKING_DELAY:
             return "grokking"
+        if capacity is not None and dataset_size is not None and dataset_size <= capacity:
+            return "comprehension"
         return "progression"
     fit = events.get("fit_epoch")
     fitted = fit is not None and fit == fit
@@ -150,14 +159,19 @@ def zones(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    capacity: Mapping[int, float] | None = None,
 ) -> ExperimentResult:
     """Classify every (width, training-set size) run into Huang et al.'s zones and map them.
 
     One real-label run per (width, size, seed) on the base schedule. Each row has the run's
     :func:`~circuits.experiments.ungrokking.curve_events`, ``norm_change`` (relative change of
     the parameter norm from the fit epoch to the end: negative while grokking, Huang et al.
-    App. A) and ``zone`` by :func:`classify_zone`. The figure is the zone map (the most common
-    zone over seeds per cell).
+    App. A), ``capacity`` (the width's D_mem when ``capacity`` gives it: width -> pairs, e.g.
+    :func:`memorisation_capacity`'s ``summary["capacity_by_width"]``), ``zone`` by
+    :func:`classify_zone`, and Liu et al.'s phase (:func:`circuits.measures.phases.liu_phase`,
+    the paper's thresholds with the base schedule's epochs as the budget) in ``liu_phase``
+    with ``liu_truncated``. The figure is the zone map (the most common zone over seeds per
+    cell).
     """
     base = base or preset("nanda")
     size_grid = check_grid("dataset size", sizes)
@@ -172,12 +186,21 @@ def zones(
     table = member_table(members, runs)
     events = add_curve_events(table, runs)
     table["norm_change"] = [_norm_change(r, ev["fit_epoch"]) for r, ev in zip(runs, events)]
-    table["zone"] = [classify_zone(ev) for ev in events]
+    caps = {int(k): float(v) for k, v in (capacity or {}).items()}
+    table["capacity"] = [caps.get(int(w), np.nan) for w in table.d_model]
+    table["zone"] = [
+        classify_zone(ev, int(d), caps.get(int(w))) for ev, d, w in zip(events, table.dataset_size, table.d_model)
+    ]
+    liu = [liu_phase(r.metrics.epoch, r.metrics.train_acc, r.metrics.test_acc, budget=base.train.epochs) for r in runs]
+    table["liu_phase"] = [x["phase"] for x in liu]
+    table["liu_truncated"] = [x["truncated"] for x in liu]
     summary = {
         "p": base.task.p,
         "widths": sorted(set(table.d_model.tolist())),
         "sizes": size_grid,
         "zone_counts": {str(k): int(v) for k, v in table.zone.value_counts().items()},
+        "liu_phase_counts": {str(k): int(v) for k, v in table.liu_phase.value_counts().items()},
+        "capacity_by_width": {str(k): v for k, v in sorted(caps.items())},
         "rule": ZONE_RULE,
     }
     from circuits.plots import plot_zone_map

@@ -16,9 +16,14 @@ pairs with a, b != 0 and the classes 1..p-1 in discrete-log order.
   each MLP neuron's W_in column, b_in entry and W_out row split in proportion to the share of
   the neuron's activation variance in the key frequencies. Attention, W_pos and the other
   biases are shared machinery, reported on their own. gen + mem + shared = the total.
-* **Efficiency.** A part's mean logit margin on the training pairs (its correct-class logit
-  minus its mean other-class logit: linear, so the parts' margins add up) divided by the
-  part's parameter norm ``sqrt(norm_sq)``.
+* **Efficiency.** Varma et al.: a circuit is more efficient when it needs less parameter norm
+  for a given logit. With no LayerNorm and frozen zero biases the logits are positively
+  homogeneous of degree 4 along W_E -> W_in -> W_out -> W_U (attention held fixed), so a
+  part's margin m (mean training margin: correct-class logit minus mean other-class logit,
+  linear, so the parts' margins add up) grows as c^4 when its weights grow by c, while its
+  norm grows as c. ``efficiency = sign(m) |m|^(1/4) / sqrt(norm_sq)`` is the one ratio that
+  does not change when a part merely grows (science.md, Decisions 2026-12-04;
+  docs/measures.md says why the earlier margin / norm misled by orders of magnitude).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "sum_direction_share",
     "circuit_norms_sq",
     "circuit_efficiency",
+    "DEGREE",
     "SHARED_PARAMS",
 ]
 
@@ -152,9 +158,24 @@ def circuit_norms_sq(
     return {"gen_norm_sq": gen, "mem_norm_sq": mem, "shared_norm_sq": shared}
 
 
+#: The homogeneity degree of the logits in a part's weights (W_E, W_in, W_out, W_U).
+DEGREE = 4
+
+
 def circuit_efficiency(
-    margin: Float[Tensor, "*ckpt"], norm_sq: Float[Tensor, "*ckpt"]
+    margin: Float[Tensor, "*ckpt"], norm_sq: Float[Tensor, "*ckpt"], degree: int = DEGREE
 ) -> Float[Tensor, "*ckpt"]:
-    """Logit margin per unit of parameter norm: ``margin / sqrt(norm_sq)`` (0 where the norm is 0)."""
-    norm = norm_sq.to(torch.float64).sqrt()
-    return torch.where(norm > 0, margin / norm.clamp_min(1e-300), torch.zeros_like(norm))
+    """Scale-free efficiency of a part: ``sign(m) |m|^(1/degree) / sqrt(norm_sq)`` (0 where the
+    norm is 0), with m its mean training margin.
+
+    Varma et al. (2023, "Explaining grokking through circuit efficiency"): the parameter norm a
+    circuit needs for a given logit. The logits are homogeneous of degree 4 in the weights
+    along W_E -> W_in -> W_out -> W_U, so multiplying a part's weights by c multiplies m by
+    c^4 and the norm by c: this ratio is unchanged, where ``m / norm`` (the 0.1 definition)
+    grew as c^3 and ranked a large part above a small one for being large (tested on a
+    hand-built circuit scaled by 2 and 3).
+    """
+    m = torch.as_tensor(margin, dtype=torch.float64)
+    norm = torch.as_tensor(norm_sq, dtype=torch.float64).sqrt()
+    root = m.sign() * m.abs().pow(1.0 / degree)
+    return torch.where(norm > 0, root / norm.clamp_min(1e-300), torch.zeros_like(norm))

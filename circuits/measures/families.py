@@ -22,6 +22,7 @@ from circuits.measures.frequencies import (
     NeuronFrequencySums,
     embed_fourier_norms,
     neuron_clusters,
+    neuron_frequency_fractions,
     neuron_logit_fourier_norms,
 )
 from circuits.measures.losses import accuracy, cross_entropy
@@ -354,8 +355,14 @@ class Circuits(Family):
         Column("mem_margin_train", "mean margin of L_mem on the training pairs", "logit"),
         Column("gen_margin_test", "mean margin of L_gen on the test pairs", "logit"),
         Column("mem_margin_test", "mean margin of L_mem on the test pairs", "logit"),
-        Column("gen_efficiency", "gen_margin_train / sqrt(gen_norm_sq)", "logit/weight"),
-        Column("mem_efficiency", "mem_margin_train / sqrt(mem_norm_sq)", "logit/weight"),
+        Column("gen_efficiency", "gen_margin_train^(1/4) / sqrt(gen_norm_sq): unchanged when the part's "
+               "weights are scaled (the logits are homogeneous of degree 4 in them)", "logit^(1/4)/weight"),
+        Column("mem_efficiency", "mem_margin_train^(1/4) / sqrt(mem_norm_sq) (sign kept: -|m|^(1/4) for m < 0)",
+               "logit^(1/4)/weight"),
+        Column("mem_norm_sq_init", "mem_norm_sq of the epoch-0 weights split with the same key set: what "
+               "the memorising part holds by chance (NaN when the run has no epoch 0)", "weight²"),
+        Column("mem_norm_sq_excess", "mem_norm_sq - mem_norm_sq_init: the memorising part beyond chance",
+               "weight²"),
     )
     uses = ("fourier_sums", "key_directions", "neurons")
     fourier = True
@@ -385,4 +392,21 @@ class Circuits(Family):
         cols.update(circuit_norms_sq(ckpts.params, ckpts.view, ckpts.key, nkf))
         for name in ("gen", "mem"):
             cols[f"{name}_efficiency"] = circuit_efficiency(cols[f"{name}_margin_train"], cols[f"{name}_norm_sq"])
+        init = _init_mem_norm_sq(ckpts)
+        cols["mem_norm_sq_init"] = torch.full_like(cols["mem_norm_sq"], init)
+        cols["mem_norm_sq_excess"] = cols["mem_norm_sq"] - init
         return Result(columns=cols)
+
+
+def _init_mem_norm_sq(ckpts: Checkpoints) -> float:
+    """The memorising part of the initial weights with the run's key set (science.md Part C: at
+    initialisation the non-key remainder already holds about two thirds of the squared norm)."""
+    if ckpts.init is None:
+        return float("nan")
+    from circuits.grid import grid_forward
+
+    _, post = grid_forward(ckpts.init, ckpts.task, ckpts.act_fn)
+    fractions = neuron_frequency_fractions(post[0], ckpts.view)
+    kidx = torch.tensor([k - 1 for k in ckpts.key], dtype=torch.long)
+    nkf = fractions[:, kidx].sum(-1)[None] if len(ckpts.key) else torch.zeros(1, fractions.shape[0])
+    return float(circuit_norms_sq(ckpts.init, ckpts.view, ckpts.key, nkf)["mem_norm_sq"][0])

@@ -123,6 +123,13 @@ class NeuronFrequencySums:
         offset = mean - self.shift[:, 0].double()
         total = (self.shifted_sq - p * p * offset.pow(2)).to(lines.dtype)
         frac = block / total.unsqueeze(1).clamp_min(1e-30)
+        # A neuron with no variance over the grid (dead, or constant) has no frequency: its
+        # "fractions" would be rounding noise over rounding noise (seen as 1e19, or any value
+        # in [0, 1] that changes with the weights' scale), so they are 0. The test is relative
+        # to the neuron's second moment, which a constant neuron's rounding noise never reaches.
+        second = total.double() + p * p * mean.pow(2)
+        alive = total.double() > 1e-6 * second.clamp_min(1e-300)
+        frac = torch.where(alive.unsqueeze(1), frac, torch.zeros_like(frac))
         return frac.transpose(1, 2)
 
 

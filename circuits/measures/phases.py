@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["Phases", "crossing", "non_finite_epoch", "phase_boundaries", "stable_segment_end"]
+__all__ = ["Phases", "crossing", "non_finite_epoch", "phase_boundaries", "stable_segment_end", "liu_phase", "LIU_PHASES"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +180,48 @@ def crossing(x: ArrayLike, y: ArrayLike, level: float) -> float | None:
     if len(ys) and ys[-1] == 0:
         return float(xs[-1])
     return None
+
+
+#: Liu et al.'s (2022) phase names, in their Table 1's order.
+LIU_PHASES = ("comprehension", "grokking", "memorization", "confusion")
+
+
+def liu_phase(
+    epochs: ArrayLike,
+    train_acc: ArrayLike,
+    test_acc: ArrayLike,
+    threshold: float = 0.9,
+    budget: int = 100_000,
+    gap: int = 1_000,
+) -> dict[str, int | str | bool | None]:
+    """Liu et al.'s phase of one run (2022, "Towards Understanding Grokking", App. A, Table 1).
+
+    Record the first step at which train and validation (test) accuracy exceed ``threshold``
+    (90%) within ``budget`` steps (10^5): both, within ``gap`` (10^3) steps of each other:
+    **comprehension**; both, further apart: **grokking**; train only: **memorization**;
+    neither: **confusion**. A run whose test accuracy crosses but whose train accuracy does not
+    is outside the table (``unclassified``). A run logged for fewer steps than ``budget`` is
+    classified on its own length and flagged ``truncated`` (science.md, "Statistics"): a
+    "memorization" it gets may be a grokking that the budget would have seen.
+
+    Returns ``{"phase", "train_step", "test_step", "truncated"}`` (steps None when not crossed).
+    """
+    e = np.asarray(epochs, dtype=float)
+    tr, te = np.asarray(train_acc, dtype=float), np.asarray(test_acc, dtype=float)
+    within = e <= budget
+
+    def first(acc: np.ndarray) -> int | None:
+        hit = np.nonzero(within & (acc > threshold))[0]
+        return int(e[hit[0]]) if len(hit) else None
+
+    train_step, test_step = first(tr), first(te)
+    if train_step is not None and test_step is not None:
+        phase = "comprehension" if test_step - train_step < gap else "grokking"
+    elif train_step is not None:
+        phase = "memorization"
+    elif test_step is None:
+        phase = "confusion"
+    else:
+        phase = "unclassified"
+    truncated = bool(len(e) == 0 or e[-1] < budget)
+    return {"phase": phase, "train_step": train_step, "test_step": test_step, "truncated": truncated}

@@ -81,12 +81,15 @@ class Result:
 class Checkpoints:
     """A stack of checkpoints as the families see it: stacked weights (leading ``ckpt`` axis,
     classic names), the run's task and config, the key frequencies, and the results of the
-    families finished so far (``results[name]``)."""
+    families finished so far (``results[name]``). ``init`` is the run's initialisation (epoch 0,
+    stacked as ``[1, ...]``) when known: the chance baselines of the circuit split read it."""
 
-    def __init__(self, params: Mapping[str, Tensor], task: Task, config: RunConfig, key: Sequence[int]) -> None:
+    def __init__(self, params: Mapping[str, Tensor], task: Task, config: RunConfig, key: Sequence[int],
+                 init: Mapping[str, Tensor] | None = None) -> None:
         self.params = dict(params)
         self.task, self.config = task, config
         self.key = [int(k) for k in key]
+        self.init = dict(init) if init is not None else None
         self.results: dict[str, Result] = {}
         self.block_rows = 0
         """Rows of a per block of the grid pass (set by :func:`compute`): a family that goes over
@@ -369,20 +372,29 @@ def measure(
     config: RunConfig,
     measures: Iterable[str] | None = None,
     key_freqs: Sequence[int] | None = None,
+    init: Any = None,
 ) -> dict[str, float]:
     """Every (or the chosen) measure of one model, as :func:`circuits.analysis.analyze`
     computes it for a checkpoint: ``{column: value}``. ``key_freqs`` default: detected from the
-    model's own neurons (the analysis takes the run's newest checkpoint's). A family that does
-    not apply to the task is left out (its reason: :func:`applicable`)."""
-    from circuits.grid import stack_state_dicts
-
-    sd = model_or_params.state_dict() if hasattr(model_or_params, "state_dict") else model_or_params
-    params = stack_state_dicts([{k: v.detach().cpu() for k, v in sd.items()}])
+    model's own neurons (the analysis takes the run's newest checkpoint's). ``init``: the run's
+    initial model or state dict (``run.model(0)``), for the columns measured against it
+    (``mem_norm_sq_init``; NaN without it). A family that does not apply to the task is left
+    out (its reason: :func:`applicable`)."""
+    params = stacked_weights(model_or_params)
     if key_freqs is None:
         key_freqs = detect_key_frequencies(params, config)
     keep, _ = applicable(select(measures), config)
-    cols, _ = compute(Checkpoints(params, task, config, key_freqs), keep)
+    init_params = stacked_weights(init) if init is not None else None
+    cols, _ = compute(Checkpoints(params, task, config, key_freqs, init_params), keep)
     return {name: float(v[0]) for name, v in cols.items()}
+
+
+def stacked_weights(model_or_params: Any) -> dict[str, Tensor]:
+    """One model (or state dict) as a stack of one checkpoint, on the CPU."""
+    from circuits.grid import stack_state_dicts
+
+    sd = model_or_params.state_dict() if hasattr(model_or_params, "state_dict") else model_or_params
+    return stack_state_dicts([{k: v.detach().cpu() for k, v in sd.items()}])
 
 
 def detect_key_frequencies(params: Mapping[str, Tensor], config: RunConfig) -> list[int]:

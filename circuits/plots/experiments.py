@@ -73,7 +73,7 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 
 
 _DATASET_SIZE_VALUES = {
-    "efficiency": ("Circuit efficiency vs training-set size", "efficiency (logit per unit parameter norm)"),
+    "efficiency": ("Circuit efficiency vs training-set size", "efficiency (margin^(1/4) per unit parameter norm)"),
     "weight_norm": ("Parameter norm at convergence vs training-set size", "parameter norm ‖θ‖ at the end"),
 }
 

@@ -41,6 +41,7 @@ ZONE_COLORS: dict[str, str] = {
     "semi-grokking": "#F0E442",
     "ungrokking": "#CC79A7",
     "memorisation": "#E69F00",
+    "memorization": "#E69F00",  # Liu et al.'s spelling (circuits.measures.phases.liu_phase)
     "confusion": "#9AA5B1",
 }
 

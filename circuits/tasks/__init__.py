@@ -8,13 +8,22 @@ properties in :class:`circuits.config.TaskConfig`, and (where it has one) its Fo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
+import torch
 from torch import Tensor
 
 from circuits.config import TaskConfig
 from circuits.errors import RunFolderError
-from circuits.tasks.base import FourierView, SplitError, Task, ViewTable, make_split, split_problem
+from circuits.tasks.base import (
+    FourierView,
+    SplitError,
+    Task,
+    ViewTable,
+    corrupt_labels,
+    make_split,
+    split_problem,
+)
 from circuits.tasks.modular import OPERATIONS, ModularTask, make_grid, primitive_root
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "SplitError",
     "split_problem",
     "task_from_saved_split",
+    "saved_task",
     "task_class",
 ]
 
@@ -85,14 +95,31 @@ def make_task(
         problem = split_problem(config, valid, train_idx, test_idx)
         if problem is not None:
             raise SplitError(problem)
-    return task_class(config)(config, tokens, labels, valid, train_idx, test_idx)
+    noisy, noisy_idx = corrupt_labels(config, labels, train_idx, config.n_classes)
+    return task_class(config)(config, tokens, noisy, valid, train_idx, test_idx, noisy_idx, labels)
 
 
-def task_from_saved_split(config: TaskConfig, train_idx: Tensor, test_idx: Tensor, path: Path) -> Task:
-    """:func:`make_task` with a run's saved split; RunFolderError names ``path`` when it does
+def saved_task(config: TaskConfig, store: Any) -> Task:
+    """The task of a run folder (a :class:`circuits.store.RunStore`) with its saved split and
+    corrupted-label pairs, never re-derived; RunFolderError names the split file when they do
     not fit ``config``."""
+    train_idx, test_idx = store.read_split()
+    return task_from_saved_split(config, train_idx, test_idx, store.split_path, store.read_noisy())
+
+
+def task_from_saved_split(
+    config: TaskConfig, train_idx: Tensor, test_idx: Tensor, path: Path, noisy_idx: Tensor | None = None
+) -> Task:
+    """:func:`make_task` with a run's saved split; RunFolderError names ``path`` when it does
+    not fit ``config`` (including saved corrupted-label indices that the config would not
+    corrupt)."""
     try:
-        return make_task(config, train_idx, test_idx)
+        task = make_task(config, train_idx, test_idx)
+        saved = noisy_idx if noisy_idx is not None else torch.zeros(0, dtype=torch.long)
+        if not torch.equal(saved, task.noisy_idx):
+            raise SplitError(f"its {len(saved)} corrupted-label pairs are not the {len(task.noisy_idx)} "
+                             f"that label_noise = {config.label_noise} corrupts")
+        return task
     except SplitError as e:
         raise RunFolderError(
             f"split file {path} does not fit the run's config: {e}; restore the run's own split "

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from circuits.config import ConfigError, TaskConfig
 
-__all__ = ["Task", "FourierView", "ViewTable", "SplitError", "make_split", "split_problem"]
+__all__ = ["Task", "FourierView", "ViewTable", "SplitError", "make_split", "split_problem", "corrupt_labels"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +172,9 @@ class Task:
         labels: ``[pairs]`` int64 answers (for invalid pairs: 0, never used).
         valid: ``[pairs]`` bool, False where the operation is undefined (b = 0 for division).
         train_idx, test_idx: canonical indices (``a * n_elements + b``) of the two splits.
+        noisy_idx: canonical indices of the training pairs whose label was corrupted
+            (``TaskConfig.label_noise``; empty without it), sorted.
+        clean_labels: the uncorrupted table (equal to ``labels`` without label noise).
     """
 
     config: TaskConfig
@@ -180,6 +183,12 @@ class Task:
     valid: Bool[Tensor, " pair"]
     train_idx: Int[Tensor, " train"]
     test_idx: Int[Tensor, " test"]
+    noisy_idx: Int[Tensor, " noisy"] = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    clean_labels: Int[Tensor, " pair"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.clean_labels is None:
+            object.__setattr__(self, "clean_labels", self.labels)
 
     @property
     def p(self) -> int:
@@ -292,6 +301,26 @@ def make_split(config: TaskConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
     chosen = torch.zeros(len(perm), dtype=torch.bool)
     chosen[torch.randperm(config.pool_size, generator=gs)[:n_train]] = True
     return perm[chosen].clone(), perm[~chosen].clone()
+
+
+def corrupt_labels(config: TaskConfig, labels: Tensor, train_idx: Tensor, n_classes: int) -> tuple[Tensor, Tensor]:
+    """``(labels with round(label_noise * n_train) training pairs given a wrong label, the
+    corrupted canonical indices, sorted)``.
+
+    Doshi et al. (2023), label corruption: the pairs are drawn from the training set and each
+    gets a label drawn uniformly from the n_classes - 1 wrong ones, by a generator seeded from
+    ``data_seed`` (so the same config corrupts the same pairs the same way); test pairs keep
+    their true labels.
+    """
+    k = config.n_noisy
+    if k == 0:
+        return labels, torch.zeros(0, dtype=torch.long)
+    g = torch.Generator().manual_seed(config.data_seed + 2)
+    chosen = train_idx[torch.randperm(len(train_idx), generator=g)[:k]]
+    shift = torch.randint(1, n_classes, (k,), generator=g)
+    noisy = labels.clone()
+    noisy[chosen] = (labels[chosen] + shift) % n_classes
+    return noisy, torch.sort(chosen).values
 
 
 class SplitError(ValueError):
