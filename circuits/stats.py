@@ -32,7 +32,7 @@ def t_quantile(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
-def mean_ci(values: Iterable[float]) -> tuple[float, float, int]:
+def mean_ci(values: Iterable[float | int]) -> tuple[float, float, int]:
     """``(mean, half-width of its Student-t 95% interval, n)``; the half-width is nan below
     two values (one seed carries no spread)."""
     xs = [float(v) for v in values]
@@ -54,4 +54,8 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (phat + z * z / (2 * n)) / denom
     half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    if k == 0:
+        return 0.0, min(1.0, centre + half)
+    if k == n:
+        return max(0.0, centre - half), 1.0
     return max(0.0, centre - half), min(1.0, centre + half)

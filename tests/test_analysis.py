@@ -246,6 +246,12 @@ def _measures_from_hooked_model(run: circuits.Run, epoch: int, key: list[int]) -
         cols[f"{name}_efficiency"] = circuit_efficiency(
             torch.tensor(cols[f"{name}_margin_train"]), torch.tensor(cols[f"{name}_norm_sq"])
         ).item()
+    # The memorising part's chance level: the same split of the initial weights.
+    with torch.no_grad():
+        _, cache0 = run.model(0, exact=True).run_with_cache(task.tokens)
+    nkf0 = neuron_frequency_fractions(cache0["blocks.0.mlp.hook_post"][:, -1], p)[:, [k - 1 for k in key]].sum(-1)
+    init = circuit_norms_sq(stack_state_dicts([run.state_dict(0)]), p, key, nkf0[None])["mem_norm_sq"].item()
+    cols["mem_norm_sq_init"], cols["mem_norm_sq_excess"] = init, cols["mem_norm_sq"] - init
     arrays = {"embed_fourier_norms": emb, "neuron_logit_fourier_norms": nl, "neuron_cluster": cluster,
               "neuron_best_frac": best, "neuron_key_frac": nkf}
     return cols, arrays
@@ -284,12 +290,13 @@ def test_row_blocks_give_the_whole_grid_result(tiny_run: circuits.Run, block_row
     # Blocks of a rows (p = 11: 11 blocks of 1, or 3 + 3 + 3 + 2, or 4 + 4 + 3) accumulate the
     # same sums as the whole grid in one block, up to float32 rounding (the matmuls' own
     # summation order depends on the block's size).
-    from circuits.analysis import _measure_chunk
+    from circuits.analysis import _init_weights, _measure_chunk
     from circuits.grid import stack_state_dicts
 
     params = stack_state_dicts([tiny_run.state_dict(e) for e in tiny_run.epochs[-3:]])
-    whole_cols, whole_arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=tiny_run.config.task.p)
-    cols, arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=block_rows)
+    init = _init_weights(tiny_run)
+    whole_cols, whole_arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=tiny_run.config.task.p, init=init)
+    cols, arrays = _measure_chunk(tiny_run, params, [1, 3], block_rows=block_rows, init=init)
     assert set(cols) == set(whole_cols)
     for name, value in whole_cols.items():
         torch.testing.assert_close(cols[name], value, rtol=1e-5, atol=1e-6, msg=name)
