@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -32,7 +33,15 @@ from tests.conftest import REPO, run_cli, tiny_config
 
 def _same(a, b) -> None:  # noqa: ANN001
     # A checkpoint analysed in another batch may differ in the last bits of its float32 matmuls.
-    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-6, atol=1e-9)
+    # The memorising part's excess is a difference of two norms of hundreds: its rounding is
+    # that of mem_norm_sq, not relative to its own (small) value.
+    excess = "mem_norm_sq_excess"
+    cols = [c for c in a.columns if c != excess]
+    pd.testing.assert_frame_equal(a[cols], b[cols], check_exact=False, rtol=1e-6, atol=1e-9)
+    assert (excess in a.columns) == (excess in b.columns)
+    if excess in a.columns:
+        scale = float(a.mem_norm_sq.abs().max())
+        assert np.allclose(a[excess], b[excess], rtol=0, atol=1e-6 * scale, equal_nan=True)
 
 
 def _progress(calls: list[tuple[int, int]]):  # noqa: ANN202

@@ -174,6 +174,23 @@ def test_memorising_norm_at_convergence_grows_with_dataset_size(tmp_path) -> Non
     assert 400 in gen.dataset_size.tolist()
     d_crit = result.summary["d_crit_per_seed"]["0"]
     assert d_crit is not None and 30 < d_crit < 400
+    # Every summary number says how many seeds it rests on; one seed carries no interval.
+    assert result.summary["d_crit_reached"] == "1 of 1 seeds" and result.summary["d_crit_ci95"] is None
+    by_size = result.summary["mem_norm_by_size_ci"]
+    assert {k: v["mean"] for k, v in by_size.items()} == pytest.approx(
+        {str(int(d)): w for d, w in zip(mem.dataset_size, mem.weight_norm)})
+    assert all(v["n"] == 1 and v["ci95"] is None for v in by_size.values())
+
+
+def test_protocol_intervals_are_student_t_over_seeds_with_missing_counted() -> None:
+    from circuits.experiments.sweep import interval_by
+    from circuits.stats import t_quantile
+
+    table = pd.DataFrame({"d": [10, 10, 10, 20, 20, 20], "x": [1.0, 2.0, 3.0, 5.0, np.nan, 7.0]})
+    got = interval_by(table, "d", "x")
+    assert got["10"] == {"mean": 2.0, "ci95": pytest.approx(t_quantile(2) * 1.0 / 3**0.5), "n": 3, "missing": 0}
+    assert got["20"]["mean"] == 6.0 and got["20"]["n"] == 2 and got["20"]["missing"] == 1
+    assert got["20"]["ci95"] == pytest.approx(t_quantile(1) * 2**0.5 / 2**0.5)
 
 
 def test_ungrokking_loses_test_accuracy_far_below_d_crit(tmp_path) -> None:  # noqa: ANN001

@@ -27,8 +27,10 @@ from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.measures.phases import crossing
 from circuits.tasks import fourier_view, task_class
+from circuits.stats import mean_ci
 from circuits.experiments.sweep import (
     ExperimentResult,
+    interval_by,
     Member,
     check_grid,
     member_table,
@@ -107,6 +109,8 @@ def reference_circuits(
         "p": base.task.p,
         "chance_share": chance,
         "mem_gen_share_all": float(mem.gen_share_all.mean()),
+        "intervals": {col: interval_by(table, "kind", col) for col in ("gen_share", "gen_share_all", "efficiency",
+                                                                       "weight_norm", "train_acc", "test_acc")},
         "gen_gen_share": float(gen.gen_share.mean()),
         "gen_gen_share_all": float(gen.gen_share_all.mean()),
         "mem_train_acc": float(mem.train_acc.mean()),
@@ -168,11 +172,16 @@ def critical_dataset_size(
         }
     found = [v["d_crit"] for v in per_seed.values() if v["d_crit"] is not None]
     mem_means = table[table.circuit == "mem"].groupby("dataset_size").weight_norm.mean()
+    d_mean, d_half, _ = mean_ci(found)
     summary = {
         "p": base.task.p,
         "sizes": grid,
         "d_crit_mean": float(np.mean(found)) if found else None,
         "d_crit_std": float(np.std(found)) if len(found) > 1 else None,
+        "d_crit_ci95": d_half if len(found) > 1 else None,
+        "d_crit_reached": f"{len(found)} of {len(per_seed)} seeds",
+        "mem_norm_by_size_ci": interval_by(table[table.circuit == "mem"], "dataset_size", "weight_norm"),
+        "gen_norm_by_size_ci": interval_by(table[table.gen_only], "dataset_size", "weight_norm"),
         "d_crit_per_seed": {str(k): v["d_crit"] for k, v in per_seed.items()},
         "d_crit_efficiency_per_seed": {str(k): v["d_crit_efficiency"] for k, v in per_seed.items()},
         "gen_norm_per_seed": {str(k): v["gen_norm"] for k, v in per_seed.items()},

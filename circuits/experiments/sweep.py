@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 __all__ = [
+    "interval_by",
     "Member",
     "ExperimentResult",
     "run_members",
@@ -187,6 +188,22 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
         gen_share=float(sum_direction_share(logits, task, key)[0]) if key else 0.0,
         n_key_freqs=len(key),
     )
+    return out
+
+
+def interval_by(table: pd.DataFrame, group: str, column: str) -> dict[str, dict[str, float | int | None]]:
+    """Per value of ``group``: the mean of ``column`` over its rows (seeds) with the half-width
+    of its Student-t 95% interval and the count (science.md, "Statistics"; NaN rows, such as
+    a threshold not reached, are left out of both and counted apart in ``missing``)."""
+    from circuits.stats import mean_ci
+
+    out: dict[str, dict[str, float | int | None]] = {}
+    for key, part in table.groupby(group):
+        values = [float(v) for v in part[column] if v is not None and v == v]
+        mean, half, n = mean_ci(values)
+        name = str(int(key)) if isinstance(key, (int, float)) and float(key).is_integer() else str(key)
+        out[name] = {"mean": mean if n else None, "ci95": half if n > 1 else None, "n": n,
+                     "missing": int(len(part) - n)}
     return out
 
 

@@ -22,8 +22,10 @@ from numpy.typing import ArrayLike
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _check_size, _seeded, _seeds, crossing
+from circuits.stats import wilson
 from circuits.experiments.sweep import (
     ExperimentResult,
+    interval_by,
     Member,
     check_grid,
     member_table,
@@ -127,6 +129,7 @@ def ungrokking(
         "sizes": grid,
         "threshold": crossing(mean.index, mean.values, 0.5),
         "test_acc_by_size": {str(int(k)): float(v) for k, v in mean.items()},
+        "test_acc_by_size_ci": interval_by(table, "dataset_size", "test_acc"),
         "min_train_acc": float(table.train_acc.min()),
     }
     from circuits.plots import plot_ungrokking
@@ -213,6 +216,8 @@ def semi_grokking(
         "sizes": grid,
         "epochs": base.train.epochs,
         "semi_grokked_runs": int(table.semi_grokked.sum()),
+        "semi_grokked_share_wilson95": list(wilson(int(table.semi_grokked.sum()), len(table))),
+        "plateau_by_size_ci": interval_by(table, "dataset_size", "plateau_test_acc"),
         "plateau_by_size": {str(int(k)): float(v) for k, v in table.groupby("dataset_size").plateau_test_acc.mean().items()},
         "rise_epoch_by_size": {
             str(int(k)): (float(v) if v == v else None)

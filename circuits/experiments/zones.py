@@ -26,6 +26,7 @@ from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _check_size, _seeded, _seeds
 from circuits.experiments.sweep import (
     ExperimentResult,
+    interval_by,
     Member,
     check_grid,
     member_table,
@@ -131,6 +132,7 @@ def memorisation_capacity(
         "p": base.task.p,
         "pairs": base.task.n_pairs,
         "capacity_by_width": {str(int(k)): float(v) for k, v in means.items()},
+        "capacity_by_width_ci": interval_by(table, "d_model", "capacity"),
         "capacity_increases": bool(np.all(np.diff(means.to_numpy()) >= 0)),
     }
     from circuits.plots import plot_capacity
