@@ -139,7 +139,7 @@ def test_the_one_call_measure_is_the_analysis_row(tiny_run: circuits.Run, tmp_pa
     result = analyze(tiny_run, out=tmp_path / "a", key_freqs=[1, 2])
     epoch = tiny_run.epochs[-1]
     row = result.measures[result.measures.epoch == epoch].iloc[0]
-    one = measure(tiny_run.model(epoch), tiny_run.task, tiny_run.config, key_freqs=[1, 2])
+    one = measure(tiny_run.model(epoch), tiny_run.task, tiny_run.config, key_freqs=[1, 2], init=tiny_run.model(0))
     assert set(one) == set(result.measures.columns) - {"epoch"}
     for name, value in one.items():
         assert value == pytest.approx(float(row[name]), rel=1e-6, abs=1e-9), name
