@@ -57,11 +57,26 @@ if TYPE_CHECKING:
     from circuits.tasks import make_task
 
 
+#: Submodules reachable as attributes (``circuits.fourier``, ``circuits.measures``, ...),
+#: imported on first use.
+SUBMODULES = (
+    "analysis", "config", "errors", "experiments", "fourier", "grid", "measures", "model", "plots",
+    "report", "run", "stats", "store", "tasks", "trainer", "dashboard", "engine",
+)
+
+
 def __getattr__(name: str) -> Any:
     # Lazy imports keep `import circuits` (and the CLI's --help) free of torch's import time.
+    import importlib
+
+    if name in SUBMODULES:
+        return importlib.import_module(f"circuits.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'circuits' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    # Tab completion in a notebook offers the public API and the submodules.
+    return sorted({*globals(), *__all__, *SUBMODULES})

@@ -168,6 +168,11 @@ class Analysis:
         import pandas as pd
 
         epochs = self.arrays["epochs"].tolist()
+        if epoch is not None and epoch not in epochs:
+            near = min(epochs, key=lambda e: (abs(e - epoch), e)) if epochs else None
+            raise KeyError(f"the analysis has no checkpoint at epoch {epoch}; the nearest is {near} "
+                           f"(epochs: {epochs[0]}..{epochs[-1]}, {len(epochs)} checkpoints)" if epochs else
+                           "the analysis has no checkpoints")
         i = len(epochs) - 1 if epoch is None else epochs.index(epoch)
         return pd.DataFrame({
             "neuron": range(self.arrays["neuron_cluster"].shape[1]),

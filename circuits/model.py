@@ -11,6 +11,8 @@ interpretability" (1 layer, no LayerNorm, causal attention, ReLU MLP, untied une
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from functools import lru_cache
 
 import einops
 import torch
@@ -20,9 +22,9 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from circuits.config import ModelConfig, RunConfig
+from circuits.config import ModelConfig, RunConfig, TaskConfig
 
-__all__ = ["Transformer", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
+__all__ = ["Transformer", "HookedConfig", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
 
 
 #: State-dict keys of the model's buffers (the causal mask and HookedTransformer's IGNORE),
@@ -75,8 +77,11 @@ class Attention(nn.Module):
         self.W_V = nn.Parameter(torch.empty(h, d, dh))
         self.b_K = nn.Parameter(torch.zeros(h, dh))
         self.b_V = nn.Parameter(torch.zeros(h, dh))
-        self.register_buffer("mask", torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool)))
-        self.register_buffer("IGNORE", torch.tensor(-torch.inf))
+        # Not persistent: they are rebuilt by the constructor, so a checkpoint (weights only)
+        # loads strictly, and a TransformerLens state dict that carries them loads too
+        # (Transformer.load_state_dict drops them).
+        self.register_buffer("mask", torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool)), persistent=False)
+        self.register_buffer("IGNORE", torch.tensor(-torch.inf), persistent=False)
         self.attn_scale = math.sqrt(dh)
         self.hook_q = HookPoint()
         self.hook_k = HookPoint()
@@ -163,17 +168,83 @@ class Unembed(nn.Module):
         return resid @ self.W_U + self.b_U
 
 
+class HookedConfig:
+    """A read-only view of a model's config with the fields of TransformerLens'
+    ``HookedTransformerConfig`` that notebooks and ``ActivationCache``'s helpers read
+    (``d_vocab``, ``d_vocab_out``, ``n_ctx``, ``attn_only``, ``normalization_type``,
+    ``positional_embedding_type``, ``device``, ``dtype``, ...), with this model's values; any
+    other name is circuits' own :class:`ModelConfig`'s (``seed``, ``init``, ``train_biases``).
+    The ModelConfig itself is ``model.config``."""
+
+    _FIXED = {
+        "attn_only": False, "normalization_type": None, "positional_embedding_type": "standard",
+        "original_architecture": "circuits", "model_name": "circuits-grokking", "final_rms": False,
+        "gated_mlp": False, "parallel_attn_mlp": False, "attention_dir": "causal", "use_attn_result": False,
+        "use_split_qkv_input": False, "use_hook_mlp_in": False, "use_attn_in": False,
+        "use_local_attn": False, "default_prepend_bos": False, "tokenizer_name": None,
+        "n_key_value_heads": None, "num_experts": None, "use_normalization_before_and_after": False,
+        "post_embedding_ln": False, "rotary_dim": None, "attn_types": None, "eps": 1e-5,
+        "init_weights": True, "d_vocab_out_is_d_vocab": False, "output_logits_soft_cap": -1.0,
+    }
+
+    def __init__(self, model: Transformer) -> None:
+        object.__setattr__(self, "_model", model)
+
+    def __getattr__(self, name: str) -> object:
+        model = object.__getattribute__(self, "_model")
+        config: ModelConfig = model.config
+        if name in HookedConfig._FIXED:
+            return HookedConfig._FIXED[name]
+        if name in ("d_vocab", "d_vocab_out", "n_ctx"):
+            return getattr(model, name)
+        if name == "d_head":
+            return config.d_head
+        if name == "device":
+            return next(model.parameters()).device
+        if name == "dtype":
+            return next(model.parameters()).dtype
+        if name == "init_mode":
+            return config.init
+        if name == "n_params":
+            return sum(p.numel() for n, p in model.named_parameters() if "W_" in n)
+        return getattr(config, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"model.cfg is a read-only view; build a new model from a changed config "
+                             f"(RunConfig.replace({name}=...)) instead of setting cfg.{name}")
+
+    def to_dict(self) -> dict[str, object]:
+        """The HookedTransformerConfig fields above and circuits' ModelConfig fields."""
+        import dataclasses
+
+        names = ["n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "d_vocab_out", "n_ctx",
+                 "act_fn", *HookedConfig._FIXED]
+        out = {n: getattr(self, n) for n in names}
+        out.update({f.name: getattr(self._model.config, f.name) for f in dataclasses.fields(self._model.config)})
+        return out
+
+    def __repr__(self) -> str:
+        return f"HookedConfig({self._model.config!r}, d_vocab={self.d_vocab}, d_vocab_out={self.d_vocab_out})"
+
+
 class Transformer(HookedRootModule):
     """A hooked, HookedTransformer-compatible transformer for ``[a, b, =]`` tasks.
 
     ``model(tokens)`` returns logits ``[batch, pos, d_vocab_out]``; ``model.run_with_cache``
-    returns ``(logits, cache)`` with the classic hook names. ``cfg`` is the ModelConfig;
-    ``d_vocab`` (= p + 1), ``d_vocab_out`` (= p) and ``n_ctx`` (= 3) come from the task.
+    returns ``(logits, cache)`` with the classic hook names, the cache a TransformerLens
+    ``ActivationCache``. ``cfg`` is a read-only HookedTransformerConfig-like view
+    (:class:`HookedConfig`); ``config`` is circuits' ModelConfig; ``d_vocab`` (= p + 1),
+    ``d_vocab_out`` (= p) and ``n_ctx`` (= 3) come from the task, which a model made by
+    :func:`make_model` also knows (``task_config``: for ``return_type="loss"``). ``epoch`` is the
+    checkpoint's exact epoch when the model came from a run (None otherwise).
     """
 
-    def __init__(self, cfg: ModelConfig, d_vocab: int, d_vocab_out: int, n_ctx: int = 3) -> None:
+    def __init__(self, cfg: ModelConfig, d_vocab: int, d_vocab_out: int, n_ctx: int = 3,
+                 task_config: TaskConfig | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
+        self.task_config = task_config
+        self.epoch: int | None = None
         self.d_vocab, self.d_vocab_out, self.n_ctx = d_vocab, d_vocab_out, n_ctx
         self.embed = Embed(d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
@@ -193,18 +264,18 @@ class Transformer(HookedRootModule):
         HookedTransformer with the same seed gets the same weights. ``fan`` (the official code of
         Nanda et al.): std 1/sqrt(d_model) for every matrix except ``W_U`` (1/sqrt(d_vocab)).
         """
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator().manual_seed(self.config.seed)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if "W_" not in name:
                     param.zero_()
                     continue
-                if self.cfg.init == "gpt2":
-                    std = 0.8 / math.sqrt(self.cfg.d_model)
+                if self.config.init == "gpt2":
+                    std = 0.8 / math.sqrt(self.config.d_model)
                 elif name.endswith("W_U"):
                     std = 1.0 / math.sqrt(self.d_vocab)
                 else:
-                    std = 1.0 / math.sqrt(self.cfg.d_model)
+                    std = 1.0 / math.sqrt(self.config.d_model)
                 param.normal_(0.0, std, generator=gen)
 
     def set_bias_training(self, train_biases: bool) -> None:
@@ -213,12 +284,166 @@ class Transformer(HookedRootModule):
             if name.split(".")[-1].startswith("b_"):
                 param.requires_grad_(train_biases)
 
-    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab_out"]:
-        """Logits at every position."""
+    @property
+    def cfg(self) -> HookedConfig:
+        """HookedTransformerConfig-like read-only view (:class:`HookedConfig`)."""
+        return HookedConfig(self)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        return_type: str | None = "logits",
+        loss_per_token: bool = False,
+        labels: Int[Tensor, " batch"] | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor] | None:
+        """Logits at every position, as ``HookedTransformer.forward``: ``return_type`` is
+        ``"logits"`` (default), ``"loss"``, ``"both"`` (logits, loss) or None.
+
+        The loss is the task's: float64 cross-entropy of the logits at the answer position
+        (the last, '=') against the answers, which are ``labels`` or, for a model from
+        :func:`make_model` or ``run.model(...)``, read from the task's own table (so a
+        random-label or label-noise run scores against what it was trained on). Mean over the
+        batch, or per example with ``loss_per_token`` (TransformerLens' next-token loss has no
+        meaning here: the answer is not one of the inputs).
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
         for block in self.blocks:
             resid = block(resid)
-        return self.unembed(resid)
+        logits = self.unembed(resid)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        y = self.answers(tokens) if labels is None else labels
+        nll = F.cross_entropy(logits[:, -1].double(), y.to(logits.device), reduction="none")
+        loss = nll if loss_per_token else nll.mean()
+        return loss if return_type == "loss" else (logits, loss)
+
+    def answers(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
+        """The task's answer for each input ``[a, b, =]`` (from its table; see :meth:`forward`)."""
+        if self.task_config is None:
+            raise ValueError("this model does not know its task: pass labels=..., or build it with "
+                             "make_model(config) or run.model(epoch)")
+        table = _answer_table(self.task_config)
+        n = self.task_config.n_elements
+        a, b = tokens[:, 0].cpu(), tokens[:, 1].cpu()
+        if bool(((a < 0) | (a >= n) | (b < 0) | (b >= n)).any()):
+            raise ValueError(f"inputs must be [a, b, =] with a, b in 0..{n - 1}")
+        return table[a * n + b]
+
+    def run_with_cache(self, *args: object, **kwargs: object) -> tuple[object, object]:
+        """``(output, cache)``, the cache a TransformerLens ``ActivationCache`` (indexing as
+        ``cache["pattern", 0]``, ``decompose_resid``, ``logit_attrs``, ...)."""
+        from transformer_lens import ActivationCache
+
+        out, cache = super().run_with_cache(*args, **kwargs)
+        if isinstance(cache, dict):
+            cache = ActivationCache(cache, self)
+        return out, cache
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):  # noqa: ANN201
+        """As ``nn.Module.load_state_dict``, strict on parameters; buffer entries (``mask``,
+        ``IGNORE``, as TransformerLens saves them) are rebuilt here, so they are ignored."""
+        kept = {k: v for k, v in state_dict.items() if not is_buffer_key(k)}
+        return super().load_state_dict(kept, strict=strict, assign=assign)
+
+    # ---- HookedTransformer's stacked weights ------------------------------------------------
+    def _stack(self, part: str, name: str) -> Tensor:
+        return torch.stack([getattr(getattr(b, part), name) for b in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        """Query weights of every layer, stacked."""
+        return self._stack("attn", "W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        """Key weights of every layer, stacked."""
+        return self._stack("attn", "W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        """Value weights of every layer, stacked."""
+        return self._stack("attn", "W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        """Output weights of every layer, stacked."""
+        return self._stack("attn", "W_O")
+
+    @property
+    def b_Q(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack("attn", "b_Q")
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack("attn", "b_K")
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return self._stack("attn", "b_V")
+
+    @property
+    def b_O(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack("attn", "b_O")
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        """MLP input weights of every layer, stacked."""
+        return self._stack("mlp", "W_in")
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        """MLP output weights of every layer, stacked."""
+        return self._stack("mlp", "W_out")
+
+    @property
+    def b_in(self) -> Float[Tensor, "n_layers d_mlp"]:
+        return self._stack("mlp", "b_in")
+
+    @property
+    def b_out(self) -> Float[Tensor, "n_layers d_model"]:
+        return self._stack("mlp", "b_out")
+
+    @property
+    def b_U(self) -> Float[Tensor, " d_vocab_out"]:
+        """Unembedding bias."""
+        return self.unembed.b_U
+
+    @property
+    def QK(self):  # noqa: ANN201
+        """``FactoredMatrix(W_Q, W_K^T)`` per layer and head, as HookedTransformer's."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    @property
+    def OV(self):  # noqa: ANN201
+        """``FactoredMatrix(W_V, W_O)`` per layer and head, as HookedTransformer's."""
+        from transformer_lens import FactoredMatrix
+
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the attention and MLP output biases before ``layer`` (HookedTransformer's)."""
+        total = torch.zeros(self.config.d_model, device=self.W_E.device)
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
+    def tokens_to_residual_directions(self, tokens: int | Tensor) -> Tensor:
+        """The unembedding direction of answer class(es) ``tokens`` (``W_U[:, tokens]``, class
+        axis last moved first), as HookedTransformer's, for ``cache.logit_attrs``."""
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens]
+        idx = torch.as_tensor(tokens, device=self.W_U.device)
+        return self.W_U[:, idx].movedim(0, -1)
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
@@ -237,5 +462,12 @@ class Transformer(HookedRootModule):
 
 
 def make_model(config: RunConfig) -> Transformer:
-    """The freshly initialised model of a run config."""
-    return Transformer(config.model, config.d_vocab, config.d_vocab_out, config.n_ctx)
+    """The freshly initialised model of a run config (it knows its task: ``task_config``)."""
+    return Transformer(config.model, config.d_vocab, config.d_vocab_out, config.n_ctx, config.task)
+
+
+@lru_cache(maxsize=8)
+def _answer_table(task: TaskConfig) -> Tensor:
+    from circuits.tasks import make_task
+
+    return make_task(task).labels

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,43 +124,76 @@ class Run:
 
         expected = self._expected
         missing = sorted(k for k in expected if k not in tensors and not is_buffer_key(k))
-        unknown = sorted(k for k in tensors if k not in expected)
+        unknown = sorted(k for k in tensors if k not in expected and not is_buffer_key(k))
         if missing or unknown:
             what = [f"lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"] if missing else []
             what += [f"holds unknown {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}"] if unknown else []
             return "; ".join(what)
         for k, v in tensors.items():
+            if is_buffer_key(k):  # rebuilt by the model; ignored when loading
+                continue
             shape, dtype = expected[k]
-            if tuple(v.shape) != shape or (not is_buffer_key(k) and v.dtype != torch.float32):
+            if tuple(v.shape) != shape or v.dtype != torch.float32:
                 return f"{k} is {v.dtype} {tuple(v.shape)}, the run's model needs float32 {shape}"
         return None
 
-    def model(self, epoch: int | None = None, exact: bool = False) -> Transformer:
-        """The hooked model at ``epoch`` (default: the last checkpoint).
+    def checkpoint_epoch(self, epoch: int | None = None, exact: bool = False) -> int:
+        """The checkpoint epoch that ``model(epoch)`` loads: the last for None, the k-th from the
+        end for -k (as a Python index), else ``epoch`` itself or (without ``exact``) the
+        nearest checkpoint, with a warning naming both; ``exact`` makes a missing epoch a
+        KeyError naming the nearest."""
+        epochs = self.epochs
+        if not epochs:
+            raise RunFolderError(f"{self.path} has no checkpoints yet")
+        if epoch is None:
+            return epochs[-1]
+        if epoch < 0:
+            if -epoch > len(epochs):
+                raise IndexError(f"{self.path} has {len(epochs)} checkpoints; {epoch} counts past the first")
+            return epochs[epoch]
+        if epoch in set(epochs):
+            return epoch
+        near = self.nearest_epoch(epoch)
+        if exact:
+            raise KeyError(
+                f"no checkpoint at epoch {epoch} in {self.path}; nearest is {near} "
+                "(call model(epoch) without exact=True to use it)"
+            )
+        warnings.warn(f"no checkpoint at epoch {epoch}; using the nearest, epoch {near} (model.epoch says "
+                      "which; exact=True raises instead)", stacklevel=3)
+        return near
 
-        Without ``exact``, the nearest checkpoint is used; with it, an epoch that has no
-        checkpoint raises ``KeyError`` naming the nearest ones.
-        """
+    def model(self, epoch: int | None = None, exact: bool = False) -> Transformer:
+        """The hooked model at ``epoch`` (default: the last checkpoint; -k: the k-th from the
+        end). An epoch without a checkpoint loads the nearest one with a warning, or raises
+        ``KeyError`` with ``exact``; ``model.epoch`` is the epoch loaded."""
         from circuits.model import make_model
 
-        if epoch is None:
-            epochs = self.epochs
-            if not epochs:
-                raise RunFolderError(f"{self.path} has no checkpoints yet")
-            epoch = epochs[-1]
-        elif exact:
-            if epoch not in set(self.epochs):
-                near = self.nearest_epoch(epoch)
-                raise KeyError(
-                    f"no checkpoint at epoch {epoch} in {self.path}; nearest is {near} "
-                    "(call model(epoch) without exact=True to use it)"
-                )
-        else:
-            epoch = self.nearest_epoch(epoch)
+        epoch = self.checkpoint_epoch(epoch, exact)
         model = make_model(self.config)
-        model.load_state_dict(self.state_dict(epoch), strict=False)
+        model.load_state_dict(self.state_dict(epoch))
+        model.epoch = epoch
         model.eval()
         return model
+
+    def models(self, epochs: Iterable[int] | None = None) -> Iterator[Transformer]:
+        """The model at each checkpoint (default: all, in order), one module reused: its weights
+        are replaced in place between steps, so hold on to ``state_dict()`` copies, not to the
+        yielded model, to keep one. ``model.epoch`` says which checkpoint it holds."""
+        import torch
+
+        from circuits.model import make_model
+
+        model: Transformer | None = None
+        for e in self.epochs if epochs is None else epochs:
+            e = self.checkpoint_epoch(e)
+            if model is None:
+                model = make_model(self.config)
+                model.eval()
+            with torch.no_grad():
+                model.load_state_dict(self.state_dict(e))
+            model.epoch = e
+            yield model
 
     def verify(self) -> list[CheckpointError]:
         """Every damaged checkpoint of the run (empty when all are intact): files that differ

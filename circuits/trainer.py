@@ -342,8 +342,10 @@ def train_stack(
     lost = {i: mark for i, mark in lost.items() if mark is not None}
     open_ = [i for i, m in enumerate(done) if m is None and i not in lost]  # finished: not touched
     # One trainer per folder: a second is refused, naming the first (circuits.lock).
+    # enable_grad: a notebook's usual first line, torch.set_grad_enabled(False), must not
+    # break training (it did, leaving a folder with epoch 0 only).
     with removed_if_not_started([stores[i].root for i in open_]), \
-            hold_run_folders([stores[i].root for i in open_]), deterministic():
+            hold_run_folders([stores[i].root for i in open_]), deterministic(), torch.enable_grad():
         members = [_open_member(configs[i], stores[i]) for i in open_]
         epochs = configs[0].train.epochs
         try:

@@ -94,6 +94,13 @@ class FourierView:
     def take(self, x: Tensor, classes: bool = False) -> Tensor:
         """``x [..., pairs, last]`` over the canonical grid, its pairs (axis -2) taken to the
         view's in view order; with ``classes``, its last axis (logits) to the view's classes."""
+        grid = self.n_elements * self.n_elements
+        if x.dim() < 2 or x.shape[-2] != grid or (classes and x.shape[-1] != self.n_classes):
+            want = f"[..., {grid}, {self.n_classes}]" if classes else f"[..., {grid}, features]"
+            hint = ("; for a model's [batch, pos, classes] logits over the grid's inputs, pass the "
+                    "answer position's: logits[:, -1]") if x.dim() == 3 and x.shape[-2] != grid else ""
+            raise ValueError(f"expected a tensor {want} over the {self.n_elements} x {self.n_elements} "
+                             f"grid of inputs in canonical order, got shape {tuple(x.shape)}{hint}")
         if self.identity:
             return x
         out = x.index_select(-2, self.pairs.to(x.device))
