@@ -162,3 +162,17 @@ def test_submodules_are_attributes_and_tab_completion_offers_them() -> None:
         assert name in dir(circuits)
     with pytest.raises(AttributeError):
         circuits.no_such_thing  # noqa: B018
+
+
+def test_the_docs_name_the_quick_presets_real_run_folder() -> None:
+    # The README and the docs used run names no command produces (quick-2b16e754).
+    import re
+
+    from circuits.config import preset
+    from circuits.run import default_run_dir
+
+    real = default_run_dir(preset("quick")).name
+    root = Path(__file__).resolve().parent.parent
+    for doc in (root / "README.md", root / "docs" / "dashboard.md", root / "circuits" / "run.py"):
+        names = set(re.findall(r"quick-[0-9a-f]{8}", doc.read_text()))
+        assert names <= {real}, (doc.name, names, real)
