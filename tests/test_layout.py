@@ -149,3 +149,15 @@ def test_the_checker_sees_function_level_imports(tmp_path: Path, source: str, ex
         init.write_text(init.read_text() + "\n\ndef g():\n    import circuits.analysis\n")
         arrows, _ = import_graph()
         assert any("circuits.analysis" in c and "circuits.dashboard" in c for c in _cycles(arrows))
+
+
+def test_the_distribution_name_is_not_the_unrelated_circuits_package() -> None:
+    # Issue 21, item 7: `circuits` on the package index is an event framework; ours is
+    # installed as grokking-circuits and imported as circuits.
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "grokking-circuits"
+    assert "circuits" in project["scripts"] and project["scripts"]["circuits"].startswith("circuits.")
+    assert "pip install grokking-circuits" in (root / "README.md").read_text()
