@@ -26,6 +26,8 @@ empty folder or one of its own, and holds the folder's lock while it writes.
 
 from __future__ import annotations
 
+import logging
+
 import csv
 import hashlib
 import io
@@ -74,6 +76,8 @@ from circuits.store import (
 
 if TYPE_CHECKING:
     import pandas as pd
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "Analysis",
@@ -227,13 +231,17 @@ def analyze(
     With ``write`` (default) the tables are saved to ``out`` (default
     :func:`default_analysis_dir`) and reused by the next call for every checkpoint whose sha256
     is unchanged (see the module docstring); ``out`` must be new, empty or an analysis folder
-    (AnalysisFolderError otherwise, nothing written).
+    (AnalysisFolderError otherwise, nothing written). Where it writes is ``Analysis.path`` and is
+    logged (``logging``, logger ``circuits.analysis``) before anything is computed.
     """
     keep_freed_memory()
     if not isinstance(run, Run):
         run = load_run(run)
     chosen = select(measures)  # an unknown name is refused before anything is read or written
     out_dir = Path(out) if out is not None else default_analysis_dir(run)
+    if write:
+        _log.info("analysing %s into %s%s", run.path, out_dir.resolve(),
+                  " (reusing what is there)" if (out_dir / SUMMARY_FILE).exists() else "")
     if not write:
         return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen)
     check_analysis_dir(out_dir)

@@ -176,3 +176,15 @@ def test_the_docs_name_the_quick_presets_real_run_folder() -> None:
     for doc in (root / "README.md", root / "docs" / "dashboard.md", root / "circuits" / "run.py"):
         names = set(re.findall(r"quick-[0-9a-f]{8}", doc.read_text()))
         assert names <= {real}, (doc.name, names, real)
+
+
+def test_analyze_says_where_it_writes(tiny_run: circuits.Run, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="circuits.analysis"):
+        first = circuits.analyze(tiny_run, out=tmp_path / "a", key_freqs=[1])
+        circuits.analyze(tiny_run, out=tmp_path / "a", key_freqs=[1])
+    lines = [r.getMessage() for r in caplog.records if r.name == "circuits.analysis"]
+    assert first.path == tmp_path / "a"
+    assert lines[0] == f"analysing {tiny_run.path} into {(tmp_path / 'a').resolve()}"
+    assert lines[1].endswith("(reusing what is there)")
