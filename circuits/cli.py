@@ -249,6 +249,25 @@ def reindex_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> No
         raise typer.Exit(1)
 
 
+@app.command("import")
+def import_cmd(
+    source: Path = typer.Argument(..., help="A TransformerLens Grokking demo save (torch.save of a dict with "
+                                  "config, checkpoints, checkpoint_epochs, train_indices, test_indices)."),
+    out: Path = typer.Option(..., "--out", help="New or empty run folder to create."),
+    op: str = typer.Option("add", "--op", help="The operation the run was trained on (the file does not say)."),
+) -> None:
+    """Import a saved run as a run folder, never executing code from the file: a restricted
+    unpickler builds tensors, containers, numbers and strings only. The run analyses and draws
+    dashboards like any other; it does not train."""
+    from circuits.importer import ImportRefused, import_run
+
+    try:
+        run = import_run(source, out, op=op)
+    except ImportRefused as e:
+        raise UserError(str(e)) from None
+    typer.echo(f"imported {len(run.epochs)} checkpoints (epochs {run.epochs[0]}..{run.epochs[-1]}) into {run.path}")
+
+
 @app.command("analyze")
 def analyze_cmd(
     run_dir: Optional[Path] = typer.Argument(None, help="A run folder (it may still be training)."),

@@ -89,6 +89,9 @@ DASHBOARD_FILE = "dashboard.html"
 #: Held (fcntl) by the process training into the folder; records its pid and host
 #: (circuits.lock). Deleted when that process finishes; never one of the run's own files.
 LOCK_FILE = "circuits.lock"
+#: Written by ``circuits import``: where an imported run came from (its presence: the run
+#: analyses but does not train).
+SOURCE_FILE = "source.json"
 METRIC_COLUMNS = ("epoch", "train_loss", "test_loss", "train_acc", "test_acc")
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^epoch_(\d{9})\.safetensors$")
@@ -159,7 +162,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 #: The files of a run folder, in the order :func:`clear_run_folder` removes them: the config
 #: last, since its presence is what marks the folder as a run (it is also written last).
-RUN_FILES = (RESUME_META_FILE, RESUME_FILE, METRICS_FILE, MANIFEST_FILE, SPLIT_FILE)
+RUN_FILES = (RESUME_META_FILE, RESUME_FILE, METRICS_FILE, MANIFEST_FILE, SPLIT_FILE, SOURCE_FILE)
 
 
 def own_temp(name: str, owners: Iterable[str]) -> bool:

@@ -47,6 +47,7 @@ from circuits.resume import check_resume
 from circuits.store import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    SOURCE_FILE,
     RunFolderError,
     RunStore,
     file_sha256,
@@ -333,6 +334,10 @@ def train_stack(
         raise ValueError("the reference engine trains one run at a time; use the fused engine for a stack")
     dev = resolve_device(device, engine)
     keep_freed_memory()
+    for s in stores:
+        if (s.root / SOURCE_FILE).exists():
+            raise RunFolderError(f"{s.root} is an imported run ({SOURCE_FILE}): it analyses but does not "
+                                 "train; train into another --out")
     if len({s.root.resolve() for s in stores}) != len(stores):
         raise ValueError("two members share one run folder; give each member its own")
     done = [finished_model(c, s) for c, s in zip(configs, stores)]
