@@ -20,7 +20,9 @@ def test_the_notebook_is_kept_without_outputs() -> None:
     assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code)
 
 
-def test_the_tutorial_notebook_executes(quick_run: circuits.Run, tmp_path: Path) -> None:
+def test_the_tutorial_notebook_executes(
+    quick_run: circuits.Run, quick_analysis: circuits.Analysis, tmp_path: Path
+) -> None:
     try:
         import nbformat
         from nbclient import NotebookClient
@@ -29,15 +31,17 @@ def test_the_tutorial_notebook_executes(quick_run: circuits.Run, tmp_path: Path)
             raise
         pytest.skip("nbclient is not installed (pip install -e '.[test]')")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env_before = os.environ.get("CIRCUITS_TUTORIAL_RUN")
-    os.environ["CIRCUITS_TUTORIAL_RUN"] = str(quick_run.path)
+    given = {"CIRCUITS_TUTORIAL_RUN": str(quick_run.path), "CIRCUITS_TUTORIAL_ANALYSIS": str(quick_analysis.path)}
+    before = {k: os.environ.get(k) for k in given}
+    os.environ.update(given)  # the kernel inherits the environment
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
-        if env_before is None:
-            os.environ.pop("CIRCUITS_TUTORIAL_RUN", None)
-        else:
-            os.environ["CIRCUITS_TUTORIAL_RUN"] = env_before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
     assert not errors
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
