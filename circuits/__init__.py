@@ -27,6 +27,8 @@ __all__ = [
     "load_analysis",
     "Analysis",
     "report",
+    "progress_bar",
+    "import_run",
 ]
 
 _LAZY = {
@@ -46,6 +48,8 @@ _LAZY = {
     "load_analysis": "circuits.analysis",
     "Analysis": "circuits.analysis",
     "report": "circuits.report",
+    "progress_bar": "circuits.progress",
+    "import_run": "circuits.importer",
 }
 
 if TYPE_CHECKING:
@@ -55,13 +59,15 @@ if TYPE_CHECKING:
     from circuits.report import report
     from circuits.run import Run, load_run, train, train_ensemble
     from circuits.tasks import make_task
+    from circuits.progress import progress_bar
+    from circuits.importer import import_run
 
 
 #: Submodules reachable as attributes (``circuits.fourier``, ``circuits.measures``, ...),
 #: imported on first use.
 SUBMODULES = (
     "analysis", "config", "errors", "experiments", "fourier", "grid", "measures", "model", "plots",
-    "report", "run", "stats", "store", "tasks", "trainer", "dashboard", "engine",
+    "report", "run", "stats", "store", "tasks", "trainer", "dashboard", "engine", "progress", "importer",
 )
 
 

@@ -188,3 +188,12 @@ def test_analyze_says_where_it_writes(tiny_run: circuits.Run, tmp_path: Path, ca
     assert first.path == tmp_path / "a"
     assert lines[0] == f"analysing {tiny_run.path} into {(tmp_path / 'a').resolve()}"
     assert lines[1].endswith("(reusing what is there)")
+
+
+def test_a_progress_bar_for_notebooks_and_terminals(tmp_path: Path) -> None:
+    import io
+
+    sink = io.StringIO()
+    run = circuits.train(tiny_config(epochs=20), out=tmp_path / "r", on_step=circuits.progress_bar(file=sink, mininterval=0))
+    text = sink.getvalue()
+    assert run.epochs[-1] == 20 and "20/20" in text and "test_acc=" in text
