@@ -39,6 +39,7 @@ def _train(**kwargs: Any) -> None:
     out = kwargs.pop("out")
     force = kwargs.pop("force")
     device = kwargs.pop("device")
+    log_to = kwargs.pop("log_to")
     config = config_from_kwargs(kwargs)
 
     from circuits.engine.ensemble import resolve_device
@@ -52,9 +53,10 @@ def _train(**kwargs: Any) -> None:
 
     path = Path(out) if out is not None else default_run_dir(config)
     progress = _TrainProgress(config, path)
+    on_step = _with_loggers(progress.update, log_to, config, path)
     try:
         with progress:
-            run = train(config, out=path, force=force, on_step=progress.update, device=device)
+            run = train(config, out=path, force=force, on_step=on_step, device=device)
     except TrainingInterrupted as e:
         typer.echo(
             f"interrupted at epoch {e.epoch}; state saved in {path}. "
@@ -136,6 +138,29 @@ class _TrainProgress:
         return 1000 * self.elapsed / max(self.steps, 1)
 
 
+def _with_loggers(on_step: Any, log_to: str | None, config: RunConfig, path: Path) -> Any:
+    """The progress callback chained with the ``--log-to`` loggers (TensorBoard event files in
+    ``<run>/tensorboard``; a W&B run named after the folder)."""
+    if not log_to:
+        return on_step
+    from circuits.loggers import LOGGERS, chain, tensorboard_logger, wandb_logger
+
+    names = [n.strip() for n in log_to.split(",") if n.strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad or not names:
+        raise UserError(f"--log-to {log_to!r}: choose from {', '.join(LOGGERS)} (comma-separated)")
+    loggers = []
+    try:
+        for name in names:
+            if name == "tensorboard":
+                loggers.append(tensorboard_logger(path / "tensorboard"))
+            else:
+                loggers.append(wandb_logger(config=config, name=path.name))
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    return chain(on_step, *loggers)
+
+
 def _train_signature() -> None:
     params = config_parameters()
     params[1:1] = [
@@ -155,6 +180,13 @@ def _train_signature() -> None:
             "device", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
             default=typer.Option(
                 None, "--device", help="Where the fused engine computes: cpu (default) or cuda[:N]."
+            ),
+        ),
+        inspect.Parameter(
+            "log_to", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+            default=typer.Option(
+                None, "--log-to", help="Also log the metrics to tensorboard (RUN/tensorboard) and/or wandb, "
+                "comma-separated (needs the extra of each)."
             ),
         ),
     ]
