@@ -241,7 +241,19 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
             f"UNINDEXED {len(unindexed)} checkpoint file(s) the manifest does not list ({names}); "
             f"run `circuits reindex {run.path}` to index them"
         )
-    for check in (run.check_split, run.check_metrics, run.check_resume):
+    from circuits.importer import imported_source
+
+    source = imported_source(run.path)
+    if source is not None:
+        typer.echo(f"imported  from {source.get('source')} (sha256 {str(source.get('sha256'))[:16]}...); "
+                   "it analyses but does not train")
+    mark = run.store.diverged()
+    if mark is not None:
+        typer.echo(f"DIVERGED  at epoch {mark.get('epoch')} (lr {mark.get('lr')}): a rerun refuses until "
+                   "--force; try a lower --lr")
+    checks = (run.check_split, run.check_metrics) if source is not None else (
+        run.check_split, run.check_metrics, run.check_resume)
+    for check in checks:
         problem = check()
         if problem is not None:
             problems.append(f"DAMAGED   {problem}")

@@ -96,6 +96,8 @@ def test_a_diverged_run_is_marked_and_a_rerun_refuses_until_force(tmp_path: Path
     r = run_cli("train", "--config", str(cfg_file), "--out", str(out))
     assert r.returncode == 2 and "diverged" in r.stderr and "lr 1e+06" in r.stderr and "--force" in r.stderr
     assert _files(out) == before
+    info = run_cli("info", str(out))  # the mark is shown where a user looks at a run
+    assert f"DIVERGED  at epoch {seen} (lr 1000000.0)" in info.stdout
     fixed = circuits.train(tiny_config(engine=engine), out=out, force=True)
     assert fixed.is_complete and fixed.store.diverged() is None
 

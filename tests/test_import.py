@@ -21,7 +21,7 @@ import torch
 import circuits
 from circuits.errors import RunFolderError
 from circuits.importer import ImportRefused, import_run, read_restricted
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli
 
 
 @dataclasses.dataclass
@@ -90,6 +90,9 @@ def test_a_demo_save_imports_as_a_run_that_analyses_like_the_original(tiny_run: 
     m = run.metrics.set_index("epoch")
     first = ours.measures.set_index("epoch")
     assert m.loc[run.epochs[-1], "train_loss"] == pytest.approx(first.loc[run.epochs[-1], "train_loss"], rel=1e-6)
+    info = run_cli("info", str(tmp_path / "imported"))
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert f"imported  from {src.resolve()}" in info.stdout
     # It analyses but does not train.
     with pytest.raises(RunFolderError, match="imported run"):
         circuits.train(run.config, out=tmp_path / "imported")
