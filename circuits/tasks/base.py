@@ -95,7 +95,9 @@ class FourierView:
         """``x [..., pairs, last]`` over the canonical grid, its pairs (axis -2) taken to the
         view's in view order; with ``classes``, its last axis (logits) to the view's classes."""
         grid = self.n_elements * self.n_elements
-        if x.dim() < 2 or x.shape[-2] != grid or (classes and x.shape[-1] != self.n_classes):
+        # The class axis matters only where classes are taken (mul, div); over the whole grid
+        # the projections act on the pairs axis alone, whatever the number of columns.
+        if x.dim() < 2 or x.shape[-2] != grid or (classes and not self.identity and x.shape[-1] != self.n_classes):
             want = f"[..., {grid}, {self.n_classes}]" if classes else f"[..., {grid}, features]"
             hint = ("; for a model's [batch, pos, classes] logits over the grid's inputs, pass the "
                     "answer position's: logits[:, -1]") if x.dim() == 3 and x.shape[-2] != grid else ""
