@@ -36,7 +36,8 @@ def test_nearest_and_exact_epochs(tiny_run: circuits.Run) -> None:
     assert run.nearest_epoch(23) == 20 and run.nearest_epoch(27) == 30
     assert run.nearest_epoch(25) == 20  # a tie goes to the earlier checkpoint
     assert run.nearest_epoch(10_000) == run.epochs[-1]
-    assert torch.equal(run.model(27).W_E, run.model(30, exact=True).W_E)
+    with pytest.warns(UserWarning, match="using the nearest, epoch 30"):  # substitution is said
+        assert torch.equal(run.model(27).W_E, run.model(30, exact=True).W_E)
     with pytest.raises(KeyError, match="nearest is 30"):
         run.model(27, exact=True)
     assert torch.equal(run.model().W_E, run.model(run.epochs[-1]).W_E)
