@@ -193,13 +193,15 @@ def _key_set(run: Run, epoch: int) -> list[int]:
 def _measure_chunk(
     run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None,
     chosen: Sequence[Family] | None = None, init: dict[str, torch.Tensor] | None = None,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Columns and arrays of the chosen families (default: every one that applies) for a stack
     of checkpoints: :func:`circuits.measures.registry.compute` in row blocks of the grid.
-    ``init``: the run's epoch-0 weights stacked (:func:`_init_weights`)."""
+    ``init``: the run's epoch-0 weights stacked (:func:`_init_weights`); ``memo``: one dict for
+    every batch of an analysis (:class:`~circuits.measures.registry.Checkpoints`)."""
     if chosen is None:
         chosen, _ = applicable(select(), run.config)
-    return compute(Checkpoints(params, run.task, run.config, key, init), chosen, block_rows)
+    return compute(Checkpoints(params, run.task, run.config, key, init, memo), chosen, block_rows)
 
 
 def _init_weights(run: Run) -> dict[str, torch.Tensor] | None:
@@ -376,6 +378,7 @@ def _analyze(
     new_epochs: list[int] = []
     total = len(todo)
     init = _init_weights(run) if todo else None
+    memo: dict[Any, Any] = {}  # what depends on the run alone, computed in the first batch
     for start in range(0, total, batch_size):
         chunk = todo[start : start + batch_size]
         sds, good = [], []
@@ -386,7 +389,7 @@ def _analyze(
             except CheckpointError as err:
                 damaged[e] = str(err)
         if sds:
-            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed, init=init)
+            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed, init=init, memo=memo)
             new_cols.append(cols)
             new_arrays.append(arrs)
             new_epochs += good

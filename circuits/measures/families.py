@@ -403,10 +403,13 @@ def _init_mem_norm_sq(ckpts: Checkpoints) -> float:
     initialisation the non-key remainder already holds about two thirds of the squared norm)."""
     if ckpts.init is None:
         return float("nan")
-    from circuits.grid import grid_forward
+    memo_key = ("mem_norm_sq_init", tuple(ckpts.key))
+    if memo_key not in ckpts.memo:  # a property of the run: one grid forward per analysis
+        from circuits.grid import grid_forward
 
-    _, post = grid_forward(ckpts.init, ckpts.task, ckpts.act_fn)
-    fractions = neuron_frequency_fractions(post[0], ckpts.view)
-    kidx = torch.tensor([k - 1 for k in ckpts.key], dtype=torch.long)
-    nkf = fractions[:, kidx].sum(-1)[None] if len(ckpts.key) else torch.zeros(1, fractions.shape[0])
-    return float(circuit_norms_sq(ckpts.init, ckpts.view, ckpts.key, nkf)["mem_norm_sq"][0])
+        _, post = grid_forward(ckpts.init, ckpts.task, ckpts.act_fn)
+        fractions = neuron_frequency_fractions(post[0], ckpts.view)
+        kidx = torch.tensor([k - 1 for k in ckpts.key], dtype=torch.long)
+        nkf = fractions[:, kidx].sum(-1)[None] if len(ckpts.key) else torch.zeros(1, fractions.shape[0])
+        ckpts.memo[memo_key] = float(circuit_norms_sq(ckpts.init, ckpts.view, ckpts.key, nkf)["mem_norm_sq"][0])
+    return ckpts.memo[memo_key]

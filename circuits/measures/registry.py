@@ -82,14 +82,18 @@ class Checkpoints:
     """A stack of checkpoints as the families see it: stacked weights (leading ``ckpt`` axis,
     classic names), the run's task and config, the key frequencies, and the results of the
     families finished so far (``results[name]``). ``init`` is the run's initialisation (epoch 0,
-    stacked as ``[1, ...]``) when known: the chance baselines of the circuit split read it."""
+    stacked as ``[1, ...]``) when known: the chance baselines of the circuit split read it.
+    ``memo`` is shared by every stack of one analysis (the analysis passes the same dict to each
+    batch): a value that depends on the run alone, such as the split of ``init``, is computed
+    there once rather than once per batch."""
 
     def __init__(self, params: Mapping[str, Tensor], task: Task, config: RunConfig, key: Sequence[int],
-                 init: Mapping[str, Tensor] | None = None) -> None:
+                 init: Mapping[str, Tensor] | None = None, memo: dict[Any, Any] | None = None) -> None:
         self.params = dict(params)
         self.task, self.config = task, config
         self.key = [int(k) for k in key]
         self.init = dict(init) if init is not None else None
+        self.memo: dict[Any, Any] = memo if memo is not None else {}
         self.results: dict[str, Result] = {}
         self.block_rows = 0
         """Rows of a per block of the grid pass (set by :func:`compute`): a family that goes over
