@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.fourier import line_index
-from circuits.measures.losses import project_sum_directions
+from circuits.measures.losses import logits_in_view, project_in_view
 from circuits.tasks import TaskLike, as_view
 
 __all__ = [
@@ -65,10 +65,9 @@ def logit_parts(
 
     ``L_bias`` broadcasts over the inputs (one value per class).
     """
-    view = as_view(task)
-    x = view.take(logits, classes=True).to(torch.float64)
+    view, x = logits_in_view(logits, task)
     bias = x.mean(dim=-2, keepdim=True)
-    gen = project_sum_directions(x, view.own(), freqs)  # zero-mean directions: P_S(L - bias) = P_S(L)
+    gen = project_in_view(x, view, freqs)  # zero-mean directions: P_S(L - bias) = P_S(L)
     return bias, gen, x - bias - gen
 
 
@@ -98,12 +97,11 @@ def sum_direction_share(
     a - b; for mul and div, the discrete log of the answer), i.e. each such line's mean minus
     the overall mean, so the share needs no key set (``gen_share_all``).
     """
-    view = as_view(task)
-    x = view.take(logits, classes=True).to(torch.float64)
+    view, x = logits_in_view(logits, task)
     p = view.n
     centred_sq = (x - x.mean(dim=-2, keepdim=True)).pow(2).sum((-2, -1))
     if freqs is not None:
-        gen_sq = project_sum_directions(x, view.own(), freqs).pow(2).sum((-2, -1))
+        gen_sq = project_in_view(x, view, freqs).pow(2).sum((-2, -1))
     else:
         diag = line_index(p, view.sign, x.device)
         sums = x.new_zeros(*x.shape[:-2], p, x.shape[-1]).index_add_(-2, diag, x)

@@ -29,6 +29,8 @@ __all__ = [
     "cross_entropy",
     "accuracy",
     "project_sum_directions",
+    "logits_in_view",
+    "project_in_view",
     "restricted_logits",
     "excluded_logits",
     "restricted_loss",
@@ -53,37 +55,46 @@ def accuracy(
     return (logits.argmax(-1) == labels).to(torch.float64).mean(-1)
 
 
+def logits_in_view(
+    logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike
+) -> tuple[FourierView, Float[Tensor, "*ckpt nn view_cls"]]:
+    """``(the task's Fourier view, the logits in it as float64)``: what every Fourier measure
+    starts from (for add and sub, the logits themselves)."""
+    view = as_view(task)
+    return view, view.take(logits, classes=True).to(torch.float64)
+
+
+def project_in_view(
+    x: Float[Tensor, "*ckpt nn cls"], view: FourierView, freqs: list[int]
+) -> Float[Tensor, "*ckpt nn cls"]:
+    """P_S of float64 logits already in the view's coordinates (:func:`logits_in_view`)."""
+    dirs = sum_directions(view.n, freqs, torch.float64, view.sign).to(x.device)
+    return torch.einsum("dq,...dc->...qc", dirs, torch.einsum("dq,...qc->...dc", dirs, x))
+
+
 def project_sum_directions(
     logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike, freqs: list[int]
 ) -> Float[Tensor, "*ckpt nn view_cls"]:
     """P_S(L): each logit column projected onto the answer directions cos/sin(w_k(a+b)) (for
     add; the task's own for the others) for k in ``freqs``, on the task's Fourier view."""
-    view = as_view(task)
-    return _project(view.take(logits, classes=True).to(torch.float64), view, freqs)
+    view, x = logits_in_view(logits, task)
+    return project_in_view(x, view, freqs)
 
 
 def restricted_logits(
     logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike, freqs: list[int]
 ) -> Float[Tensor, "*ckpt nn view_cls"]:
     """P_S(L) plus the per-class mean of L over the view (the constant 2D component)."""
-    view = as_view(task)
-    x = view.take(logits, classes=True).to(torch.float64)
-    return _project(x, view, freqs) + x.mean(dim=-2, keepdim=True)
+    view, x = logits_in_view(logits, task)
+    return project_in_view(x, view, freqs) + x.mean(dim=-2, keepdim=True)
 
 
 def excluded_logits(
     logits: Float[Tensor, "*ckpt pp cls"], task: TaskLike, freqs: list[int]
 ) -> Float[Tensor, "*ckpt nn view_cls"]:
     """L - P_S(L): the key-frequency directions removed, nothing else touched."""
-    view = as_view(task)
-    x = view.take(logits, classes=True).to(torch.float64)
-    return x - _project(x, view, freqs)
-
-
-def _project(x: Float[Tensor, "*ckpt nn cls"], view: FourierView, freqs: list[int]) -> Float[Tensor, "*ckpt nn cls"]:
-    """P_S of float64 logits already in view coordinates."""
-    dirs = sum_directions(view.n, freqs, torch.float64, view.sign).to(x.device)
-    return torch.einsum("dq,...dc->...qc", dirs, torch.einsum("dq,...qc->...dc", dirs, x))
+    view, x = logits_in_view(logits, task)
+    return x - project_in_view(x, view, freqs)
 
 
 def restricted_loss(
@@ -122,8 +133,7 @@ def key_logit_fraction(
 ) -> Float[Tensor, "*ckpt"]:
     """‖P_S(L - mean)‖² / ‖L - mean‖²: share of the logits' variance in the key directions
     (on the task's Fourier view)."""
-    view = as_view(task)
-    x = view.take(logits, classes=True).to(torch.float64)
+    view, x = logits_in_view(logits, task)
     centred = x - x.mean(dim=-2, keepdim=True)
-    proj = _project(centred, view, freqs)
+    proj = project_in_view(centred, view, freqs)
     return proj.pow(2).sum((-2, -1)) / centred.pow(2).sum((-2, -1)).clamp_min(1e-300)

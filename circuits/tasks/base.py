@@ -61,10 +61,6 @@ class FourierView:
         what = "a + b" if sign == 1 else "a - b"
         return cls(p, sign, ar, ar, p, p, f"characters of Z_{p} in {what}")
 
-    def own(self) -> FourierView:
-        """The same group as a whole grid of its own (for values already in view coordinates)."""
-        return self if self.identity else FourierView.cyclic(self.n, self.sign)
-
     @cached_property
     def identity(self) -> bool:
         """The view is the whole grid in its own order (no pair or class is left out)."""
@@ -80,16 +76,17 @@ class FourierView:
     @cached_property
     def element_position(self) -> Int[Tensor, " n_elements"]:
         """Each element's group position, -1 for an element outside the view (0 for mul, div)."""
-        pos = torch.full((self.n_elements,), -1, dtype=torch.long)
-        pos[self.elements] = torch.arange(self.n)
-        return pos
+        return _positions(self.elements, self.n_elements)
 
     @cached_property
     def class_position(self) -> Int[Tensor, " n_classes"]:
         """Each class's group position, -1 for a class outside the view."""
-        pos = torch.full((self.n_classes,), -1, dtype=torch.long)
-        pos[self.classes] = torch.arange(self.n)
-        return pos
+        return _positions(self.classes, self.n_classes)
+
+    @cached_property
+    def pair_position(self) -> Int[Tensor, " pairs"]:
+        """Each canonical pair's index in the view, -1 for a pair outside it."""
+        return _positions(self.pairs, self.n_elements * self.n_elements)
 
     def take(self, x: Tensor, classes: bool = False) -> Tensor:
         """``x [..., pairs, last]`` over the canonical grid, its pairs (axis -2) taken to the
@@ -121,9 +118,7 @@ class FourierView:
         """Canonical pair indices ``idx`` as view indices, those outside the view dropped."""
         if self.identity:
             return idx
-        pos = torch.full((self.n_elements * self.n_elements,), -1, dtype=torch.long)
-        pos[self.pairs] = torch.arange(self.n * self.n)
-        out = pos[idx]
+        out = self.pair_position[idx]
         return out[out >= 0]
 
     def table(self, task: Task) -> ViewTable:
@@ -136,18 +131,17 @@ class FourierView:
     def basis(self) -> Float[Tensor, "n n_elements"]:
         """The characters of Z_n over the task's elements (rows Const, cos 1, sin 1, ...;
         columns of elements outside the view are 0), orthonormal."""
-        from circuits.fourier import fourier_basis
-
-        out = torch.zeros(self.n, self.n_elements, dtype=torch.float64)
-        out[:, self.elements] = fourier_basis(self.n, torch.float64)
-        return out
+        return self._characters(self.elements, self.n_elements)
 
     def class_basis(self) -> Float[Tensor, "n n_classes"]:
         """The characters of Z_n over the task's answer classes (as :meth:`basis`)."""
+        return self._characters(self.classes, self.n_classes)
+
+    def _characters(self, order: Tensor, size: int) -> Tensor:
         from circuits.fourier import fourier_basis
 
-        out = torch.zeros(self.n, self.n_classes, dtype=torch.float64)
-        out[:, self.classes] = fourier_basis(self.n, torch.float64)
+        out = torch.zeros(self.n, size, dtype=torch.float64)
+        out[:, order] = fourier_basis(self.n, torch.float64)
         return out
 
     def directions(self, freqs: list[int]) -> Float[Tensor, "dirs pairs"]:
@@ -159,6 +153,14 @@ class FourierView:
         out = torch.zeros(len(dirs), self.n_elements * self.n_elements, dtype=torch.float64)
         out[:, self.pairs] = dirs
         return out
+
+
+def _positions(order: Tensor, size: int) -> Tensor:
+    """The inverse of ``order`` (distinct indices into range(size)): position of each index in
+    it, -1 for an index it does not hold."""
+    pos = torch.full((size,), -1, dtype=torch.long)
+    pos[order] = torch.arange(len(order))
+    return pos
 
 
 @dataclass(frozen=True)
