@@ -185,8 +185,8 @@ class Run:
         from circuits.model import make_model
 
         model: Transformer | None = None
-        for e in self.epochs if epochs is None else epochs:
-            e = self.checkpoint_epoch(e)
+        # The run's own epochs need no lookup (each would re-read the manifest).
+        for e in self.epochs if epochs is None else [self.checkpoint_epoch(e) for e in epochs]:
             if model is None:
                 model = make_model(self.config)
                 model.eval()
