@@ -172,12 +172,12 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     task = run.task
     out: dict[str, float | int | None] = {"epoch": epoch}
     out.update(split_metrics(logits[0].to(torch.float64), task))
-    norm = weight_norm_sq(state) ** 0.5
+    norm_sq = weight_norm_sq(state)
     _, margin = part_logit_stats(logits.to(torch.float64), task.labels, task.train_idx)
     out.update(
-        weight_norm=norm,
+        weight_norm=norm_sq**0.5,
         margin_train=float(margin[0]),
-        efficiency=float(circuit_efficiency(margin[0], torch.tensor(norm * norm, dtype=torch.float64))),
+        efficiency=float(circuit_efficiency(margin[0], torch.tensor(norm_sq, dtype=torch.float64))),
     )
     if not task.has_fourier:  # the shares need the task's answer directions
         out.update(gen_share_all=None, gen_share=None, n_key_freqs=None)
