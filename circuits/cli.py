@@ -296,9 +296,11 @@ def reindex_cmd(run_dir: Path = typer.Argument(..., help="A run folder.")) -> No
 @app.command("import")
 def import_cmd(
     source: Path = typer.Argument(..., help="A TransformerLens Grokking demo save (torch.save of a dict with "
-                                  "config, checkpoints, checkpoint_epochs, train_indices, test_indices)."),
+                                  "config, checkpoints, checkpoint_epochs, train_indices, test_indices), or "
+                                  "Nanda et al.'s full_run_data.pth (state_dicts, config, losses)."),
     out: Path = typer.Option(..., "--out", help="New or empty run folder to create."),
-    op: str = typer.Option("add", "--op", help="The operation the run was trained on (the file does not say)."),
+    op: Optional[str] = typer.Option(None, "--op", help="The operation the run was trained on, where the file "
+                                     "does not say (default add)."),
 ) -> None:
     """Import a saved run as a run folder, never executing code from the file: a restricted
     unpickler builds tensors, containers, numbers and strings only. The run analyses and draws

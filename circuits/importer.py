@@ -11,9 +11,18 @@ toolkit's own definition), and ``source.json`` with the source file's sha256. Ev
 and dashboard then works on it; it does not train (a run folder with ``source.json`` is refused
 by ``circuits train``).
 
+Nanda et al.'s ``full_run_data.pth`` (the run of "Progress measures for grokking via
+mechanistic interpretability", 2023, used by ARENA's grokking exercises) is a dict of
+``state_dicts`` (every ``save_every`` = 100 epochs), their code's ``config`` object,
+``train_losses`` and ``test_losses``. Its weights are in their own code's layout
+(``W_E [d_model, p + 1]``, ``W_Q [n_heads, d_head, d_model]``, ``W_O [d_model, n_heads *
+d_head]``, ``W_in [d_mlp, d_model]``, ``W_out [d_model, d_mlp]``, ``W_U [d_model, p + 1]``, trained
+MLP biases); the split is not stored and is rebuilt by their rule, then checked against the
+recorded losses (:func:`_read_full_run`).
+
 A file from someone else is never executed: it is read by a restricted unpickler
 (:func:`read_restricted`) that builds tensors, containers, numbers, strings, torch dtypes and
-devices only; a ``HookedTransformerConfig`` becomes an inert dict of its fields, never
+devices only; a config object (``HookedTransformerConfig``, ``Config``) becomes an inert dict of its fields, never
 constructed; any other object is refused by name before anything is written (design.md,
 "Import").
 """
@@ -23,12 +32,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import einops
 import torch
+from torch import Tensor
 
 from circuits.config import ConfigError, RunConfig, preset
 from circuits.errors import RunFolderError
@@ -47,14 +59,15 @@ class ImportRefused(ValueError):
 
 
 class InertConfig(dict):
-    """The fields of a pickled ``HookedTransformerConfig``, as a plain dict (never constructed:
-    unpickling only fills it with the saved state)."""
+    """The fields of a pickled config object (TransformerLens' ``HookedTransformerConfig``,
+    Nanda et al.'s ``Config``), as a plain dict (never constructed: unpickling only fills it
+    with the saved state)."""
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
             state = {**(state[0] or {}), **(state[1] or {})}
         if not isinstance(state, dict):
-            raise ImportRefused("the saved HookedTransformerConfig is not a dict of fields")
+            raise ImportRefused("the saved config is not a dict of fields")
         self.update(state)
 
 
@@ -79,11 +92,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return torch.device
         if module == "builtins" and name in ("set", "frozenset", "complex"):
             return {"set": set, "frozenset": frozenset, "complex": complex}[name]
-        if (module, name) in _CONFIG_CLASSES:
+        if (module, name) in _CONFIG_CLASSES or name == "Config":
+            # Nanda et al.'s training code pickles its own ``Config`` (whatever module it was
+            # run from); like TransformerLens' config it is only ever read as inert fields.
             return InertConfig
         raise ImportRefused(f"the file holds a {module}.{name} object, which circuits does not build from a "
                             "file it received (only tensors, containers, numbers, strings, torch dtypes "
-                            "and a HookedTransformerConfig's fields)")
+                            "and a config's fields)")
 
 
 class _RestrictedPickle:
@@ -134,11 +149,11 @@ def _config_of(cfg: dict, train_size: int, last_epoch: int, op: str) -> RunConfi
         raise ImportRefused(f"the saved config does not fit a circuits run: {e}") from None
 
 
-def import_run(source: str | Path, out: str | Path, op: str = "add") -> Run:
-    """A TransformerLens Grokking demo file (see the module docstring) as a run folder at
-    ``out`` (new or empty); ``op`` names the task it was trained on (the file does not say;
-    the demo's is addition). Returns the :class:`Run`; ImportRefused (nothing written) when
-    the file does not fit."""
+def import_run(source: str | Path, out: str | Path, op: str | None = None) -> Run:
+    """A saved run, in either layout of the module docstring, as a run folder at ``out`` (new
+    or empty). ``op`` names the task it was trained on where the file does not say (the demo's
+    is addition; Nanda et al.'s config names it, and a different ``op`` is refused). Returns
+    the :class:`Run`; ImportRefused (nothing written) when the file does not fit."""
     source, out = Path(source), Path(out)
     if not source.is_file():
         raise ImportRefused(f"{source}: no such file")
@@ -146,37 +161,28 @@ def import_run(source: str | Path, out: str | Path, op: str = "add") -> Run:
         raise ImportRefused(f"{out} exists and is not empty; choose a new --out")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     data = read_restricted(source)
-    if not isinstance(data, dict) or not {"config", "checkpoints", "checkpoint_epochs"} <= set(data):
-        keys = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
-        raise ImportRefused(f"{source} is not a TransformerLens Grokking demo save (needs config, checkpoints, "
-                            f"checkpoint_epochs, train_indices, test_indices; has {keys})")
-    cfg, ckpts, epochs = data["config"], list(data["checkpoints"]), [int(e) for e in data["checkpoint_epochs"]]
-    if not isinstance(cfg, dict):
-        raise ImportRefused("the saved config is not a HookedTransformerConfig")
-    if len(ckpts) != len(epochs) or not ckpts:
-        raise ImportRefused(f"{len(ckpts)} checkpoints but {len(epochs)} checkpoint epochs")
-    if sorted(set(epochs)) != epochs:
-        raise ImportRefused("the checkpoint epochs are not increasing")
-    for key in ("train_indices", "test_indices"):
-        if not isinstance(data.get(key), torch.Tensor):
-            raise ImportRefused(f"{source} lacks {key} (the split): circuits never re-derives a run's split")
-    train_idx, test_idx = data["train_indices"].to(torch.int64), data["test_indices"].to(torch.int64)
-    config = _config_of(cfg, len(train_idx), epochs[-1], op)
+    if isinstance(data, dict) and "state_dicts" in data:
+        found = _read_full_run(data, op)
+    elif isinstance(data, dict) and {"config", "checkpoints", "checkpoint_epochs"} <= set(data):
+        found = _read_demo(data, source, op or "add")
+    else:
+        keys = sorted(map(str, data))[:8] if isinstance(data, dict) else type(data).__name__
+        raise ImportRefused(f"{source} is neither a TransformerLens Grokking demo save (config, checkpoints, "
+                            "checkpoint_epochs, train_indices, test_indices) nor Nanda et al.'s full_run_data.pth "
+                            f"(state_dicts, config, train_losses, test_losses); it has {keys}")
+    config, epochs, weights, (train_idx, test_idx), doc = found
     _, _, valid = make_grid(config.task)
     problem = split_problem(config.task, valid, train_idx, test_idx)
     if problem is not None:
         raise ImportRefused(f"the saved split does not fit p = {config.task.p}: {problem}")
     expected = {k: tuple(v.shape) for k, v in make_model(config).state_dict().items()}
-    weights = []
-    for epoch, sd in zip(epochs, ckpts):
-        kept = {k: v for k, v in dict(sd).items() if not is_buffer_key(k)}
-        wrong = sorted(set(kept) ^ set(expected))
+    for epoch, sd in zip(epochs, weights):
+        wrong = sorted(set(sd) ^ set(expected))
         if wrong:
             raise ImportRefused(f"checkpoint at epoch {epoch} does not have the model's parameters ({wrong[:3]})")
-        for k, v in kept.items():
+        for k, v in sd.items():
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != expected[k]:
                 raise ImportRefused(f"checkpoint at epoch {epoch}: {k} is not a tensor of shape {expected[k]}")
-        weights.append(kept)
     store = RunStore(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -186,10 +192,13 @@ def import_run(source: str | Path, out: str | Path, op: str = "add") -> Run:
             store.write_config(config)  # a run with a split, so a failure below is cleared as one
             for epoch, sd in zip(epochs, weights):
                 store.write_checkpoint(epoch, sd)
-            _write_metrics(load_run(out), store, epochs)
-            source_doc = {"source": str(source.resolve()), "sha256": digest, "format": "transformer_lens_demo",
-                          "op": op, "checkpoint_epochs": epochs,
-                          "config_fields": {k: _plain(v) for k, v in cfg.items()}}
+            run = load_run(out)
+            _write_metrics(run, store, epochs)
+            check = doc.pop("split_check", None)
+            if check is not None:
+                doc["split_check"] = check(run)
+            source_doc = {"source": str(source.resolve()), "sha256": digest, "op": config.task.op,
+                          "checkpoint_epochs": epochs, **doc}
             atomic_write_bytes(out / SOURCE_FILE, (json.dumps(source_doc, indent=2) + "\n").encode())
     except BaseException:
         if (out / CONFIG_FILE).exists():
@@ -199,6 +208,182 @@ def import_run(source: str | Path, out: str | Path, op: str = "add") -> Run:
             out.rmdir()
         raise
     return load_run(out)
+
+
+_Found = tuple[RunConfig, list[int], list[dict[str, Tensor]], tuple[Tensor, Tensor], dict[str, Any]]
+
+
+def _read_demo(data: dict, source: Path, op: str) -> _Found:
+    """The TransformerLens Grokking demo's save: TransformerLens names and shapes already."""
+    cfg, ckpts, epochs = data["config"], list(data["checkpoints"]), [int(e) for e in data["checkpoint_epochs"]]
+    if not isinstance(cfg, dict):
+        raise ImportRefused("the saved config is not a HookedTransformerConfig")
+    _check_epochs(ckpts, epochs)
+    for key in ("train_indices", "test_indices"):
+        if not isinstance(data.get(key), torch.Tensor):
+            raise ImportRefused(f"{source} lacks {key} (the split): circuits never re-derives a demo run's split")
+    train_idx, test_idx = data["train_indices"].to(torch.int64), data["test_indices"].to(torch.int64)
+    config = _config_of(cfg, len(train_idx), epochs[-1], op)
+    weights = [{k: v for k, v in dict(sd).items() if not is_buffer_key(k)} for sd in ckpts]
+    doc = {"format": "transformer_lens_demo", "config_fields": {k: _plain(v) for k, v in cfg.items()}}
+    return config, epochs, weights, (train_idx, test_idx), doc
+
+
+def _check_epochs(ckpts: list, epochs: list[int]) -> None:
+    if len(ckpts) != len(epochs) or not ckpts:
+        raise ImportRefused(f"{len(ckpts)} checkpoints but {len(epochs)} checkpoint epochs")
+    if sorted(set(epochs)) != epochs:
+        raise ImportRefused("the checkpoint epochs are not increasing")
+
+
+#: Nanda et al.'s ``fn_name`` values and the toolkit's operation of the same table.
+_NANDA_OPS = {"add": "add", "subtract": "sub", "sub": "sub", "multiply": "mul", "mul": "mul",
+              "divide": "div", "div": "div", "x2xyy2": "x2_xy_y2"}
+
+
+def nanda_split(p: int, frac_train: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The train/test split of Nanda et al.'s training code (their ``gen_train_test``): the
+    pairs (i, j) in the order i * p + j, shuffled by Python's ``random`` seeded with ``seed``,
+    the first ``int(frac_train * p^2)`` for training. Returned as pair indices i * p + j."""
+    import random
+
+    order = list(range(p * p))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    cut = int(frac_train * p * p)
+    return torch.tensor(order[:cut], dtype=torch.int64), torch.tensor(order[cut:], dtype=torch.int64)
+
+
+def _read_full_run(data: dict, op: str | None) -> _Found:
+    """Nanda et al.'s ``full_run_data.pth`` (the run of "Progress measures for grokking",
+    distributed with their code and ARENA's grokking exercises): ``state_dicts`` (one every
+    ``save_every`` epochs) in the layout of their own transformer code, the ``config`` object
+    of that code (read as inert fields), ``train_losses`` and ``test_losses``. The split is not
+    in the file: it is their code's rule (:func:`nanda_split`) with the config's ``frac_train``
+    and ``seed`` (0.3 and 0 if the config is absent), and it is accepted only when the
+    checkpoints' losses on it agree with the losses the file recorded (``split_check`` in
+    ``source.json``)."""
+    ckpts = list(data["state_dicts"])
+    cfg = data.get("config")
+    cfg = dict(cfg) if isinstance(cfg, dict) else {}
+    if not ckpts or not all(isinstance(sd, dict) for sd in ckpts):
+        raise ImportRefused("state_dicts is not a list of state dicts")
+    for key in ("embed.W_E", "blocks.0.attn.W_Q", "blocks.0.attn.W_O", "blocks.0.mlp.W_in", "unembed.W_U"):
+        if not isinstance(ckpts[0].get(key), torch.Tensor):
+            raise ImportRefused(f"the first state dict lacks {key}: not Nanda et al.'s transformer")
+    first = ckpts[0]
+    d_model, d_vocab = first["embed.W_E"].shape
+    n_heads, d_head, _ = first["blocks.0.attn.W_Q"].shape
+    d_mlp = first["blocks.0.mlp.W_in"].shape[0]
+    p = int(cfg.get("p", d_vocab - 1))
+    if d_vocab != p + 1 or tuple(first["unembed.W_U"].shape) != (d_model, d_vocab):
+        raise ImportRefused(f"W_E is {tuple(first['embed.W_E'].shape)} and W_U {tuple(first['unembed.W_U'].shape)}: "
+                            f"not [d_model, p + 1] with p = {p}")
+    if any(k.startswith("blocks.1.") for k in first) or cfg.get("use_ln", False):
+        raise ImportRefused("only the one-layer model without LayerNorm imports")
+    fn_name = cfg.get("fn_name")
+    if fn_name is not None and fn_name not in _NANDA_OPS:
+        raise ImportRefused(f"the run's operation fn_name={fn_name!r} is not one circuits knows")
+    file_op = _NANDA_OPS.get(fn_name) if fn_name is not None else None
+    if op is not None and file_op is not None and op != file_op:
+        raise ImportRefused(f"--op {op} but the file's config says fn_name={fn_name!r} ({file_op})")
+    op = op or file_op or "add"
+    every = int(cfg.get("save_every", 100))
+    given = data.get("checkpoint_epochs", data.get("epochs"))
+    epochs = [int(e) for e in given] if given is not None else [i * every for i in range(len(ckpts))]
+    _check_epochs(ckpts, epochs)
+    frac, seed = float(cfg.get("frac_train", 0.3)), int(cfg.get("seed", 0))
+    train_idx, test_idx = nanda_split(p, frac, seed)
+    act = str(cfg.get("act_type", "ReLU")).lower()
+    try:
+        config = preset("nanda").replace(
+            p=p, op=op, train_size=len(train_idx), d_model=int(d_model), n_heads=int(n_heads), d_mlp=int(d_mlp),
+            act_fn=act, train_biases=True, seed=seed, epochs=max(1, epochs[-1]), preset="imported",
+            **{k: float(cfg[c]) for k, c in (("lr", "lr"), ("weight_decay", "weight_decay")) if c in cfg},
+        )
+    except ConfigError as e:
+        raise ImportRefused(f"the saved config does not fit a circuits run: {e}") from None
+    if config.model.d_head != d_head:
+        raise ImportRefused(f"d_head {d_head} x n_heads {n_heads} != d_model {d_model}")
+    weights = [_from_nanda_layout(dict(sd), n_heads, epoch) for epoch, sd in zip(epochs, ckpts)]
+    losses = {k: [float(x) for x in data[k]] for k in ("train_losses", "test_losses") if k in data}
+    doc: dict[str, Any] = {
+        "format": "nanda_full_run_data",
+        "config_fields": {k: _plain(v) for k, v in cfg.items()},
+        "split": f"Nanda et al.'s rule: the p^2 pairs shuffled by Python random.Random({seed}), "
+                 f"the first int({frac} * p^2) = {len(train_idx)} for training",
+        "conversions": ["weights transposed from [out, in] to TransformerLens' [in, out] layout",
+                        "W_O [d_model, n_heads*d_head] split into [n_heads, d_head, d_model]",
+                        "the unembedding's column of '=' (never an answer) dropped: logits over the p answers "
+                        "are unchanged, the softmax no longer counts '='",
+                        "MLP biases kept (the run trained them); attention and unembedding biases are zero"],
+        "epoch_note": f"state_dicts[i] is labelled epoch i * {every}; the file does not say whether it was "
+                      "saved before or after that epoch's update (one step apart)",
+        "split_check": lambda run: _check_split(run, losses, bool(cfg.get("frac_train") is not None
+                                                                   and cfg.get("seed") is not None)),
+    }
+    return config, epochs, weights, (train_idx, test_idx), doc
+
+
+def _from_nanda_layout(sd: dict, n_heads: int, epoch: int) -> dict[str, Tensor]:
+    """One of Nanda et al.'s state dicts in TransformerLens' names and shapes (see the
+    conversions of :func:`_read_full_run`)."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if is_buffer_key(key) or key.endswith((".mask", ".IGNORE")):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ImportRefused(f"checkpoint at epoch {epoch}: {key} is not a tensor")
+        if key == "embed.W_E" or key.endswith(("mlp.W_in", "mlp.W_out")) or key.endswith(("attn.W_Q", "attn.W_K", "attn.W_V")):
+            out[key] = value.transpose(-1, -2).contiguous()
+        elif key.endswith("attn.W_O"):
+            out[key] = einops.rearrange(value, "d (h e) -> h e d", h=n_heads).contiguous()
+        elif key == "unembed.W_U":
+            out[key] = value[:, :-1].contiguous()
+        elif key in ("pos_embed.W_pos",) or key.endswith(("mlp.b_in", "mlp.b_out")):
+            out[key] = value.clone()
+        else:
+            raise ImportRefused(f"checkpoint at epoch {epoch} holds {key}, which Nanda et al.'s model does not have")
+    d_model = out["embed.W_E"].shape[1]
+    d_head = d_model // n_heads
+    for key, shape in (("blocks.0.attn.b_Q", (n_heads, d_head)), ("blocks.0.attn.b_K", (n_heads, d_head)),
+                       ("blocks.0.attn.b_V", (n_heads, d_head)), ("blocks.0.attn.b_O", (d_model,)),
+                       ("unembed.b_U", (out["unembed.W_U"].shape[1],))):
+        out[key] = torch.zeros(shape, dtype=out["embed.W_E"].dtype)
+    return out
+
+
+#: The split is confirmed when the checkpoints' training losses on it are, in the median,
+#: within this factor of the losses the file recorded (one update apart, and over p rather
+#: than p + 1 logits); a wrong split misses by orders of magnitude while the run memorises.
+SPLIT_CHECK_FACTOR = 1.5
+
+
+def _check_split(run: Run, losses: dict[str, list[float]], from_config: bool) -> dict[str, Any]:
+    train = losses.get("train_losses") or []
+    m = run.metrics.set_index("epoch")
+    pairs = [(float(m.loc[e, "train_loss"]), train[e]) for e in run.epochs if e < len(train) and train[e] > 0]
+    test = losses.get("test_losses") or []
+    if test and train and len(test) != len(train):  # some runs logged test loss every few epochs
+        stride = max(1, round(len(train) / len(test)))
+        test = [test[min(len(test) - 1, e // stride)] for e in range(len(train))]
+    # Where the run had memorised (test loss far above train loss) is where a wrong split shows.
+    telling = [i for i, e in enumerate(e for e in run.epochs if e < len(train) and train[e] > 0)
+               if test and test[e] > 10 * train[e]] if test else []
+    chosen = [pairs[i] for i in telling] or pairs
+    if not chosen:
+        if from_config:
+            return {"confirmed": False, "reason": "the file records no training losses; the split follows the config"}
+        raise ImportRefused("the file has neither the config's frac_train and seed nor training losses, so the "
+                            "split cannot be known; circuits does not guess a run's split")
+    ratios = sorted(abs(math.log(ours / theirs)) for ours, theirs in chosen if ours > 0)
+    median = math.exp(ratios[len(ratios) // 2]) if ratios else math.inf
+    if median > SPLIT_CHECK_FACTOR:
+        raise ImportRefused(f"the losses on the reconstructed split are {median:.3g}x off the losses the file "
+                            "recorded: the run was not split by Nanda et al.'s rule with its config's frac_train "
+                            "and seed, and circuits does not guess a split")
+    return {"confirmed": True, "checkpoints_compared": len(chosen), "median_loss_ratio": round(median, 4),
+            "while_memorised": bool(telling)}
 
 
 def _write_metrics(run: Run, store: RunStore, epochs: list[int]) -> None:
