@@ -120,7 +120,7 @@ def test_a_file_that_would_run_code_is_refused_and_nothing_runs(tmp_path: Path) 
 def test_files_that_do_not_fit_are_named(tiny_run: circuits.Run, tmp_path: Path) -> None:
     src = tmp_path / "plain.pth"
     torch.save({"weights": torch.zeros(3)}, src)
-    with pytest.raises(ImportRefused, match="not a TransformerLens Grokking demo save"):
+    with pytest.raises(ImportRefused, match="neither a TransformerLens Grokking demo save .* nor Nanda"):
         import_run(src, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
