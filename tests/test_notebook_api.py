@@ -197,3 +197,11 @@ def test_a_progress_bar_for_notebooks_and_terminals(tmp_path: Path) -> None:
     run = circuits.train(tiny_config(epochs=20), out=tmp_path / "r", on_step=circuits.progress_bar(file=sink, mininterval=0))
     text = sink.getvalue()
     assert run.epochs[-1] == 20 and "20/20" in text and "test_acc=" in text
+    # One callback over several runs in turn (a protocol's groups): a fresh bar for each.
+    sink = io.StringIO()
+    bar = circuits.progress_bar(desc="group", file=sink, mininterval=0)
+    circuits.train(tiny_config(epochs=10), out=tmp_path / "g1", on_step=bar)
+    circuits.train(tiny_config(epochs=15, seed=1), out=tmp_path / "g2", on_step=bar)
+    text = sink.getvalue()
+    assert "group: 100%" in text and "10/10" in text
+    assert "group #2: 100%" in text and "15/15" in text

@@ -141,7 +141,8 @@ def critical_dataset_size(
     is flagged ``gen_only = False``). Per seed, D_crit is the D where the memorisation norm,
     interpolated in log D, crosses the mean norm of that seed's generalisation-only networks;
     the summary gives the mean and spread over seeds, and the same crossing of efficiencies
-    (margin per unit norm) as a cross-check. The table has one row per network.
+    (the scale-free efficiency of :func:`circuits.measures.circuit_efficiency`) as a
+    cross-check. The table has one row per network.
     """
     base = base or preset("nanda")
     grid = check_grid("dataset size", sizes)
