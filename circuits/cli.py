@@ -21,6 +21,7 @@ from circuits.cli_common import (
     config_from_kwargs,
     config_parameters,
     set_signature,
+    with_loggers,
 )
 from circuits.config import ConfigError, RunConfig
 from circuits.store import CONFIG_FILE, SUMMARY_FILE, require_run_dir
@@ -53,7 +54,7 @@ def _train(**kwargs: Any) -> None:
 
     path = Path(out) if out is not None else default_run_dir(config)
     progress = _TrainProgress(config, path)
-    on_step = _with_loggers(progress.update, log_to, config, path)
+    on_step = with_loggers(progress.update, log_to, config, path)
     try:
         with progress:
             run = train(config, out=path, force=force, on_step=on_step, device=device)
@@ -136,29 +137,6 @@ class _TrainProgress:
     @property
     def ms_per_step(self) -> float:
         return 1000 * self.elapsed / max(self.steps, 1)
-
-
-def _with_loggers(on_step: Any, log_to: str | None, config: RunConfig, path: Path) -> Any:
-    """The progress callback chained with the ``--log-to`` loggers (TensorBoard event files in
-    ``<run>/tensorboard``; a W&B run named after the folder)."""
-    if not log_to:
-        return on_step
-    from circuits.loggers import LOGGERS, chain, tensorboard_logger, wandb_logger
-
-    names = [n.strip() for n in log_to.split(",") if n.strip()]
-    bad = [n for n in names if n not in LOGGERS]
-    if bad or not names:
-        raise UserError(f"--log-to {log_to!r}: choose from {', '.join(LOGGERS)} (comma-separated)")
-    loggers = []
-    try:
-        for name in names:
-            if name == "tensorboard":
-                loggers.append(tensorboard_logger(path / "tensorboard"))
-            else:
-                loggers.append(wandb_logger(config=config, name=path.name))
-    except ImportError as e:
-        raise UserError(str(e)) from None
-    return chain(on_step, *loggers)
 
 
 def _train_signature() -> None:

@@ -15,7 +15,7 @@ import typer
 
 from circuits.config import FIELD_OWNER, PRESETS, RunConfig, field_doc, field_type, preset
 
-__all__ = ["UserError", "build_config", "config_parameters", "set_signature", "config_from_kwargs"]
+__all__ = ["UserError", "build_config", "config_parameters", "set_signature", "config_from_kwargs", "with_loggers"]
 
 
 class UserError(Exception):
@@ -98,3 +98,25 @@ def config_from_kwargs(kwargs: dict[str, Any]) -> RunConfig:
     return build_config(preset_name, config_file, fields)
 
 
+def with_loggers(on_step: Any, log_to: str | None, config: RunConfig, path: Path) -> Any:
+    """The progress callback chained with the ``--log-to`` loggers (TensorBoard event files in
+    ``<path>/tensorboard``, a sub-folder per member in a protocol's ensembles; a W&B run named
+    after the folder). ``circuits train`` and ``circuits experiment`` share it."""
+    if not log_to:
+        return on_step
+    from circuits.loggers import LOGGERS, chain, tensorboard_logger, wandb_logger
+
+    names = [n.strip() for n in log_to.split(",") if n.strip()]
+    bad = [n for n in names if n not in LOGGERS]
+    if bad or not names:
+        raise UserError(f"--log-to {log_to!r}: choose from {', '.join(LOGGERS)} (comma-separated)")
+    loggers = []
+    try:
+        for name in names:
+            if name == "tensorboard":
+                loggers.append(tensorboard_logger(path / "tensorboard"))
+            else:
+                loggers.append(wandb_logger(config=config, name=path.name))
+    except ImportError as e:
+        raise UserError(str(e)) from None
+    return chain(on_step, *loggers)

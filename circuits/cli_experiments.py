@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import typer
 
-from circuits.cli_common import UserError, config_from_kwargs, config_parameters, set_signature
+from circuits.cli_common import UserError, config_from_kwargs, config_parameters, set_signature, with_loggers
 
 app = typer.Typer(
     help="Run a protocol of the grokking literature over many runs (Varma et al. 2023; Huang et al. 2024).",
@@ -84,7 +84,7 @@ def _launch(
     from circuits.engine.ensemble import resolve_device
     from circuits.trainer import TrainingInterrupted
 
-    out, device = kw.pop("out"), kw.pop("device")
+    out, device, log_to = kw.pop("out"), kw.pop("device"), kw.pop("log_to")
     base = config_from_kwargs(kw)
     try:
         resolve_device(device, base.train.engine)
@@ -94,7 +94,8 @@ def _launch(
     extra = from_base(base) if from_base is not None else {}
     try:
         with _Progress(protocol) as progress:
-            result = func(out, base=base, device=device, on_group=progress.group, on_step=progress.step,
+            on_step = with_loggers(progress.step, log_to, base, out)
+            result = func(out, base=base, device=device, on_group=progress.group, on_step=on_step,
                           **params, **extra)
     except TrainingInterrupted:
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
@@ -114,6 +115,8 @@ def _option(name: str, annotation: Any, default: Any, help: str) -> inspect.Para
 
 
 _DEVICE = _option("device", Optional[str], None, "Where the ensembles compute: cpu (default) or cuda[:N].")
+_LOG_TO = _option("log_to", Optional[str], None, "Also log every member's metrics to tensorboard "
+                  "(OUT/tensorboard/<member>) and/or wandb (a run per ensemble), comma-separated.")
 _OUT = _option("out", Optional[Path], None, "Experiment folder (default: checkpoints/<protocol>-<hash>).")
 _SEEDS = _option("seeds", int, 2, "Seeds per setting (seed s moves the init and the split by s).")
 _SIZES = _option("sizes", str, ..., "Training-set sizes D, comma-separated (e.g. 100,200,400).")
@@ -122,7 +125,7 @@ _WIDTHS = _option("widths", str, ..., "Model widths d_model, comma-separated (d_
 
 def _command(name: str, doc: str, extra: list[inspect.Parameter]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def register(func: Callable[..., None]) -> Callable[..., None]:
-        set_signature(func, [_OUT, *extra, _DEVICE, *config_parameters()])
+        set_signature(func, [_OUT, *extra, _DEVICE, _LOG_TO, *config_parameters()])
         func.__doc__ = doc
         app.command(name)(func)
         return func

@@ -83,6 +83,9 @@ class StepInfo:
     start_epoch: int
     member_metrics: tuple[dict[str, float | int], ...] | None = None
     """In an ensemble: every member's fresh metrics (``metrics`` is the first member's)."""
+    member_names: tuple[str, ...] | None = None
+    """The run folders' names of the members being trained, in the order of ``member_metrics``
+    (loggers file each member's metrics under its name)."""
 
 
 def lr_at(config: RunConfig, update: int) -> float:
@@ -429,6 +432,7 @@ def _train_segment(
     train = members[0].config.train
     step = _make_step(members, device)
     pending: list[list[dict[str, float | int]]] = [[] for _ in members]
+    names = tuple(m.store.root.name for m in members)
 
     def save(epoch: int, checkpoint: bool) -> None:
         for i, m in enumerate(members):
@@ -469,7 +473,7 @@ def _train_segment(
         rows = log(0)
         save(0, checkpoint=True)
         if on_step:
-            on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows)))
+            on_step(StepInfo(0, train.epochs, rows[0], 0, tuple(rows), names))
 
     for epoch in range(start + 1, stop + 1):
         step()
@@ -481,7 +485,7 @@ def _train_segment(
             save(epoch, checkpoint=True)
         if on_step:
             on_step(StepInfo(epoch, train.epochs, rows[0] if rows else None, start,
-                             tuple(rows) if rows else None))
+                             tuple(rows) if rows else None, names))
         if interrupted[0]:
             if not is_ckpt:
                 save(epoch, checkpoint=False)

@@ -48,6 +48,21 @@ def test_tensorboard_gets_every_logged_epoch(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "choose from tensorboard, wandb" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_a_protocol_logs_every_member_under_its_name(tmp_path: Path) -> None:
+    _need("tensorboard")
+    out = run_cli("experiment", "phases", "--grid", "weight-decay=0.1,1", "--grid", "seed=1,2", "--p", "11",
+                  "--d-model", "32", "--d-mlp", "64", "--epochs", "20", "--checkpoint-early-until", "0",
+                  "--log-every", "5", "--out", str(tmp_path / "ph"), "--log-to", "tensorboard")
+    assert out.returncode == 0, out.stderr
+    members = sorted(p.parent for p in (tmp_path / "ph").rglob("config.json"))
+    assert len(members) == 4
+    for member in members:
+        run = circuits.load_run(member)
+        got = _scalars(tmp_path / "ph" / "tensorboard" / member.name, "train/loss")
+        assert [s for s, _ in got] == run.metrics.epoch.tolist()
+        assert [v for _, v in got] == pytest.approx(run.metrics.train_loss.tolist(), rel=1e-6)
+
+
 def test_wandb_offline_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _need("wandb")
     from circuits.loggers import wandb_logger
@@ -64,3 +79,13 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path: Path, monkeypatch: pytest
     assert data.count(b"test/acc") >= len(run.metrics)
     assert json.dumps(float(run.metrics.test_acc.iloc[-1])).encode() in data
     assert b"d_model" in data  # the run config went with it
+    # An ensemble is one W&B run with every member's keys under its folder's name.
+    runs = circuits.train_ensemble([cfg, tiny_config(epochs=20, seed=1)], [tmp_path / "e0", tmp_path / "e1"],
+                                   on_step=wandb_logger(config=cfg, mode="offline", dir=str(tmp_path / "w2"),
+                                                        name="ens"))
+    files = list((tmp_path / "w2").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    for run in runs:
+        assert data.count(f"{run.path.name}/test/acc".encode()) >= len(run.metrics)
+        assert json.dumps(float(run.metrics.test_acc.iloc[-1])).encode() in data
