@@ -68,7 +68,27 @@ def _check_float(name: str, value: Any) -> None:
 
 
 #: Fields added after 0.1.0 and their defaults: left out of the config hash at the default.
-ADDED_FIELDS: dict[tuple[str, str], Any] = {("task", "label_noise"): 0.0}
+ADDED_FIELDS: dict[tuple[str, str], Any] = {
+    ("task", "label_noise"): 0.0,
+    ("model", "init_scale"): 1.0,
+    ("train", "optimizer"): "adamw",
+    ("train", "momentum"): 0.0,
+    ("train", "embed_lr"): None,
+    ("train", "embed_weight_decay"): None,
+    ("train", "grokfast"): "none",
+    ("train", "grokfast_alpha"): 0.98,
+    ("train", "grokfast_window"): 100,
+    ("train", "grokfast_lambda"): None,
+    ("train", "constrain_norm"): False,
+}
+
+#: The optimisers, with torch.optim's semantics: AdamW (decoupled weight decay), Adam (weight
+#: decay as an L2 term added to the gradient, Power et al.'s and Grokfast's baseline) and SGD.
+OPTIMIZERS = ("adamw", "adam", "sgd")
+#: Grokfast's gradient filters (Lee et al. 2024): none, ema or ma.
+GROKFAST = ("none", "ema", "ma")
+#: Grokfast's default amplification per filter (science.md, Decisions).
+GROKFAST_LAMBDA = {"ema": 2.0, "ma": 5.0}
 
 
 @dataclass(frozen=True)
@@ -203,8 +223,14 @@ class ModelConfig:
     """Seed of the weight initialisation (999: the TransformerLens demo)."""
     train_biases: bool = False
     """Train the biases (official code trains the MLP biases); else all biases stay frozen at 0."""
+    init_scale: float = 1.0
+    """Omnigrok's alpha (Liu et al. 2022b): every initial weight multiplied by this (> 0)."""
 
     def __post_init__(self) -> None:
+        _check_float("init_scale", self.init_scale)
+        if self.init_scale <= 0:
+            raise ConfigError(f"init_scale must be > 0 (Omnigrok's alpha multiplies the initial weights), "
+                              f"got {self.init_scale}")
         for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
             _check_int(name, getattr(self, name), 1)
         if self.d_model % self.n_heads:
@@ -260,9 +286,59 @@ class TrainConfig:
     """sha256 of the ``init_from`` file, filled in when training starts. With it, the weights
     started from (not the path they were read from) identify the run: a moved experiment folder
     still resumes, and a changed parent checkpoint is refused by name."""
+    optimizer: str = "adamw"
+    """adamw (decoupled weight decay), adam (weight decay as L2 in the gradient) or sgd."""
+    momentum: float = 0.0
+    """SGD momentum (torch.optim.SGD's, no dampening); sgd only."""
+    embed_lr: float | None = None
+    """Learning rate of the embeddings W_E and W_pos (Liu et al. 2022's parameter groups; None: lr)."""
+    embed_weight_decay: float | None = None
+    """Weight decay of the embeddings W_E and W_pos (None: weight_decay)."""
+    grokfast: str = "none"
+    """Grokfast gradient filter (Lee et al. 2024): none, ema or ma."""
+    grokfast_alpha: float = 0.98
+    """Grokfast-EMA's momentum alpha."""
+    grokfast_window: int = 100
+    """Grokfast-MA's window (updates); nothing is added until it is full."""
+    grokfast_lambda: float | None = None
+    """Grokfast's amplification lambda (None: 2 for ema, 5 for ma)."""
+    constrain_norm: bool = False
+    """Omnigrok's constrained-norm training: after every update the trainable weights are
+    rescaled to their total L2 norm just after initialisation."""
+
+    @property
+    def grokfast_gain(self) -> float:
+        """The lambda in use: ``grokfast_lambda``, or the filter's default."""
+        if self.grokfast_lambda is not None:
+            return float(self.grokfast_lambda)
+        return GROKFAST_LAMBDA.get(self.grokfast, 0.0)
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        _check_float("momentum", self.momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must lie in [0, 1), got {self.momentum}")
+        if self.momentum and self.optimizer != "sgd":
+            raise ConfigError(f"momentum is SGD's; optimizer {self.optimizer} has its betas (set --optimizer sgd)")
+        for name in ("embed_lr", "embed_weight_decay", "grokfast_lambda"):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name))
+        if self.embed_lr is not None and self.embed_lr <= 0:
+            raise ConfigError(f"embed_lr must be > 0, got {self.embed_lr}")
+        if self.embed_weight_decay is not None and self.embed_weight_decay < 0:
+            raise ConfigError(f"embed_weight_decay must be >= 0, got {self.embed_weight_decay}")
+        if self.grokfast not in GROKFAST:
+            raise ConfigError(f"grokfast must be one of {', '.join(GROKFAST)}; got {self.grokfast!r}")
+        _check_float("grokfast_alpha", self.grokfast_alpha)
+        if not 0.0 <= self.grokfast_alpha < 1.0:
+            raise ConfigError(f"grokfast_alpha must lie in [0, 1), got {self.grokfast_alpha}")
+        _check_int("grokfast_window", self.grokfast_window, 1)
+        if self.grokfast_lambda is not None and self.grokfast_lambda < 0:
+            raise ConfigError(f"grokfast_lambda must be >= 0, got {self.grokfast_lambda}")
+        if not isinstance(self.constrain_norm, bool):
+            raise ConfigError(f"constrain_norm must be true or false, got {self.constrain_norm!r}")
         for name in ("lr", "weight_decay", "beta1", "beta2", "eps"):
             _check_float(name, getattr(self, name))
         if self.lr <= 0:

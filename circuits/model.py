@@ -263,6 +263,7 @@ class Transformer(HookedRootModule):
         drawn in ``named_parameters`` order from a generator seeded with ``cfg.seed``, so a
         HookedTransformer with the same seed gets the same weights. ``fan`` (the official code of
         Nanda et al.): std 1/sqrt(d_model) for every matrix except ``W_U`` (1/sqrt(d_vocab)).
+        ``init_scale`` (Omnigrok's alpha, Liu et al. 2022b) then multiplies every weight.
         """
         gen = torch.Generator().manual_seed(self.config.seed)
         with torch.no_grad():
@@ -277,6 +278,8 @@ class Transformer(HookedRootModule):
                 else:
                     std = 1.0 / math.sqrt(self.config.d_model)
                 param.normal_(0.0, std, generator=gen)
+                if self.config.init_scale != 1.0:
+                    param.mul_(self.config.init_scale)
 
     def set_bias_training(self, train_biases: bool) -> None:
         """Freeze every ``b_*`` at its value (TransformerLens demo) or let it train."""

@@ -18,15 +18,13 @@ import torch
 from torch import Tensor
 
 from circuits.config import RunConfig
+from circuits.engine.optim import NORM_TARGET_KEY, filter_names, moment_names
 from circuits.errors import RunFolderError
 from circuits.model import Transformer
 from circuits.model import is_buffer_key
 from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, checkpoint_epoch
 
 __all__ = ["check_resume"]
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
 
 def _refuse(store: RunStore, problem: str) -> RunFolderError:
     return RunFolderError(
@@ -54,10 +52,13 @@ def check_resume(
                              f"{config.train.engine!r}")
     weights = {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    moments, filters = moment_names(config.train), filter_names(config.train)
     expected = {f"model.{k}" for k in weights} | {"rng.torch"}
     if epoch > 0:
-        expected |= {f"opt.{n}.{m}" for n in trainable for m in (*_MOMENTS, "step")}
-    optional = {f"opt.{n}.{m}" for n in trainable for m in (*_MOMENTS, "step")}
+        expected |= {f"opt.{n}.{m}" for n in trainable for m in (*moments, "step", *filters)}
+        if config.train.constrain_norm:
+            expected.add(NORM_TARGET_KEY)
+    optional = {f"opt.{n}.{m}" for n in trainable for m in (*moments, "step", *filters)} | {NORM_TARGET_KEY}
     missing = sorted(expected - set(tensors))
     unknown = sorted(set(tensors) - expected - optional)
     if missing or unknown:
@@ -68,12 +69,22 @@ def check_resume(
         _check_tensor(store, f"model.{k}", tensors[f"model.{k}"], v.shape, v.dtype)
     for n in trainable:
         p = weights[n]
-        for m in _MOMENTS:
+        for m in moments:
             if f"opt.{n}.{m}" in tensors:
                 _check_tensor(store, f"opt.{n}.{m}", tensors[f"opt.{n}.{m}"], p.shape, p.dtype)
+        if f"opt.{n}.grokfast_ema" in tensors:
+            _check_tensor(store, f"opt.{n}.grokfast_ema", tensors[f"opt.{n}.grokfast_ema"], p.shape, p.dtype)
+        if f"opt.{n}.grokfast_ma" in tensors:
+            # Up to ``window`` gradients, oldest first: as many as updates taken.
+            kept = min(epoch, config.train.grokfast_window)
+            _check_tensor(store, f"opt.{n}.grokfast_ma", tensors[f"opt.{n}.grokfast_ma"],
+                          torch.Size((kept, *p.shape)), p.dtype)
         step = tensors.get(f"opt.{n}.step")
         if step is not None and (step.numel() != 1 or not step.is_floating_point() or float(step) != epoch):
             raise _refuse(store, f"opt.{n}.step is {step.tolist()}, not the resume epoch {epoch}")
+    target = tensors.get(NORM_TARGET_KEY)
+    if target is not None and (target.numel() != 1 or target.dtype != torch.float64 or not float(target) > 0):
+        raise _refuse(store, f"{NORM_TARGET_KEY} is not a positive float64 norm")
     if tensors["rng.torch"].dtype != torch.uint8 or tensors["rng.torch"].dim() != 1:
         raise _refuse(store, "rng.torch is not a torch RNG state")
     _check_place(store, config, epoch, tensors)

@@ -102,7 +102,8 @@ def lr_at(config: RunConfig, update: int) -> float:
 
 def resume_tensors(weights: dict[str, Tensor], optimizer: dict[str, Tensor]) -> dict[str, Tensor]:
     """A member's resume point in the run folder's layout: ``model.<param>``, the optimizer's
-    ``opt.<param>.<exp_avg|exp_avg_sq|step>`` and the torch RNG state (``rng.torch``).
+    ``opt.<param>.<moment|step|grokfast state>`` (circuits.engine.optim.state_names), the norm
+    target of a constrained run and the torch RNG state (``rng.torch``).
 
     Read back by :func:`_open_member`; the one codec of both engines.
     """

@@ -19,7 +19,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine.fused import stacked_last_logits
 from circuits.engine.loss import split_metrics, stacked_loss
-from circuits.engine.stacked import StackedAdamW, member_state, stack_models
+from circuits.engine.stacked import StackedOptimizer, member_state, stack_models
 from circuits.engine.step import TrainStep
 from circuits.model import Transformer
 from circuits.tasks import Task
@@ -90,7 +90,7 @@ class FusedStack:
     ) -> None:
         self.tasks, self.act_fn = list(tasks), configs[0].model.act_fn
         self.params = stack_models(models, device)
-        self.opt = StackedAdamW(self.params, configs)
+        self.opt = StackedOptimizer(self.params, configs)
         for i, state in enumerate(opt_tensors):
             self.opt.load_member(i, state)
         x, y, w = (t.to(device) for t in _batches(self.tasks))

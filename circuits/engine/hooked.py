@@ -15,6 +15,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.engine.loss import loss_fn, split_metrics
+from circuits.engine.optim import EMBED_PARAMS, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names
 from circuits.engine.stacked import warmup_lr
 from circuits.model import Transformer, is_buffer_key
 from circuits.tasks import Task
@@ -43,8 +44,12 @@ def model_weights(model: Transformer) -> dict[str, Tensor]:
 
 
 class HookedStep:
-    """One full-batch AdamW update of one hooked model per call (PyTorch's single-tensor path,
-    ``foreach=False``, so the same run gives the same bits every time).
+    """One full-batch update of one hooked model per call, by ``torch.optim`` itself (AdamW,
+    Adam or SGD, their single-tensor path, ``foreach=False``, so the same run gives the same
+    bits every time), with the embeddings as their own parameter group when their learning rate
+    or weight decay is set. Grokfast's filter and Omnigrok's norm constraint are
+    :mod:`circuits.engine.optim`'s, on this model's gradients and weights flattened as a stack
+    of one.
 
     ``opt_tensors`` is a resume point's optimizer state (``opt.<param>.exp_avg``, ...; empty
     before the first update) and ``updates`` the number of updates already taken, which sets
@@ -55,27 +60,65 @@ class HookedStep:
         self, model: Transformer, config: RunConfig, task: Task, opt_tensors: dict[str, Tensor], updates: int
     ) -> None:
         t = config.train
-        self.model, self.task, self.updates = model, task, updates
-        self._lr, self._warmup = (torch.tensor(float(v), dtype=torch.float64) for v in (t.lr, t.warmup_steps))
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(
-            params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay,
-            foreach=False,
-        )
-        for name, p in model.named_parameters():
-            if f"opt.{name}.exp_avg" in opt_tensors:
-                self.opt.state[p] = {
-                    key: opt_tensors[f"opt.{name}.{key}"].clone() for key in ("step", "exp_avg", "exp_avg_sq")
-                }
+        self.model, self.task, self.updates, self.train = model, task, updates, t
+        f64 = torch.float64
+        self._warmup = torch.tensor(float(t.warmup_steps), dtype=f64)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        embed = [p for n, p in self.named if n in EMBED_PARAMS]
+        rest = [p for n, p in self.named if n not in EMBED_PARAMS]
+        grouped = t.embed_lr is not None or t.embed_weight_decay is not None
+        groups = [{"params": rest if grouped else [p for _, p in self.named], "lr": t.lr,
+                   "weight_decay": t.weight_decay}]
+        if grouped and embed:
+            groups.append({"params": embed, "lr": t.lr if t.embed_lr is None else t.embed_lr,
+                           "weight_decay": t.weight_decay if t.embed_weight_decay is None else t.embed_weight_decay})
+        self._base_lr = [torch.tensor(float(g["lr"]), dtype=f64) for g in groups]
+        if t.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, foreach=False)
+        else:
+            cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+            self.opt = cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)
+        self._moments = moment_names(t)
+        for name, p in self.named:
+            if f"opt.{name}.step" not in opt_tensors:
+                continue
+            state = {m: opt_tensors[f"opt.{name}.{m}"].clone() for m in self._moments}
+            if t.optimizer != "sgd":
+                state["step"] = opt_tensors[f"opt.{name}.step"].clone()
+            self.opt.state[p] = state
+        ps = [p for _, p in self.named]
+        self.filter = GradFilter([config], [n for n, _ in self.named], [p.shape for p in ps],
+                                 ps[0].dtype, ps[0].device)
+        self.filter.load_member(0, opt_tensors)
+        self.norm_target = flat_norm([self._flat()]) if t.constrain_norm else None
+        if t.constrain_norm and NORM_TARGET_KEY in opt_tensors:
+            self.norm_target = opt_tensors[NORM_TARGET_KEY].to(f64).reshape(1)
         self.x, self.y = task.train_data()
 
+    def _flat(self) -> Tensor:
+        return torch.cat([p.detach().reshape(1, -1) for _, p in self.named], dim=1)
+
     def __call__(self) -> None:
-        lr = float(warmup_lr(self._lr, self._warmup, torch.tensor(float(self.updates), dtype=torch.float64)))
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        update = torch.tensor(float(self.updates), dtype=torch.float64)
+        for group, base in zip(self.opt.param_groups, self._base_lr):
+            group["lr"] = float(warmup_lr(base, self._warmup, update))
         loss_fn(last_position_logits(self.model, self.x, "reference"), self.y).backward()
+        if self.filter.active:
+            grads = self.filter(torch.cat([p.grad.reshape(1, -1) for _, p in self.named], dim=1))
+            start = 0
+            for _, p in self.named:
+                p.grad = grads[0, start:start + p.numel()].reshape(p.shape).clone()
+                start += p.numel()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.norm_target is not None:
+            with torch.no_grad():
+                flat = self._flat()
+                constrain_norm_([flat], self.norm_target)
+                start = 0
+                for _, p in self.named:
+                    p.copy_(flat[0, start:start + p.numel()].reshape(p.shape))
+                    start += p.numel()
         self.updates += 1
 
     def evaluate(self) -> list[dict[str, float]]:
@@ -87,13 +130,17 @@ class HookedStep:
         return model_weights(self.model)
 
     def optimizer_state(self, i: int) -> dict[str, Tensor]:
-        """AdamW's moments and step count in the run folder's resume layout."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        """The optimiser's moments, step count, Grokfast state and norm target in the run
+        folder's resume layout."""
         out: dict[str, Tensor] = {}
-        for group in self.opt.param_groups:
-            for p in group["params"]:
-                state = self.opt.state.get(p)
-                if state:
-                    for key in ("exp_avg", "exp_avg_sq", "step"):
-                        out[f"opt.{names[id(p)]}.{key}"] = torch.as_tensor(state[key])
+        if self.updates == 0:
+            return out
+        for name, p in self.named:
+            state = self.opt.state.get(p, {})
+            for m in self._moments:
+                out[f"opt.{name}.{m}"] = torch.as_tensor(state[m])
+            out[f"opt.{name}.step"] = torch.tensor(float(self.updates), dtype=torch.float32)
+        out.update(self.filter.member_tensors(0))
+        if self.norm_target is not None:
+            out[NORM_TARGET_KEY] = self.norm_target[0].clone()
         return out

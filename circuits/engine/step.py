@@ -19,7 +19,7 @@ from torch import Tensor
 
 from circuits.engine.loss import stacked_loss
 from circuits.engine.fused import has_shared_query, stacked_last_logits
-from circuits.engine.stacked import StackedAdamW
+from circuits.engine.stacked import StackedOptimizer
 
 __all__ = ["TrainStep"]
 
@@ -29,7 +29,7 @@ WARMUP_STEPS = 3
 
 
 class TrainStep:
-    """Calling it takes one AdamW update of every member on its own full batch.
+    """Calling it takes one update of every member on its own full batch.
 
     ``graph``: capture the update into a CUDA graph (default: on CUDA devices). The first
     :data:`WARMUP_STEPS` calls run eagerly on a side stream, the next one captures and
@@ -41,7 +41,7 @@ class TrainStep:
     def __init__(
         self,
         params: dict[str, Tensor],
-        opt: StackedAdamW,
+        opt: StackedOptimizer,
         tokens: Int[Tensor, "model batch pos"],
         labels: Int[Tensor, "model batch"],
         weights: Float[Tensor, "model batch"],
@@ -56,7 +56,8 @@ class TrainStep:
         on_cuda = tokens.device.type == "cuda"
         if graph and not on_cuda:
             raise ValueError("CUDA graphs need the stack on a CUDA device")
-        self.use_graph = on_cuda if graph is None else graph
+        # Grokfast's filters and SGD's first momentum step keep state on the host: eager.
+        self.use_graph = (on_cuda and opt.capturable) if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
