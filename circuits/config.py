@@ -38,7 +38,15 @@ OPS = (
     "x2_xy_y2_x",
     "x3_xy",
     "x3_xy2_y",
+    "s5",
+    "s5conj",
+    "s5aba",
 )
+#: The operations over S5, the 120 permutations of five elements (Power et al. 2022): x·y,
+#: x·y·x⁻¹ and x·y·x. p plays no part in them.
+S5_OPS = ("s5", "s5conj", "s5aba")
+#: The order of S5.
+S5_ORDER = 120
 ACT_FNS = ("relu", "gelu")
 INITS = ("gpt2", "fan")
 ENGINES = ("fused", "reference")
@@ -98,7 +106,8 @@ class TaskConfig:
     p: int = 113
     """Modulus; a prime >= 3 (the Fourier measures need odd p, division needs a prime)."""
     op: str = "add"
-    """Operation: add, sub, mul, div, mix1, x2_y2, x2_xy_y2, x2_xy_y2_x, x3_xy, x3_xy2_y."""
+    """Operation: add, sub, mul, div, mix1, x2_y2, x2_xy_y2, x2_xy_y2_x, x3_xy, x3_xy2_y over
+    Z_p, or s5, s5conj, s5aba over the permutations of five elements (p unused)."""
     frac: float | None = 0.3
     """Training fraction of the valid pairs, in (0, 1]; excludes train_size."""
     train_size: int | None = None
@@ -133,7 +142,7 @@ class TaskConfig:
             if self.train_size > self.n_pairs:
                 raise ConfigError(
                     f"train_size {self.train_size} exceeds the {self.n_pairs} pairs of op "
-                    f"{self.op!r} at p={self.p}; use at most {self.n_pairs}"
+                    f"{self.op!r}{'' if self.op in S5_OPS else f' at p={self.p}'}; use at most {self.n_pairs}"
                 )
         _check_int("data_seed", self.data_seed, 0)
         if not isinstance(self.random_labels, bool):
@@ -161,8 +170,8 @@ class TaskConfig:
     # residues as elements and as answer classes, and '=' as one more token after them.
     @property
     def n_elements(self) -> int:
-        """Elements a and b range over (the residues 0..p-1)."""
-        return self.p
+        """Elements a and b range over (the residues 0..p-1; the 120 permutations for S5)."""
+        return S5_ORDER if self.op in S5_OPS else self.p
 
     @property
     def eq_token(self) -> int:
@@ -187,7 +196,7 @@ class TaskConfig:
     @property
     def n_pairs(self) -> int:
         """Number of valid (a, b) pairs: p^2, or p(p-1) when b = 0 is excluded (division)."""
-        return self.p * (self.p - 1) if self.op == "div" else self.p * self.p
+        return self.p * (self.p - 1) if self.op == "div" else self.n_elements * self.n_elements
 
     @property
     def n_train(self) -> int:

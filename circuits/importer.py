@@ -48,8 +48,7 @@ from circuits.model import is_buffer_key, make_model
 from circuits.run import Run, load_run
 from circuits.lock import hold_run_folder
 from circuits.store import CONFIG_FILE, SOURCE_FILE, SPLIT_FILE, RunStore, atomic_write_bytes, clear_run_folder
-from circuits.tasks import split_problem
-from circuits.tasks.modular import make_grid
+from circuits.tasks import make_grid, split_problem
 
 __all__ = ["import_run", "read_restricted", "ImportRefused", "InertConfig"]
 

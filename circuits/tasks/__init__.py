@@ -1,7 +1,7 @@
 """Tasks: the tables the network learns, behind one interface (:class:`Task`).
 
 ``base`` is the interface and the seeded split every task shares; ``modular`` holds the binary
-operations over Z_p (Power et al. 2022). A new task is a module here: its table, its layout
+operations over Z_p and ``permutation`` those over S5 (Power et al. 2022). A new task is a module here: its table, its layout
 properties in :class:`circuits.config.TaskConfig`, and (where it has one) its Fourier basis.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from circuits.config import TaskConfig
+from circuits.config import S5_OPS, TaskConfig
 from circuits.errors import RunFolderError
 from circuits.tasks.base import (
     FourierView,
@@ -24,11 +24,14 @@ from circuits.tasks.base import (
     make_split,
     split_problem,
 )
-from circuits.tasks.modular import OPERATIONS, ModularTask, make_grid, primitive_root
+from circuits.tasks.modular import OPERATIONS, ModularTask, primitive_root
+from circuits.tasks.modular import make_grid as modular_grid
+from circuits.tasks.permutation import PermutationTask, permutation_grid
 
 __all__ = [
     "Task",
     "ModularTask",
+    "PermutationTask",
     "FourierView",
     "ViewTable",
     "fourier_view",
@@ -51,7 +54,13 @@ def task_class(config: TaskConfig) -> type[Task]:
     """The :class:`Task` subclass that :func:`make_task` builds for ``config`` (its class
     attributes and class methods, such as :meth:`Task.view_of`, are known before the table is
     built)."""
-    return ModularTask
+    return PermutationTask if config.op in S5_OPS else ModularTask
+
+
+def make_grid(config: TaskConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens ``[pairs, n_ctx]``, labels and validity of the task over its canonical grid (no
+    split), whatever the task."""
+    return permutation_grid(config) if config.op in S5_OPS else modular_grid(config)
 
 
 TaskLike = Union[int, Task, TaskConfig, FourierView]
