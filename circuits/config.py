@@ -88,6 +88,8 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("train", "grokfast_window"): 100,
     ("train", "grokfast_lambda"): None,
     ("train", "constrain_norm"): False,
+    ("train", "batch_size"): None,
+    ("train", "power_batches"): False,
 }
 
 #: The optimisers, with torch.optim's semantics: AdamW (decoupled weight decay), Adam (weight
@@ -314,6 +316,11 @@ class TrainConfig:
     constrain_norm: bool = False
     """Omnigrok's constrained-norm training: after every update the trainable weights are
     rescaled to their total L2 norm just after initialisation."""
+    batch_size: int | None = None
+    """Minibatch size (None: full batch). With minibatches, epochs count updates; each pass
+    over the training set is a seeded reshuffle, the last partial batch kept."""
+    power_batches: bool = False
+    """Minibatches of Power et al.'s size min(512, ceil(n_train / 2)); excludes batch_size."""
 
     @property
     def grokfast_gain(self) -> float:
@@ -348,6 +355,12 @@ class TrainConfig:
             raise ConfigError(f"grokfast_lambda must be >= 0, got {self.grokfast_lambda}")
         if not isinstance(self.constrain_norm, bool):
             raise ConfigError(f"constrain_norm must be true or false, got {self.constrain_norm!r}")
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1)
+        if not isinstance(self.power_batches, bool):
+            raise ConfigError(f"power_batches must be true or false, got {self.power_batches!r}")
+        if self.power_batches and self.batch_size is not None:
+            raise ConfigError("give batch_size or power_batches, not both (--batch-size or --power-batches)")
         for name in ("lr", "weight_decay", "beta1", "beta2", "eps"):
             _check_float(name, getattr(self, name))
         if self.lr <= 0:
@@ -408,6 +421,17 @@ class RunConfig:
                 f"engine fused supports n_layers = 1, got {self.model.n_layers}; "
                 "use --engine reference"
             )
+        if self.train.batch_size is not None and self.train.batch_size > self.task.n_train:
+            raise ConfigError(f"batch_size {self.train.batch_size} exceeds the {self.task.n_train} training "
+                              f"pairs; use at most {self.task.n_train} (or leave it out for full batches)")
+
+    @property
+    def batch(self) -> int | None:
+        """The minibatch size in use (None: full batch): ``batch_size``, or Power et al.'s rule
+        min(512, ceil(n_train / 2)) with ``power_batches``."""
+        if self.train.power_batches:
+            return min(512, -(-self.task.n_train // 2))
+        return self.train.batch_size
 
     # Derived values: never stored, so they cannot disagree with the task.
     @property

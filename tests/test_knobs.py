@@ -131,11 +131,12 @@ KNOB_RUNS = {
     "omnigrok": {"init_scale": 2.0, "constrain_norm": True},
     "adam-groups": {"optimizer": "adam", "embed_lr": 3e-3, "embed_weight_decay": 0.0},
     "sgd": {"optimizer": "sgd", "lr": 0.3, "momentum": 0.9},
+    "minibatch": {"batch_size": 16},
 }
 
 
 @pytest.mark.parametrize("knob, engine", [(k, "fused") for k in KNOB_RUNS] + [
-    (k, "reference") for k in ("grokfast-ema", "grokfast-ma", "omnigrok")])
+    (k, "reference") for k in ("grokfast-ema", "grokfast-ma", "omnigrok", "minibatch")])
 def test_a_run_with_a_knob_resumes_bitwise(tmp_path: Path, engine: str, knob: str) -> None:
     cfg = tiny_config(engine=engine, epochs=40, **KNOB_RUNS[knob])
     full = circuits.train(cfg, out=tmp_path / "full")
@@ -185,6 +186,25 @@ def test_omnigrok_init_scale_and_constrained_norm(tmp_path: Path) -> None:
     assert abs(_norm(free.state_dict(free.epochs[-1]), trainable) - start) > 0.01 * start
 
 
+def test_minibatches_cover_each_pass_once_and_follow_powers_rule() -> None:
+    from circuits.engine.optim import Batches
+
+    b = Batches(60, 16, seed=999)
+    assert b.per_pass == 4
+    for n_pass in range(3):
+        batches = [b.indices(n_pass * 4 + k) for k in range(4)]
+        assert [len(x) for x in batches] == [16, 16, 16, 12]  # the last partial batch is kept
+        assert sorted(torch.cat(batches).tolist()) == list(range(60))
+    assert not torch.equal(b.indices(0), b.indices(4))  # a fresh shuffle each pass
+    assert torch.equal(b.indices(5), Batches(60, 16, seed=999).indices(5))  # seeded: the count is the state
+    assert Batches(60, None, 0).full and Batches(60, 60, 0).full
+    assert preset("quick").replace(power_batches=True).batch == 512  # min(512, ceil(1392 / 2))
+    assert tiny_config(power_batches=True).batch == 30
+    assert preset("quick").batch is None
+    with pytest.raises(ConfigError, match="batch_size 61 exceeds the 60 training pairs"):
+        tiny_config(batch_size=61)
+
+
 def test_members_with_other_optimisers_are_not_stacked() -> None:
     with pytest.raises(ValueError, match="optimizer='sgd'.*separate ensemble"):
         check_stackable([tiny_config(), tiny_config(optimizer="sgd")])
@@ -197,6 +217,8 @@ def test_members_with_other_optimisers_are_not_stacked() -> None:
     (["--optimizer", "lion"], "optimizer must be one of adamw, adam, sgd"),
     (["--grokfast", "fast"], "grokfast must be one of none, ema, ma"),
     (["--momentum", "0.9"], "momentum is SGD's"),
+    (["--batch-size", "100000"], "exceeds the"),
+    (["--batch-size", "8", "--power-batches"], "not both"),
 ])
 def test_bad_knobs_exit_2_with_one_line(tmp_path: Path, flags: list[str], says: str) -> None:
     out = run_cli("train", "--p", "11", "--epochs", "5", "--out", str(tmp_path / "r"), *flags)

@@ -2,7 +2,7 @@
 
 Members share shapes (p and the model widths) and the schedule (epochs, checkpoints, logging)
 and may differ in everything else: seeds, split, training-set size, operation, random labels,
-learning rate, weight decay, betas, warm-up. Each member's batch is padded to the largest
+learning rate, weight decay, betas, warm-up, minibatch size. Each member's batch is padded to the largest
 training set with zero-weight rows, and its loss is its own mean cross-entropy (float64
 log-softmax), so no member's gradient depends on another's. A single fused run is a stack of
 one. The loop that drives it, saves and resumes is :mod:`circuits.trainer`'s, the same for
@@ -19,6 +19,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine.fused import stacked_last_logits
 from circuits.engine.loss import split_metrics, stacked_loss
+from circuits.engine.optim import Batches
 from circuits.engine.stacked import StackedOptimizer, member_state, stack_models
 from circuits.engine.step import TrainStep
 from circuits.model import Transformer
@@ -95,9 +96,21 @@ class FusedStack:
             self.opt.load_member(i, state)
         x, y, w = (t.to(device) for t in _batches(self.tasks))
         self._step = TrainStep(self.params, self.opt, x, y, w, self.act_fn)  # a CUDA graph on a GPU
+        # Minibatches: each update re-weights the padded training rows (1 / batch on the batch,
+        # 0 elsewhere), so the loss is the batch's mean and the stacked shapes never change.
+        self.batches = [Batches(len(t.train_idx), c.batch, c.model.seed) for t, c in zip(self.tasks, configs)]
+        self.minibatch = not all(b.full for b in self.batches)
+        self.updates = [int(c) for c in self.opt.step_count.tolist()]
 
     def __call__(self) -> None:
+        if self.minibatch:
+            w = torch.zeros_like(self._step.weights, device="cpu")
+            for i, (b, u) in enumerate(zip(self.batches, self.updates)):
+                idx = b.indices(u)
+                w[i, idx] = 1.0 / len(idx)
+            self._step.weights.copy_(w)
         self._step()
+        self.updates = [u + 1 for u in self.updates]
 
     def evaluate(self) -> list[dict[str, float]]:
         """Each member's train/test metrics on its own split."""

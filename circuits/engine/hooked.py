@@ -15,7 +15,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.engine.loss import loss_fn, split_metrics
-from circuits.engine.optim import EMBED_PARAMS, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names
+from circuits.engine.optim import EMBED_PARAMS, Batches, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names
 from circuits.engine.stacked import warmup_lr
 from circuits.model import Transformer, is_buffer_key
 from circuits.tasks import Task
@@ -94,6 +94,7 @@ class HookedStep:
         if t.constrain_norm and NORM_TARGET_KEY in opt_tensors:
             self.norm_target = opt_tensors[NORM_TARGET_KEY].to(f64).reshape(1)
         self.x, self.y = task.train_data()
+        self.batches = Batches(len(self.y), config.batch, config.model.seed)
 
     def _flat(self) -> Tensor:
         return torch.cat([p.detach().reshape(1, -1) for _, p in self.named], dim=1)
@@ -102,7 +103,11 @@ class HookedStep:
         update = torch.tensor(float(self.updates), dtype=torch.float64)
         for group, base in zip(self.opt.param_groups, self._base_lr):
             group["lr"] = float(warmup_lr(base, self._warmup, update))
-        loss_fn(last_position_logits(self.model, self.x, "reference"), self.y).backward()
+        x, y = self.x, self.y
+        if not self.batches.full:
+            idx = self.batches.indices(self.updates)
+            x, y = x[idx], y[idx]
+        loss_fn(last_position_logits(self.model, x, "reference"), y).backward()
         if self.filter.active:
             grads = self.filter(torch.cat([p.grad.reshape(1, -1) for _, p in self.named], dim=1))
             start = 0

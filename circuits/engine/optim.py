@@ -20,7 +20,7 @@ from torch import Tensor
 
 from circuits.config import RunConfig, TrainConfig
 
-__all__ = ["GradFilter", "constrain_norm_", "flat_norm", "moment_names", "filter_names", "state_names",
+__all__ = ["Batches", "GradFilter", "constrain_norm_", "flat_norm", "moment_names", "filter_names", "state_names",
            "NORM_TARGET_KEY", "EMBED_PARAMS"]
 
 #: Resume key of the constrained-norm target (float64 scalar, the norm just after initialisation).
@@ -149,3 +149,34 @@ def constrain_norm_(flats: Sequence[Float[Tensor, "model n"]], target: Float[Ten
     scale = torch.where(target > 0, target / flat_norm(flats), torch.ones_like(target))
     for f in flats:
         f.mul_(scale.to(f.dtype)[:, None])
+
+
+class Batches:
+    """Which training pairs each update sees (Power et al.'s minibatches; full batch without).
+
+    Update u is batch ``u % k`` of pass ``u // k`` (k = ceil(n_train / size) batches per pass);
+    each pass is a fresh permutation of the training set drawn from a generator seeded by the
+    run's model seed and the pass number, the last partial batch kept. The update count alone
+    fixes the sampler's place, so the resume file's step count is its state.
+    """
+
+    def __init__(self, n_train: int, size: int | None, seed: int) -> None:
+        self.n_train, self.size, self.seed = n_train, size, seed
+        self.per_pass = 1 if size is None else -(-n_train // size)
+        self._pass: tuple[int, Tensor] | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether every update sees the whole training set."""
+        return self.size is None or self.size >= self.n_train
+
+    def indices(self, update: int) -> Tensor:
+        """Positions (into the training split's order) of the pairs update ``update`` trains on."""
+        if self.full:
+            return torch.arange(self.n_train)
+        assert self.size is not None
+        n_pass, k = divmod(update, self.per_pass)
+        if self._pass is None or self._pass[0] != n_pass:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + n_pass)
+            self._pass = (n_pass, torch.randperm(self.n_train, generator=g))
+        return self._pass[1][k * self.size:(k + 1) * self.size]
