@@ -48,6 +48,8 @@ S5_OPS = ("s5", "s5conj", "s5aba")
 #: The order of S5.
 S5_ORDER = 120
 ACT_FNS = ("relu", "gelu")
+#: LayerNorm choices (TransformerLens' normalization_type None or "LN", pre-norm).
+NORMALIZATIONS = ("none", "LN")
 INITS = ("gpt2", "fan")
 ENGINES = ("fused", "reference")
 
@@ -79,6 +81,8 @@ def _check_float(name: str, value: Any) -> None:
 ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("task", "label_noise"): 0.0,
     ("model", "init_scale"): 1.0,
+    ("model", "normalization"): "none",
+    ("model", "dropout"): 0.0,
     ("train", "optimizer"): "adamw",
     ("train", "momentum"): 0.0,
     ("train", "embed_lr"): None,
@@ -236,8 +240,17 @@ class ModelConfig:
     """Train the biases (official code trains the MLP biases); else all biases stay frozen at 0."""
     init_scale: float = 1.0
     """Omnigrok's alpha (Liu et al. 2022b): every initial weight multiplied by this (> 0)."""
+    normalization: str = "none"
+    """none, or LN: TransformerLens' pre-LayerNorm (ln1, ln2, ln_final; Power et al.'s model)."""
+    dropout: float = 0.0
+    """Dropout on the attention and MLP outputs while training (Power et al.), in [0, 1)."""
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"normalization must be one of {', '.join(NORMALIZATIONS)}; got {self.normalization!r}")
+        _check_float("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
         _check_float("init_scale", self.init_scale)
         if self.init_scale <= 0:
             raise ConfigError(f"init_scale must be > 0 (Omnigrok's alpha multiplies the initial weights), "
@@ -421,6 +434,9 @@ class RunConfig:
                 f"engine fused supports n_layers = 1, got {self.model.n_layers}; "
                 "use --engine reference"
             )
+        if self.train.engine == "fused" and (self.model.normalization != "none" or self.model.dropout):
+            what = "LayerNorm" if self.model.normalization != "none" else f"dropout {self.model.dropout}"
+            raise ConfigError(f"engine fused does not support {what}; use --engine reference")
         if self.train.batch_size is not None and self.train.batch_size > self.task.n_train:
             raise ConfigError(f"batch_size {self.train.batch_size} exceeds the {self.task.n_train} training "
                               f"pairs; use at most {self.task.n_train} (or leave it out for full batches)")

@@ -133,13 +133,37 @@ class MLP(nn.Module):
         return post @ self.W_out + self.b_out
 
 
+class LayerNorm(nn.Module):
+    """TransformerLens' LayerNorm (``normalization_type="LN"``): centre, divide by the RMS plus
+    eps (``hook_scale``), then ``w`` and ``b`` (``hook_normalized``)."""
+
+    def __init__(self, d_model: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.eps = eps
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
 class TransformerBlock(nn.Module):
-    """Attention then MLP, each added to the residual stream (no LayerNorm)."""
+    """Attention then MLP, each added to the residual stream; with ``normalization="LN"`` each
+    reads a LayerNorm of it (``ln1``, ``ln2``: TransformerLens' pre-norm), and with ``dropout``
+    their outputs are dropped out while training (Power et al. 2022)."""
 
     def __init__(self, cfg: ModelConfig, n_ctx: int) -> None:
         super().__init__()
+        if cfg.normalization == "LN":  # declared first, as in TransformerLens
+            self.ln1 = LayerNorm(cfg.d_model)
+            self.ln2 = LayerNorm(cfg.d_model)
         self.attn = Attention(cfg, n_ctx)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
@@ -149,9 +173,16 @@ class TransformerBlock(nn.Module):
     def forward(
         self, resid: Float[Tensor, "batch pos d_model"]
     ) -> Float[Tensor, "batch pos d_model"]:
+        ln = hasattr(self, "ln1")
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(resid)))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(resid)))
+        attn = self.attn(self.ln1(resid) if ln else resid)
+        if self.dropout:
+            attn = F.dropout(attn, self.dropout, self.training)
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(attn))
+        mlp = self.mlp(self.ln2(resid) if ln else resid)
+        if self.dropout:
+            mlp = F.dropout(mlp, self.dropout, self.training)
+        return self.hook_resid_post(resid + self.hook_mlp_out(mlp))
 
 
 class Unembed(nn.Module):
@@ -193,6 +224,8 @@ class HookedConfig:
     def __getattr__(self, name: str) -> object:
         model = object.__getattribute__(self, "_model")
         config: ModelConfig = model.config
+        if name == "normalization_type":
+            return None if config.normalization == "none" else config.normalization
         if name in HookedConfig._FIXED:
             return HookedConfig._FIXED[name]
         if name in ("d_vocab", "d_vocab_out", "n_ctx"):
@@ -251,10 +284,15 @@ class Transformer(HookedRootModule):
         self.pos_embed = PosEmbed(n_ctx, cfg.d_model)
         self.hook_pos_embed = HookPoint()
         self.blocks = nn.ModuleList([TransformerBlock(cfg, n_ctx) for _ in range(cfg.n_layers)])
+        if cfg.normalization == "LN":
+            self.ln_final = LayerNorm(cfg.d_model)
         self.unembed = Unembed(cfg.d_model, d_vocab_out)
         self.init_weights()
         self.set_bias_training(cfg.train_biases)
         self.setup()
+        # Evaluation mode unless training: only dropout reads it, and an analysis or a notebook
+        # must never see dropped activations (the reference engine switches it on per update).
+        self.eval()
 
     def init_weights(self) -> None:
         """Seeded initialisation of every ``W_*`` (biases start at 0).
@@ -269,7 +307,8 @@ class Transformer(HookedRootModule):
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if "W_" not in name:
-                    param.zero_()
+                    # LayerNorm gains start at 1 (TransformerLens), every bias at 0.
+                    param.fill_(1.0) if name.endswith(".w") else param.zero_()
                     continue
                 if self.config.init == "gpt2":
                     std = 0.8 / math.sqrt(self.config.d_model)
@@ -314,6 +353,8 @@ class Transformer(HookedRootModule):
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
         for block in self.blocks:
             resid = block(resid)
+        if hasattr(self, "ln_final"):
+            resid = self.ln_final(resid)
         logits = self.unembed(resid)
         if return_type == "logits":
             return logits

@@ -119,6 +119,17 @@ def resume_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @contextmanager
+def callers_rng() -> Iterator[None]:
+    """The caller's torch generator state again after training (the run's own state is seeded
+    from its config and saved in its resume file; a notebook's draws are not moved by it)."""
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@contextmanager
 def deterministic(flush: bool = True) -> Iterator[None]:
     """Deterministic kernels for the duration of training, then the caller's setting again.
 
@@ -354,7 +365,8 @@ def train_stack(
     # enable_grad: a notebook's usual first line, torch.set_grad_enabled(False), must not
     # break training (it did, leaving a folder with epoch 0 only).
     with removed_if_not_started([stores[i].root for i in open_]), \
-            hold_run_folders([stores[i].root for i in open_]), deterministic(), torch.enable_grad():
+            hold_run_folders([stores[i].root for i in open_]), deterministic(), torch.enable_grad(), \
+            callers_rng():
         members = [_open_member(configs[i], stores[i]) for i in open_]
         epochs = configs[0].train.epochs
         try:
@@ -410,6 +422,9 @@ def _open_member(config: RunConfig, store: RunStore) -> _Member:
         store.truncate_metrics(epoch)
     else:
         store.truncate_metrics(-1)
+        # What training draws from torch's generator (dropout) starts from the run's seed, so
+        # the same config gives the same weights; a resume point restores it (rng.torch).
+        torch.manual_seed(config.model.seed)
     return _Member(config, store, task, model, opt_tensors, epoch)
 
 

@@ -144,8 +144,16 @@ def tl3_python() -> Path:
     return python
 
 
-def _config() -> RunConfig:
-    return preset("nanda").replace(p=13)
+#: The one-block model of Nanda et al. and Power et al.'s two blocks with LayerNorm (issue 22):
+#: dropout changes nothing a checkpoint holds, so it is on here too.
+CONFIGS = {
+    "nanda": lambda: preset("nanda").replace(p=13),
+    "power": lambda: preset("nanda").replace(p=13, n_layers=2, normalization="LN", dropout=0.1, engine="reference"),
+}
+
+
+def _config(kind: str = "nanda") -> RunConfig:
+    return CONFIGS[kind]()
 
 
 def _perturb(model: Transformer, seed: int) -> None:
@@ -166,15 +174,16 @@ def _param_state(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k not in buffers}
 
 
-@pytest.fixture(scope="module")
-def exchange(tl3_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """Run the TL3 side once: our checkpoint and tokens in, its logits and initial weights out."""
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def exchange(request: pytest.FixtureRequest, tl3_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Run the TL3 side once per model: our checkpoint and tokens in, its logits and initial
+    weights out."""
     work = tmp_path_factory.mktemp("tl3")
-    cfg = _config()
+    cfg = _config(request.param)
     m = cfg.model
     spec = {
         "n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads, "d_head": m.d_head,
-        "d_mlp": m.d_mlp, "act_fn": m.act_fn, "normalization_type": None,
+        "d_mlp": m.d_mlp, "act_fn": m.act_fn, "normalization_type": None if m.normalization == "none" else "LN",
         "d_vocab": cfg.d_vocab, "d_vocab_out": cfg.d_vocab_out, "n_ctx": cfg.n_ctx,
         "attn_only": False, "device": "cpu", "buffer_suffixes": list(BUFFER_SUFFIXES),
     }
@@ -200,7 +209,7 @@ def exchange(tl3_python: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         f"script {time.perf_counter() - start:.1f} s; missing keys {report['missing']}, "
         f"TL3 buffers {report['buffers']}"
     )
-    return {"work": work, "report": report, "logits": logits}
+    return {"work": work, "report": report, "logits": logits, "kind": request.param}
 
 
 def test_checkpoint_loads_strictly_and_logits_match(exchange: dict[str, object]) -> None:
@@ -222,7 +231,7 @@ def test_checkpoint_loads_strictly_and_logits_match(exchange: dict[str, object])
 
 def test_initial_weights_match_tl3(exchange: dict[str, object]) -> None:
     """Our gpt2 init draws what HookedTransformer(init_weights=True, seed=999) draws."""
-    cfg = _config()
+    cfg = _config(exchange["kind"])
     assert cfg.model.init == "gpt2" and cfg.model.seed == 999
     ours = _param_state(make_model(cfg))
     theirs = load_file(str(exchange["work"] / "tl3_init.safetensors"))

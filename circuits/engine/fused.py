@@ -38,8 +38,9 @@ __all__ = ["last_logits", "stacked_last_logits", "has_shared_query", "supports",
 
 
 def supports(model: Transformer) -> bool:
-    """Whether the fused path implements this model (one block)."""
-    return model.cfg.n_layers == 1
+    """Whether the fused path implements this model (one block, no LayerNorm, no dropout)."""
+    c = model.config
+    return c.n_layers == 1 and c.normalization == "none" and not c.dropout
 
 
 def model_params(model: Transformer) -> dict[str, Tensor]:
@@ -53,7 +54,7 @@ def last_logits(
     """Logits at the last position, differentiable w.r.t. the model's parameters
     (``per_token``: see :func:`stacked_last_logits`)."""
     if not supports(model):
-        raise ValueError("the fused engine supports n_layers = 1; use engine='reference'")
+        raise ValueError("the fused engine supports one block without LayerNorm or dropout; use engine='reference'")
     act_fn = model.cfg.act_fn
     return stacked_last_logits(model_params(model), tokens.unsqueeze(0), act_fn, per_token)[0]
 

@@ -107,7 +107,11 @@ class HookedStep:
         if not self.batches.full:
             idx = self.batches.indices(self.updates)
             x, y = x[idx], y[idx]
-        loss_fn(last_position_logits(self.model, x, "reference"), y).backward()
+        self.model.train()  # dropout, where the model has it, is on for the update only
+        try:
+            loss_fn(last_position_logits(self.model, x, "reference"), y).backward()
+        finally:
+            self.model.eval()
         if self.filter.active:
             grads = self.filter(torch.cat([p.grad.reshape(1, -1) for _, p in self.named], dim=1))
             start = 0
