@@ -138,12 +138,12 @@ class GradFilter:
             self.filled, self.head = filled, filled % self.window
 
 
-def flat_norm(flats: Sequence[Float[Tensor, "model n"]]) -> Float[Tensor, " model"]:
+def flat_norm(flats: Sequence[Float[Tensor, "model _"]]) -> Float[Tensor, " model"]:
     """Each member's total L2 norm over the column blocks of ``flats``, in float64."""
     return torch.stack([f.double().pow(2).sum(1) for f in flats]).sum(0).sqrt()
 
 
-def constrain_norm_(flats: Sequence[Float[Tensor, "model n"]], target: Float[Tensor, " model"]) -> None:
+def constrain_norm_(flats: Sequence[Float[Tensor, "model _"]], target: Float[Tensor, " model"]) -> None:
     """Omnigrok's constrained-norm training (Liu et al. 2022b): rescale each member's weights, in
     place, to its ``target`` total L2 norm (members whose target is 0 are left alone)."""
     scale = torch.where(target > 0, target / flat_norm(flats), torch.ones_like(target))
