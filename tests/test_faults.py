@@ -155,6 +155,8 @@ def test_a_split_that_does_not_fit_the_config_is_named(case: str, tiny_run: circ
     save_file({"train": train, "test": test}, str(root / SPLIT_FILE))
     with pytest.raises(RunFolderError, match="split file"):
         circuits.load_run(root).task
+    if case != "out of range":
+        return  # every case reaches the CLI through the same RunFolderError: one is enough there
     info = run_cli("info", str(root))
     assert info.returncode == 1 and "split file" in info.stdout
     result = run_cli("analyze", str(root), "--out", str(tmp_path / "a"))
