@@ -233,3 +233,24 @@ def test_default_knobs_keep_the_config_hash() -> None:
     assert preset("quick").short_hash() != preset("quick").replace(grokfast="ema").short_hash()
     with pytest.raises(ConfigError, match="grokfast_alpha"):
         preset("quick").replace(grokfast_alpha=1.0)
+
+
+def test_an_ensemble_with_knobs_matches_its_members_trained_alone(tmp_path: Path) -> None:
+    # Per-member alpha, lambda, batch size, embedding lr and norm constraint in one stack.
+    configs = [tiny_config(epochs=30, grokfast="ema", constrain_norm=True, init_scale=1.5),
+               tiny_config(epochs=30, grokfast="ema", grokfast_alpha=0.9, grokfast_lambda=1.0, batch_size=16,
+                           embed_lr=3e-3, seed=5)]
+    runs = circuits.train_ensemble(configs, [tmp_path / "e0", tmp_path / "e1"])
+    for i, (cfg, run) in enumerate(zip(configs, runs)):
+        alone = circuits.train(cfg, out=tmp_path / f"alone{i}")
+        a, b = run.state_dict(30), alone.state_dict(30)
+        for k in a:
+            if b[k].norm() > 0:
+                assert float((a[k] - b[k]).norm() / b[k].norm()) < 1e-3, (i, k)
+    with pytest.raises(KeyboardInterrupt):
+        circuits.train_ensemble(configs, [tmp_path / "p0", tmp_path / "p1"], on_step=stop_at(13))
+    resumed = circuits.train_ensemble(configs, [tmp_path / "p0", tmp_path / "p1"])
+    for run, again in zip(runs, resumed):
+        for e in run.epochs:
+            a, b = run.state_dict(e), again.state_dict(e)
+            assert all(torch.equal(a[k], b[k]) for k in a), e

@@ -49,6 +49,7 @@ def stack_key(config: RunConfig) -> dict[str, object]:
     key: dict[str, object] = {"p": t.p}
     key.update(dataclasses.asdict(config.model))
     key.pop("seed")
+    key.pop("init_scale")  # it scales the initial weights, not their shapes
     key.update(d_vocab=t.n_tokens, d_vocab_out=t.n_classes, n_ctx=t.n_ctx, n_elements=t.n_elements)
     key.update({k: getattr(config.train, k) for k in SHARED_TRAIN_FIELDS})
     key["engine"] = config.train.engine
@@ -257,7 +258,7 @@ class StackedOptimizer:
             out[f"opt.{name}.step"] = self.step_count[i].to("cpu", torch.float32, copy=True)
         for group in self._groups:
             out.update(group.filter.member_tensors(i))
-        if self.constrained:
+        if self.configs[i].train.constrain_norm:  # only a constrained member has a target
             out[NORM_TARGET_KEY] = self.norm_target[i].to("cpu", copy=True)
         return out
 
