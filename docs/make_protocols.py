@@ -63,7 +63,9 @@ def main() -> None:
             return None
         t = time.perf_counter()
         result = func()
-        times[name] = round(time.perf_counter() - t, 1)
+        # A resumed protocol adds this invocation's time to what the earlier ones spent (a rerun
+        # of a finished protocol adds the seconds it takes to find every run complete).
+        times[name] = round(times.get(name, 0.0) + time.perf_counter() - t, 1)
         args.out.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(times, indent=2))
         print(name, times[name], "s", json.dumps(result.summary, default=str)[:2000], flush=True)
