@@ -50,7 +50,7 @@ from circuits.lock import hold_run_folder
 from circuits.store import CONFIG_FILE, SOURCE_FILE, SPLIT_FILE, RunStore, atomic_write_bytes, clear_run_folder
 from circuits.tasks import make_grid, split_problem
 
-__all__ = ["import_run", "read_restricted", "ImportRefused", "InertConfig"]
+__all__ = ["import_run", "read_restricted", "nanda_split", "ImportRefused", "InertConfig"]
 
 
 class ImportRefused(ValueError):
