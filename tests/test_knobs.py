@@ -254,3 +254,18 @@ def test_an_ensemble_with_knobs_matches_its_members_trained_alone(tmp_path: Path
         for e in run.epochs:
             a, b = run.state_dict(e), again.state_dict(e)
             assert all(torch.equal(a[k], b[k]) for k in a), e
+
+
+def test_a_knob_is_a_sweep_axis(tmp_path: Path) -> None:
+    # Members with another optimiser or filter train in their own stacks; the table has the axes.
+    out = run_cli("experiment", "phases", "--grid", "grokfast=none,ema", "--grid", "optimizer=adamw,adam",
+                  "--p", "11", "--frac", "0.5", "--d-model", "32", "--d-mlp", "64", "--epochs", "20",
+                  "--checkpoint-early-until", "0", "--out", str(tmp_path / "sweep"))
+    assert out.returncode == 0, out.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "sweep" / "phase_diagram.csv")
+    assert set(zip(table.grokfast, table.optimizer)) == {("none", "adamw"), ("none", "adam"), ("ema", "adamw"),
+                                                         ("ema", "adam")}
+    runs = {(r.grokfast, r.optimizer): r for r in table.itertuples()}
+    assert runs[("ema", "adam")].weight_norm != runs[("none", "adamw")].weight_norm
