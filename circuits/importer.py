@@ -361,14 +361,14 @@ SPLIT_CHECK_FACTOR = 1.5
 def _check_split(run: Run, losses: dict[str, list[float]], from_config: bool) -> dict[str, Any]:
     train = losses.get("train_losses") or []
     m = run.metrics.set_index("epoch")
-    pairs = [(float(m.loc[e, "train_loss"]), train[e]) for e in run.epochs if e < len(train) and train[e] > 0]
+    recorded = [e for e in run.epochs if e < len(train) and train[e] > 0]
+    pairs = [(float(m.loc[e, "train_loss"]), train[e]) for e in recorded]
     test = losses.get("test_losses") or []
     if test and train and len(test) != len(train):  # some runs logged test loss every few epochs
         stride = max(1, round(len(train) / len(test)))
         test = [test[min(len(test) - 1, e // stride)] for e in range(len(train))]
     # Where the run had memorised (test loss far above train loss) is where a wrong split shows.
-    telling = [i for i, e in enumerate(e for e in run.epochs if e < len(train) and train[e] > 0)
-               if test and test[e] > 10 * train[e]] if test else []
+    telling = [i for i, e in enumerate(recorded) if test and test[e] > 10 * train[e]]
     chosen = [pairs[i] for i in telling] or pairs
     if not chosen:
         if from_config:

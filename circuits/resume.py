@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from circuits.config import RunConfig
-from circuits.engine.optim import NORM_TARGET_KEY, filter_names, moment_names
+from circuits.engine.optim import NORM_TARGET_KEY, moment_names, state_names
 from circuits.errors import RunFolderError
 from circuits.model import Transformer
 from circuits.model import is_buffer_key
@@ -52,13 +52,14 @@ def check_resume(
                              f"{config.train.engine!r}")
     weights = {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    moments, filters = moment_names(config.train), filter_names(config.train)
+    moments = moment_names(config.train)
+    states = {f"opt.{n}.{m}" for n in trainable for m in state_names(config.train)}
     expected = {f"model.{k}" for k in weights} | {"rng.torch"}
     if epoch > 0:
-        expected |= {f"opt.{n}.{m}" for n in trainable for m in (*moments, "step", *filters)}
+        expected |= states
         if config.train.constrain_norm:
             expected.add(NORM_TARGET_KEY)
-    optional = {f"opt.{n}.{m}" for n in trainable for m in (*moments, "step", *filters)} | {NORM_TARGET_KEY}
+    optional = states | {NORM_TARGET_KEY}
     missing = sorted(expected - set(tensors))
     unknown = sorted(set(tensors) - expected - optional)
     if missing or unknown:

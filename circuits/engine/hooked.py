@@ -15,7 +15,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine import fused
 from circuits.engine.loss import loss_fn, split_metrics
-from circuits.engine.optim import EMBED_PARAMS, Batches, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names
+from circuits.engine.optim import EMBED_PARAMS, Batches, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names, split_blocks
 from circuits.engine.stacked import warmup_lr
 from circuits.model import Transformer, is_buffer_key
 from circuits.tasks import Task
@@ -60,7 +60,7 @@ class HookedStep:
         self, model: Transformer, config: RunConfig, task: Task, opt_tensors: dict[str, Tensor], updates: int
     ) -> None:
         t = config.train
-        self.model, self.task, self.updates, self.train = model, task, updates, t
+        self.model, self.task, self.updates = model, task, updates
         f64 = torch.float64
         self._warmup = torch.tensor(float(t.warmup_steps), dtype=f64)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -114,20 +114,16 @@ class HookedStep:
             self.model.eval()
         if self.filter.active:
             grads = self.filter(torch.cat([p.grad.reshape(1, -1) for _, p in self.named], dim=1))
-            start = 0
-            for _, p in self.named:
-                p.grad = grads[0, start:start + p.numel()].reshape(p.shape).clone()
-                start += p.numel()
+            for (_, p), g in zip(self.named, split_blocks(grads[0], [p.shape for _, p in self.named])):
+                p.grad = g.clone()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.norm_target is not None:
             with torch.no_grad():
                 flat = self._flat()
                 constrain_norm_([flat], self.norm_target)
-                start = 0
-                for _, p in self.named:
-                    p.copy_(flat[0, start:start + p.numel()].reshape(p.shape))
-                    start += p.numel()
+                for (_, p), w in zip(self.named, split_blocks(flat[0], [p.shape for _, p in self.named])):
+                    p.copy_(w)
         self.updates += 1
 
     def evaluate(self) -> list[dict[str, float]]:

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from circuits.config import RunConfig, TrainConfig
 
-__all__ = ["Batches", "GradFilter", "constrain_norm_", "flat_norm", "moment_names", "filter_names", "state_names",
-           "NORM_TARGET_KEY", "EMBED_PARAMS"]
+__all__ = ["Batches", "GradFilter", "constrain_norm_", "flat_norm", "split_blocks", "moment_names", "filter_names",
+           "state_names", "NORM_TARGET_KEY", "EMBED_PARAMS"]
 
 #: Resume key of the constrained-norm target (float64 scalar, the norm just after initialisation).
 NORM_TARGET_KEY = "opt.norm_target"
@@ -47,6 +47,16 @@ def state_names(train: TrainConfig) -> tuple[str, ...]:
     return (*moment_names(train), "step", *filter_names(train))
 
 
+def split_blocks(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """The column blocks of ``flat [..., n_params]`` as views, each reshaped to ``[..., *shape]``."""
+    out, start = [], 0
+    for shape in shapes:
+        size = int(torch.Size(shape).numel())
+        out.append(flat[..., start:start + size].reshape(*flat.shape[:-1], *shape))
+        start += size
+    return out
+
+
 class GradFilter:
     """Grokfast (Lee et al. 2024) over flat gradients ``[model, n_params]``, per member.
 
@@ -66,8 +76,7 @@ class GradFilter:
         train = configs[0].train
         self.kind, self.window = train.grokfast, train.grokfast_window
         self.names, self.shapes = list(names), list(shapes)
-        self.sizes = [int(torch.Size(s).numel()) for s in shapes]
-        n, width = len(configs), sum(self.sizes)
+        n, width = len(configs), sum(int(torch.Size(s).numel()) for s in shapes)
         self.alpha = torch.tensor([c.train.grokfast_alpha for c in configs], dtype=dtype, device=device)[:, None]
         self.gain = torch.tensor([c.train.grokfast_gain for c in configs], dtype=dtype, device=device)[:, None]
         self.ema: Tensor | None = None
@@ -101,24 +110,17 @@ class GradFilter:
             return grad + total / self.window * self.gain
         return grad
 
-    def _blocks(self, flat: Tensor) -> list[Tensor]:
-        out, start = [], 0
-        for size, shape in zip(self.sizes, self.shapes):
-            out.append(flat[..., start:start + size].reshape(*flat.shape[:-1], *shape))
-            start += size
-        return out
-
     def member_tensors(self, i: int) -> dict[str, Tensor]:
         """Member ``i``'s filter state in the resume layout (empty before the first update)."""
         out: dict[str, Tensor] = {}
         if self.kind == "ema" and self.ema is not None:
-            for name, block in zip(self.names, self._blocks(self.ema[i])):
+            for name, block in zip(self.names, split_blocks(self.ema[i], self.shapes)):
                 out[f"opt.{name}.grokfast_ema"] = block.to("cpu", copy=True)
         elif self.kind == "ma" and self.filled:
             assert self.queue is not None
             order = [(self.head - self.filled + k) % self.window for k in range(self.filled)]
             kept = self.queue[i, order]  # oldest first
-            for name, block in zip(self.names, self._blocks(kept)):
+            for name, block in zip(self.names, split_blocks(kept, self.shapes)):
                 out[f"opt.{name}.grokfast_ma"] = block.to("cpu", copy=True)
         return out
 
