@@ -133,6 +133,25 @@ def test_phase_rule_on_synthetic_curves() -> None:
     assert flat.memorisation_end is not None and flat.circuit_formation_end is None
 
 
+def test_phase_rule_skips_the_dip_after_the_memorisation_peak() -> None:
+    # The curves of test_phase_rule_on_synthetic_curves with the test loss overshooting its
+    # plateau at the peak: 15 at epoch 1000, down to 12 by 1200 (about 20% of the grokking
+    # fall's rate in log10), then the slow plateau. Circuit formation still ends where the
+    # sharp fall starts (6000), not at the dip, and cleanup is the norm's fall after it.
+    epochs = np.arange(0, 10_000, 50)
+    plateau = np.where(epochs < 1200, 15 - (epochs - 1000) * 3 / 200, 12 - (epochs - 1200) / 1000)
+    test = np.where(epochs < 1000, 5 + epochs / 100, plateau)
+    test = np.where(epochs >= 6000, 7.2 * 10.0 ** (-(epochs - 6000) / 300), test)
+    test = np.maximum(test, 1e-7)
+    # An early norm drop right after memorisation, then cleanup's steep fall 6000-8000.
+    norm = np.where(epochs < 1000, 1000.0, np.where(epochs < 1300, 1000 - (epochs - 1000) * 0.5, 850.0))
+    norm = np.where(epochs < 6000, norm, np.where(epochs < 8000, 850 - (epochs - 6000) * 0.3, 250.0))
+    ph = phase_boundaries(epochs, test, norm)
+    assert ph.memorisation_end == 1000
+    assert 5800 <= ph.circuit_formation_end <= 6100
+    assert 7900 <= ph.cleanup_end <= 8200
+
+
 @pytest.mark.parametrize("spike_loss", [30.0, 1.0, 1e-2])
 def test_phase_rule_ignores_a_late_spike(spike_loss: float) -> None:
     # The clean curves of test_phase_rule_on_synthetic_curves, run on to 12,000 epochs.
