@@ -1,4 +1,4 @@
-"""Does the fused engine grok when the reference engine does? Train `quick` on both and compare.
+"""Does the fused engine grok when the reference engine does? Train `quick-v1` on both and compare.
 
 The engines compute the same function (parity tests), so float32 rounding is the only
 difference; over thousands of epochs it must not move the grokking epoch by more than 5%
@@ -38,7 +38,7 @@ def main() -> None:
     for engine in args.engines:
         epochs = []
         for s in range(args.first_seed, args.first_seed + args.seeds):
-            cfg = circuits.preset("quick").replace(engine=engine, seed=999 + s)
+            cfg = circuits.preset("quick-v1").replace(engine=engine, seed=999 + s)
             t = time.perf_counter()
             run = circuits.train(cfg, out=args.out / f"{engine}-s{s}")
             wall = time.perf_counter() - t

@@ -64,7 +64,7 @@ def read_csv(path: Path) -> dict[int, dict[str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--preset", default="quick")
+    parser.add_argument("--preset", default="quick-v1", help="the docs' numbers (docs/benchmarks.md) used quick-v1")
     parser.add_argument("--seeds", type=int, default=64, help="seeds per arm (one stack each)")
     parser.add_argument("--first-seed", type=int, default=0, help="seed index s: model seed 999 + s")
     parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")

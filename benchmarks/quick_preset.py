@@ -16,6 +16,8 @@ norms only (the phases need the test loss and the weight norm), and per seed it 
 and per candidate: seeds that grok, seeds with all three phases, the mean and 95% interval
 (Student t) of test99 and of cleanup end over the seeds that reach them, and the smallest ratio
 test99 / train100 (how visibly it groks: 1 would be no delay at all).
+``train_stack_s`` is what this invocation trained: a resumed candidate reports only the rest.
+The report (``--out/report.json``) keeps candidates of earlier invocations.
 
     python benchmarks/quick_preset.py --seeds 10 --candidate current= --candidate lr2e-3=lr=2e-3,epochs=1500
 """
@@ -50,7 +52,9 @@ def main() -> None:
     ap.add_argument("--candidate", action="append", required=True, help="NAME=field=value,field=value")
     ap.add_argument("--out", type=Path, default=Path("/tmp/quick_preset"))
     args = ap.parse_args()
-    report = {}
+    # Candidates run on other days stay in the report beside the ones run now.
+    report_path = args.out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
     for spec in args.candidate:
         name, overrides = parse(spec)
         base = preset("quick").replace(**overrides) if overrides else preset("quick")
@@ -103,7 +107,7 @@ def main() -> None:
         }
         report[name] = summary
         print({k: v for k, v in summary.items() if k != "rows"})
-        (args.out / "report.json").write_text(json.dumps(report, indent=2))
+        report_path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

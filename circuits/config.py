@@ -628,7 +628,7 @@ def _attribute_docs() -> dict[tuple[str, str], str]:
 
 _FIELD_DOCS = _attribute_docs()
 
-PresetName = Literal["nanda", "quick"]
+PresetName = Literal["nanda", "quick", "quick-v1"]
 
 
 def preset(name: str) -> RunConfig:
@@ -636,22 +636,38 @@ def preset(name: str) -> RunConfig:
 
     ``nanda``: Nanda et al. (2023) in the TransformerLens demo regime (seeds 999/598, init
     N(0, 0.8^2/d_model), frozen zero biases, no warm-up, p = 113, 30% data, 40k epochs).
-    ``quick``: the same widths and seeds at p = 59 with 40% data; with its default seeds it
-    groks within ~2k epochs (other model seeds often take longer than its 3,000: 3 of the 6
-    seeds 999-1004 reach 99% test accuracy by then, docs/benchmarks.md).
+    ``quick``: the same widths at p = 59 with 45% data and weight decay 1.5, 3,000 epochs.
+    Over the ten seed pairs (model 999 + s, data 598 + s, s = 0..9) every run groks (99% test
+    accuracy at 1,471 +- 376 epochs, 95% interval) and 9 of 10 finish memorisation, circuit
+    formation and cleanup inside the schedule; its own seeds (s = 9: 1008 / 607) are the median
+    grokker of the ten, so the first run a user sees is a typical one (docs/reproductions.md).
+    The preset it replaced (40% data, weight decay 1, the demo's seeds 999 / 598; 3 of 10 seed
+    pairs grokked) is ``quick-v1`` (also the file ``docs/presets/quick-v1.json``): the base of
+    every measurement recorded before 2026-12-06 and of the small configs the tests and the
+    protocol scripts derive, so their numbers stay reproducible.
     """
     if name == "nanda":
         return RunConfig(preset="nanda")
     if name == "quick":
+        return RunConfig(
+            task=TaskConfig(p=59, frac=0.45, data_seed=607),
+            model=ModelConfig(seed=1008),
+            train=TrainConfig(
+                epochs=3000, weight_decay=1.5, checkpoint_every=50, checkpoint_early_every=10,
+                checkpoint_early_until=300,
+            ),
+            preset="quick",
+        )
+    if name == "quick-v1":
         return RunConfig(
             task=TaskConfig(p=59, frac=0.4),
             train=TrainConfig(
                 epochs=3000, checkpoint_every=50, checkpoint_early_every=10,
                 checkpoint_early_until=300,
             ),
-            preset="quick",
+            preset="quick-v1",
         )
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("nanda", "quick")
+PRESETS = ("nanda", "quick", "quick-v1")

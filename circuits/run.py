@@ -1,6 +1,6 @@
 """A run as a notebook sees it: ``load_run(path)`` and ``train(config)`` return a :class:`Run`.
 
->>> run = circuits.load_run("checkpoints/quick-cb3e5ac4")
+>>> run = circuits.load_run("checkpoints/quick-9b4c2266")
 >>> run.metrics.tail()                   # pandas DataFrame
 >>> model = run.model(1500)              # nearest checkpoint's weights in a hooked model
 >>> logits, cache = model.run_with_cache(run.task.tokens)

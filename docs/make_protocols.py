@@ -30,7 +30,7 @@ from circuits.experiments import (
 
 
 def base_config(epochs: int = 3000, p: int = 31):
-    return preset("quick").replace(
+    return preset("quick-v1").replace(
         p=p, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, epochs=epochs, checkpoint_every=250,
         checkpoint_early_every=50, checkpoint_early_until=500, log_every=50, preset="protocols",
     )

@@ -1,7 +1,7 @@
 """Regenerate the dashboard screenshots in docs/img/ from a real `quick`-preset run.
 
     python docs/make_screenshots.py                      # trains a quick run in /tmp first if needed (~5 min)
-    python docs/make_screenshots.py --run checkpoints/quick-cb3e5ac4
+    python docs/make_screenshots.py --run checkpoints/quick-9b4c2266
 
 Trains (or resumes) the run, analyses it (which writes its dashboard.html), opens the dashboard
 in headless Chromium (Debian's `chromium`, driven by Playwright, network blocked) at 1440x900,

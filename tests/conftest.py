@@ -26,7 +26,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def tiny_config(**overrides: object) -> RunConfig:
     """A small run: p = 11, narrow widths, lr 1e-2, 60 epochs (memorises), checkpoints every 10."""
-    base = preset("quick").replace(
+    base = preset("quick-v1").replace(
         p=11, frac=0.5, d_model=32, n_heads=4, d_mlp=64, epochs=60, checkpoint_every=10,
         checkpoint_early_every=5, checkpoint_early_until=20, log_every=5, lr=1e-2, preset="tiny",
     )

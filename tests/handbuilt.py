@@ -23,7 +23,7 @@ def fourier_network(p: int, freqs: list[int], phases: int = 8, scale: float = 1.
     S = len(freqs)
     d_model = 4 * S
     d_mlp = S * phases
-    cfg = preset("quick").replace(p=p, d_model=d_model, n_heads=1, d_mlp=d_mlp, op=op)
+    cfg = preset("quick-v1").replace(p=p, d_model=d_model, n_heads=1, d_mlp=d_mlp, op=op)
     model = make_model(cfg)
     x = torch.arange(p, dtype=torch.float64)
     mask = torch.ones(p, dtype=torch.float64)

@@ -204,7 +204,7 @@ def test_label_corruption_is_carried_by_the_memorising_part(tmp_path: Path) -> N
     # memorisation while the clean pairs are computed by the general algorithm. The split must
     # see it: on the corrupted pairs the margin toward the trained (wrong) label is the
     # memorising part's, on the clean training pairs it is the generalising part's.
-    cfg = circuits.preset("quick").replace(
+    cfg = circuits.preset("quick-v1").replace(
         p=31, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, frac=0.8, label_noise=0.03, epochs=4000,
         checkpoint_every=4000, checkpoint_early_until=0, log_every=200,
     )

@@ -36,7 +36,7 @@ from tests.conftest import run_cli, tiny_config
 
 def small(**overrides: object) -> circuits.RunConfig:
     """p = 23, narrow model, lr 3e-3: groks on 80% of the pairs within 1,500 epochs."""
-    base = preset("quick").replace(
+    base = preset("quick-v1").replace(
         p=23, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, epochs=1500, checkpoint_every=250,
         checkpoint_early_until=0, log_every=50, preset="small",
     )

@@ -198,7 +198,7 @@ def test_minibatches_cover_each_pass_once_and_follow_powers_rule() -> None:
     assert not torch.equal(b.indices(0), b.indices(4))  # a fresh shuffle each pass
     assert torch.equal(b.indices(5), Batches(60, 16, seed=999).indices(5))  # seeded: the count is the state
     assert Batches(60, None, 0).full and Batches(60, 60, 0).full
-    assert preset("quick").replace(power_batches=True).batch == 512  # min(512, ceil(1392 / 2))
+    assert preset("quick").replace(power_batches=True).batch == 512  # min(512, ceil(1566 / 2))
     assert tiny_config(power_batches=True).batch == 30
     assert preset("quick").batch is None
     with pytest.raises(ConfigError, match="batch_size 61 exceeds the 60 training pairs"):

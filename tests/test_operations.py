@@ -109,7 +109,7 @@ def test_handbuilt_multiplication_network_is_read_in_the_discrete_log_basis() ->
 
 def _science(op: str, **overrides: object) -> circuits.RunConfig:
     """science.md's CI setting: p = 31, d_model 32, d_mlp 128, lr 3e-3."""
-    return preset("quick").replace(
+    return preset("quick-v1").replace(
         p=31, op=op, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, checkpoint_every=500,
         checkpoint_early_until=0, log_every=100, **overrides,
     )

@@ -49,13 +49,14 @@ def cycle_type(x: tuple) -> tuple:
     ("s5aba", lambda x, y: mul(mul(x, y), x)),
 ])
 def test_the_s5_tables_are_the_group_products(op: str, formula) -> None:  # noqa: ANN001
-    task = make_task(preset("quick").replace(op=op).task)
+    cfg = preset("quick").replace(op=op)
+    task = make_task(cfg.task)
     assert task.n_elements == 120 and task.n_classes == 120 and task.n_tokens == 121 and task.eq_token == 120
     assert task.tokens.shape == (14400, 3) and bool(task.valid.all())
     labels = task.labels.view(120, 120)
     for a, b in itertools.product(range(0, 120, 7), range(0, 120, 5)):
         assert int(labels[a, b]) == INDEX[formula(PERMS[a], PERMS[b])], (a, b)
-    assert len(task.train_idx) == int(0.4 * 14400) and not task.has_fourier
+    assert len(task.train_idx) == int(cfg.task.frac * 14400) and not task.has_fourier
 
 
 def test_the_s5_product_is_a_group() -> None:
