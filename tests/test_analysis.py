@@ -121,8 +121,6 @@ def test_restricted_loss_falls_well_before_test_loss(quick_analysis) -> None:  #
 
 
 def test_phases_are_ordered_and_match_the_curves(quick_analysis) -> None:  # noqa: ANN001
-    import numpy as np
-
     m = quick_analysis.measures.set_index("epoch")
     ph = quick_analysis.summary["phases"]
     mem, form, clean = ph["memorisation_end"], ph["circuit_formation_end"], ph["cleanup_end"]
@@ -134,20 +132,14 @@ def test_phases_are_ordered_and_match_the_curves(quick_analysis) -> None:  # noq
     # Circuit formation: the excluded loss rises while the test loss stays high.
     assert m.loc[form, "excluded_loss"] > 1.5 * m.loc[mem, "excluded_loss"]
     assert m.loc[form, "test_loss"] > 1.0
-    # Cleanup: the weight norm falls, the test loss collapses, sparsity rises.
+    # Cleanup: the weight norm falls, the test loss collapses, sparsity rises. The retuned quick
+    # preset (issue 21) finishes it inside its schedule (quick-v1 ended cleanup at 2,950 of
+    # 3,000 epochs, or not at all), with the test accuracy already up.
     last = int(m.index[-1])
-    end = clean if clean is not None else last
-    assert form < end
-    assert m.loc[end, "weight_norm_sq"] < 0.7 * m.loc[form, "weight_norm_sq"]
-    assert m.loc[end, "test_loss"] < 1e-3
-    assert m.loc[end, "gini_embed"] > m.loc[form, "gini_embed"]
-    if clean is None:
-        # The quick preset stops at 3,000 epochs; some runs are still in cleanup then. The rule
-        # must then see a norm still falling at more than 25% of its steepest rate.
-        e = m.index.to_numpy()
-        rate = -np.diff(np.log(m.weight_norm_sq.to_numpy())) / np.diff(e)
-        after = rate[e[:-1] >= form]
-        assert after[-3:].mean() > 0.25 * after.max() * 0.9
+    assert clean is not None and form < clean <= last - 500
+    assert m.loc[clean, "weight_norm_sq"] < 0.7 * m.loc[form, "weight_norm_sq"]
+    assert m.loc[clean, "test_loss"] < 1e-3 and m.loc[clean, "test_acc"] >= 0.99
+    assert m.loc[clean, "gini_embed"] > m.loc[form, "gini_embed"]
 
 
 def test_columns_equal_the_standalone_measure_functions(tiny_run: circuits.Run, tmp_path: Path) -> None:
