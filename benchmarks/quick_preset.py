@@ -3,8 +3,9 @@ finish all three phases inside its schedule, over many seeds?
 
 Each candidate is the `quick` preset with overrides (``lr=2e-3,epochs=1500``). Its seeds s = 0..N-1
 move both the model seed (999 + s) and the data split (598 + s), so the statistics cover both.
-The seeds of one candidate train as one stack (the fused engine, exactly as ``circuits train``
-trains each of them alone: a stack is bitwise the same as its members trained alone), into
+The seeds of one candidate train as one stack (the fused engine; each member float32-close to
+its run trained alone, not bitwise: docs/benchmarks.md, so a phase boundary can move by one
+checkpoint between the two), into
 ``--out/<candidate>/s<s>``; rerunning resumes. Each run is then analysed for its losses and
 norms only (the phases need the test loss and the weight norm), and per seed it prints:
 
