@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--semi-sizes", type=int, nargs="*", default=[350, 420, 500],
                     help="semi-grokking sizes: between D_crit and the smallest D that groks in 3k epochs")
+    ap.add_argument("--dcrit-sizes", type=int, nargs="*", default=[60, 100, 160, 250, 400, 640, 800, 900],
+                    help="D_crit sizes at p = 31 (scaled); 800 and 900 were added after the first pass at "
+                         "p = 59, where generalisation-only networks met Varma's criterion at two sizes only")
     ap.add_argument("--p", type=int, default=31, help="modulus (sizes scale with p^2 / 961)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per protocol (default: 2-3 as at p = 31)")
     args = ap.parse_args()
@@ -65,6 +68,10 @@ def main() -> None:
         result = func()
         # A resumed protocol adds this invocation's time to what the earlier ones spent (a rerun
         # of a finished protocol adds the seconds it takes to find every run complete).
+        # Re-read the file: another invocation (a protocol extended beside a running one) may
+        # have recorded its own steps meanwhile.
+        if timing_file.exists():
+            times.update({k: v for k, v in json.loads(timing_file.read_text()).items() if k != name})
         times[name] = round(times.get(name, 0.0) + time.perf_counter() - t, 1)
         args.out.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(times, indent=2))
@@ -75,7 +82,7 @@ def main() -> None:
     step("reference", lambda: reference_circuits(args.out / "reference", base=base, mem_size=sizes([300])[0],
                                                   seeds=seeds(2)))
     dc = step("dcrit", lambda: critical_dataset_size(
-        args.out / "dcrit", sizes=sizes([60, 100, 160, 250, 400, 640]), base=base, seeds=seeds(3)))
+        args.out / "dcrit", sizes=sizes(args.dcrit_sizes), base=base, seeds=seeds(3)))
     d_crit = (dc.summary["d_crit_mean"] if dc and dc.summary["d_crit_mean"] else 250 * scale)
     step("ungrok", lambda: ungrokking(
         args.out / "ungrok", sizes=sizes([40, 63, 100, 160, 250, 400, 640]), base=base, parent_frac=0.9,
