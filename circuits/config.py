@@ -80,6 +80,7 @@ def _check_float(name: str, value: Any) -> None:
 #: Fields added after 0.1.0 and their defaults: left out of the config hash at the default.
 ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("task", "label_noise"): 0.0,
+    ("task", "mix_mem"): 0,
     ("model", "init_scale"): 1.0,
     ("model", "normalization"): "none",
     ("model", "dropout"): 0.0,
@@ -130,6 +131,12 @@ class TaskConfig:
     label_noise: float = 0.0
     """Fraction of the training pairs given a seeded uniform wrong label (test pairs stay
     clean; Doshi et al. 2023): round(label_noise * n_train) pairs, saved in the split file."""
+    mix_mem: int = 0
+    """Mix a memorisation task into training (Huang et al. 2024, §5): this many extra pairs
+    under a second operator token, each with a seeded uniform random label, all of them
+    training data. Inputs become ``[a, op, b, =]`` (op: '+' for the task's own operation, '-'
+    for the memorisation pairs); frac / train_size still count the operation's own pairs, and
+    the test pairs are only the operation's. 0: no mixture."""
 
     def __post_init__(self) -> None:
         _check_int("p", self.p)
@@ -159,6 +166,18 @@ class TaskConfig:
             raise ConfigError(f"label_noise must lie in [0, 1), got {self.label_noise}")
         if self.label_noise and self.random_labels:
             raise ConfigError("label_noise corrupts a real table; with random_labels every label is noise already")
+        _check_int("mix_mem", self.mix_mem, 0)
+        if self.mix_mem:
+            if self.op in S5_OPS:
+                raise ConfigError(f"mix_mem mixes a memorisation task into a modular operation; op {self.op} is over S5")
+            if self.mix_mem > self.n_elements * self.n_elements:
+                raise ConfigError(f"mix_mem {self.mix_mem} exceeds the {self.n_elements ** 2} memorisation inputs "
+                                  f"[a, -, b, =] at p={self.p}; use at most {self.n_elements ** 2}")
+            for name, value, default in (("random_labels", self.random_labels, False), ("label_noise", self.label_noise, 0.0),
+                                         ("pool_size", self.pool_size, None)):
+                if value != default:
+                    raise ConfigError(f"mix_mem does not combine with {name} (the mixture's memorisation pairs "
+                                      f"are its random labels); leave {name} at {default}")
         if self.pool_size is not None:
             _check_int("pool_size", self.pool_size, 1)
             if self.pool_size > self.n_pairs:
@@ -181,13 +200,20 @@ class TaskConfig:
 
     @property
     def eq_token(self) -> int:
-        """Index of the '=' token (after the elements)."""
-        return self.n_elements
+        """Index of the '=' token (after the elements, and after the two operator tokens of a
+        mixture)."""
+        return self.n_elements + 2 if self.mix_mem else self.n_elements
+
+    @property
+    def op_tokens(self) -> tuple[int, int] | None:
+        """A mixture's operator tokens ('+' for the operation, '-' for the memorisation
+        pairs), right after the elements; None without a mixture."""
+        return (self.n_elements, self.n_elements + 1) if self.mix_mem else None
 
     @property
     def n_tokens(self) -> int:
-        """Input vocabulary: the elements and '='."""
-        return self.n_elements + 1
+        """Input vocabulary: the elements, a mixture's two operator tokens, and '='."""
+        return self.eq_token + 1
 
     @property
     def n_classes(self) -> int:
@@ -196,8 +222,14 @@ class TaskConfig:
 
     @property
     def n_ctx(self) -> int:
-        """Input sequence length: ``[a, b, =]``."""
-        return 3
+        """Input sequence length: ``[a, b, =]``, or ``[a, op, b, =]`` in a mixture."""
+        return 4 if self.mix_mem else 3
+
+    @property
+    def n_grid(self) -> int:
+        """Inputs on the canonical grid: n_elements^2, twice that in a mixture (the
+        operation's block, then the memorisation block)."""
+        return self.n_elements * self.n_elements * (2 if self.mix_mem else 1)
 
     @property
     def n_pairs(self) -> int:
@@ -205,12 +237,18 @@ class TaskConfig:
         return self.p * (self.p - 1) if self.op == "div" else self.n_elements * self.n_elements
 
     @property
-    def n_train(self) -> int:
-        """Number of training pairs (int(frac * n_pairs), as the TransformerLens demo)."""
+    def n_train_op(self) -> int:
+        """Training pairs of the operation itself (int(frac * n_pairs), as the TransformerLens
+        demo, or train_size)."""
         if self.train_size is not None:
             return self.train_size
         assert self.frac is not None
         return max(1, int(self.n_pairs * self.frac))
+
+    @property
+    def n_train(self) -> int:
+        """Number of training pairs: the operation's, plus a mixture's memorisation pairs."""
+        return self.n_train_op + self.mix_mem
 
     @property
     def n_noisy(self) -> int:
@@ -434,6 +472,9 @@ class RunConfig:
                 f"engine fused supports n_layers = 1, got {self.model.n_layers}; "
                 "use --engine reference"
             )
+        if self.train.engine == "fused" and self.task.mix_mem:
+            raise ConfigError("engine fused reads inputs [a, b, =]; a mixture's [a, op, b, =] (mix_mem) needs "
+                              "--engine reference")
         if self.train.engine == "fused" and (self.model.normalization != "none" or self.model.dropout):
             what = "LayerNorm" if self.model.normalization != "none" else f"dropout {self.model.dropout}"
             raise ConfigError(f"engine fused does not support {what}; use --engine reference")

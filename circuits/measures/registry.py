@@ -313,6 +313,9 @@ def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family
         if reason is None and f.one_layer and config.model.n_layers != 1:
             reason = (f"it reads a one-layer transformer (the grid forward, blocks.0); this model has "
                       f"n_layers = {config.model.n_layers}")
+        if reason is None and f.one_layer and config.task.n_ctx != 3:
+            reason = (f"it reads inputs [a, b, =] (the grid forward); this task's inputs have {config.task.n_ctx} "
+                      "tokens ([a, op, b, =]: a mixture)")
         if reason is None and f.one_layer and config.model.normalization != "none":
             reason = "it reads a transformer without LayerNorm (the grid forward); this model has LayerNorm"
         if reason is None:

@@ -1,7 +1,8 @@
 """Tasks: the tables the network learns, behind one interface (:class:`Task`).
 
 ``base`` is the interface and the seeded split every task shares; ``modular`` holds the binary
-operations over Z_p and ``permutation`` those over S5 (Power et al. 2022). A new task is a module here: its table, its layout
+operations over Z_p, ``permutation`` those over S5 (Power et al. 2022) and ``mixture`` an operation
+with a memorisation task mixed in (Huang et al. 2024). A new task is a module here: its table, its layout
 properties in :class:`circuits.config.TaskConfig`, and (where it has one) its Fourier basis.
 """
 
@@ -26,12 +27,14 @@ from circuits.tasks.base import (
 )
 from circuits.tasks.modular import OPERATIONS, ModularTask, primitive_root
 from circuits.tasks.modular import make_grid as modular_grid
+from circuits.tasks.mixture import MixtureTask, mixture_grid
 from circuits.tasks.permutation import PermutationTask, permutation_grid
 
 __all__ = [
     "Task",
     "ModularTask",
     "PermutationTask",
+    "MixtureTask",
     "FourierView",
     "ViewTable",
     "fourier_view",
@@ -54,12 +57,16 @@ def task_class(config: TaskConfig) -> type[Task]:
     """The :class:`Task` subclass that :func:`make_task` builds for ``config`` (its class
     attributes and class methods, such as :meth:`Task.view_of`, are known before the table is
     built)."""
+    if config.mix_mem:
+        return MixtureTask
     return PermutationTask if config.op in S5_OPS else ModularTask
 
 
 def make_grid(config: TaskConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens ``[pairs, n_ctx]``, labels and validity of the task over its canonical grid (no
     split), whatever the task."""
+    if config.mix_mem:
+        return mixture_grid(config)
     return permutation_grid(config) if config.op in S5_OPS else modular_grid(config)
 
 

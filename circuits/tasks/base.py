@@ -21,7 +21,7 @@ as a stand-in for these.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -179,7 +179,7 @@ class Task:
 
     Attributes:
         config: the TaskConfig it was made from.
-        tokens: ``[pairs, n_ctx]`` int64 inputs (``[a, b, =]``) in canonical order.
+        tokens: ``[pairs, n_ctx]`` int64 inputs (``[a, b, =]``, or a mixture's ``[a, op, b, =]``) in canonical order.
         labels: ``[pairs]`` int64 answers (for invalid pairs: 0, never used).
         valid: ``[pairs]`` bool, False where the operation is undefined (b = 0 for division).
         train_idx, test_idx: canonical indices (``a * n_elements + b``) of the two splits.
@@ -189,7 +189,7 @@ class Task:
     """
 
     config: TaskConfig
-    tokens: Int[Tensor, "pair 3"]
+    tokens: Int[Tensor, "pair ctx"]
     labels: Int[Tensor, " pair"]
     valid: Bool[Tensor, " pair"]
     train_idx: Int[Tensor, " train"]
@@ -279,11 +279,11 @@ class Task:
         mask[self.train_idx] = True
         return mask
 
-    def train_data(self) -> tuple[Int[Tensor, "train 3"], Int[Tensor, " train"]]:
+    def train_data(self) -> tuple[Int[Tensor, "train ctx"], Int[Tensor, " train"]]:
         """Training inputs and labels, in split order."""
         return self.tokens[self.train_idx], self.labels[self.train_idx]
 
-    def test_data(self) -> tuple[Int[Tensor, "test 3"], Int[Tensor, " test"]]:
+    def test_data(self) -> tuple[Int[Tensor, "test ctx"], Int[Tensor, " test"]]:
         """Test inputs and labels, in split order."""
         return self.tokens[self.test_idx], self.labels[self.test_idx]
 
@@ -298,6 +298,12 @@ def make_split(config: TaskConfig, valid: Tensor) -> tuple[Tensor, Tensor]:
     ``pool_size`` of the permutation, so every seed's subset only removes examples from the
     pool (Varma et al. 2023, ungrokking); every other valid pair is a test pair.
     """
+    if config.mix_mem:
+        # The operation's split is the single task's; the memorisation pairs are all training.
+        n = config.n_elements * config.n_elements
+        op_train, test = make_split(replace(config, mix_mem=0), valid[:n])
+        mem = torch.nonzero(valid[n:]).squeeze(1) + n
+        return torch.cat([op_train, mem]), test
     pool = torch.nonzero(valid).squeeze(1)
     n_train = config.n_train
     if n_train > len(pool):
@@ -345,7 +351,7 @@ def split_problem(config: TaskConfig, valid: Tensor, train_idx: Tensor, test_idx
     once each, do not overlap, cover every valid pair, and the training set has the size the
     config asks for (issue 19, item 6: a split file of another p used to index out of range).
     """
-    n = config.n_elements * config.n_elements
+    n = config.n_grid
     for name, idx in (("train", train_idx), ("test", test_idx)):
         if idx.dtype != torch.int64 or idx.dim() != 1:
             return f"{name} is {idx.dtype} of shape {tuple(idx.shape)}, not a 1-D int64 index list"

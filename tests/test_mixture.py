@@ -1,0 +1,78 @@
+"""Multi-task mixtures (issue 22, item 3; Huang et al. 2024 §5): an operation's table with a
+memorisation task mixed in under a second operator token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuits
+from circuits.config import ConfigError
+from circuits.tasks import MixtureTask, make_task
+from tests.conftest import run_cli, tiny_config
+
+
+def test_the_mixture_table_has_both_blocks_and_keeps_the_operations_split() -> None:
+    cfg = tiny_config(op="sub", mix_mem=50, engine="reference").task
+    p = cfg.p
+    task = make_task(cfg)
+    assert isinstance(task, MixtureTask)
+    assert (cfg.n_ctx, cfg.n_tokens, cfg.n_classes, cfg.op_tokens, cfg.eq_token) == (4, p + 3, p, (p, p + 1), p + 2)
+    assert task.tokens.shape == (2 * p * p, 4) and task.n_pairs == 2 * p * p
+    a, op, b, eq = task.tokens.unbind(1)
+    block = torch.arange(2 * p * p) // (p * p)
+    # [a, op, b, =] in canonical order: the operation's block, then the memorisation block.
+    assert torch.equal(a % p, (torch.arange(2 * p * p) // p) % p) and torch.equal(b, torch.arange(2 * p * p) % p)
+    assert torch.equal(op, torch.where(block == 0, p, p + 1)) and bool((eq == p + 2).all())
+    n = p * p
+    assert torch.equal(task.labels[:n], (a[:n] - b[:n]) % p)  # the operation is untouched
+    # The operation's split is the single task's: a mixture only adds training data.
+    alone = make_task(tiny_config(op="sub").task)
+    assert torch.equal(task.op_train_idx, alone.train_idx) and torch.equal(task.test_idx, alone.test_idx)
+    # The memorisation pairs are all training data, none is a test pair, the rest of the block
+    # is not valid; the labels are seeded and not the operation's.
+    mem = task.mem_idx
+    assert len(mem) == 50 and bool((mem >= n).all()) and bool(torch.isin(mem, task.train_idx).all())
+    assert len(task.train_idx) == cfg.n_train == cfg.n_train_op + 50
+    assert int(task.valid[n:].sum()) == 50 and not bool((task.test_idx >= n).any())
+    assert torch.equal(make_task(cfg).labels, task.labels)
+    other = make_task(tiny_config(op="sub", mix_mem=50, data_seed=1, engine="reference").task)
+    assert not torch.equal(other.labels[other.mem_idx], task.labels[mem])
+    hits = (task.labels[mem] == (a[mem] - b[mem]) % p).float().mean().item()
+    assert hits < 0.3  # random labels agree with x - y about 1/p of the time
+
+
+def test_bad_mixtures_are_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="at most 121"):
+        tiny_config(mix_mem=122, engine="reference")
+    with pytest.raises(ConfigError, match="--engine reference"):
+        tiny_config(mix_mem=10)  # the fused engine reads [a, b, =]
+    with pytest.raises(ConfigError, match="S5"):
+        tiny_config(op="s5", mix_mem=10, engine="reference")
+    with pytest.raises(ConfigError, match="random_labels"):
+        tiny_config(random_labels=True, mix_mem=10, engine="reference")
+    # Without a mixture the field leaves the config's hash (and its run folder's name) alone.
+    assert tiny_config(mix_mem=0).short_hash() == tiny_config().short_hash()
+
+
+def test_a_mixture_trains_memorises_both_blocks_and_analyses_with_the_reason(tmp_path: Path) -> None:
+    cfg = tiny_config(mix_mem=30, engine="reference", epochs=150)
+    run = circuits.train(cfg, out=tmp_path / "mix")
+    task = run.task
+    assert isinstance(task, MixtureTask) and torch.equal(task.train_idx, make_task(cfg.task).train_idx)
+    model = run.model(-1)
+    assert model.cfg.n_ctx == 4 and model.cfg.d_vocab == cfg.task.p + 3
+    with torch.no_grad():
+        pred = model(task.tokens)[:, -1].argmax(-1)
+    # The whole training set is fit, memorisation pairs included (their labels are random).
+    assert bool((pred[task.train_idx] == task.labels[task.train_idx]).all())
+    assert run.metrics.train_acc.iloc[-1] == 1.0
+    analysis = circuits.analyze(run, out=tmp_path / "a")
+    skipped = analysis.summary["skipped_measures"]
+    assert "[a, op, b, =]" in skipped["losses"] and "mixture" in skipped["fourier_losses"]
+    assert analysis.measures.weight_norm_sq.notna().all()
+    # The CLI says so in one line, and refuses the fused engine with the fix.
+    bad = run_cli("train", "--preset", "quick", "--p", "11", "--mix-mem", "10", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--engine reference" in bad.stderr and "Traceback" not in bad.stderr
