@@ -84,6 +84,7 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("model", "init_scale"): 1.0,
     ("model", "normalization"): "none",
     ("model", "dropout"): 0.0,
+    ("model", "split_mlp"): False,
     ("train", "optimizer"): "adamw",
     ("train", "momentum"): 0.0,
     ("train", "embed_lr"): None,
@@ -282,6 +283,10 @@ class ModelConfig:
     """none, or LN: TransformerLens' pre-LayerNorm (ln1, ln2, ln_final; Power et al.'s model)."""
     dropout: float = 0.0
     """Dropout on the attention and MLP outputs while training (Power et al.), in [0, 1)."""
+    split_mlp: bool = False
+    """Route each input of a mixture (``mix_mem``) through its own half of the MLP neurons:
+    the operation's inputs through the first d_mlp / 2, the memorisation inputs through the
+    rest (Huang et al. 2024, App. B: a task-routed, mixture-of-experts-like FFN)."""
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -289,6 +294,10 @@ class ModelConfig:
         _check_float("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if not isinstance(self.split_mlp, bool):
+            raise ConfigError(f"split_mlp must be true or false, got {self.split_mlp!r}")
+        if self.split_mlp and self.d_mlp % 2:
+            raise ConfigError(f"split_mlp gives each task half the MLP: d_mlp must be even, got {self.d_mlp}")
         _check_float("init_scale", self.init_scale)
         if self.init_scale <= 0:
             raise ConfigError(f"init_scale must be > 0 (Omnigrok's alpha multiplies the initial weights), "
@@ -472,6 +481,9 @@ class RunConfig:
                 f"engine fused supports n_layers = 1, got {self.model.n_layers}; "
                 "use --engine reference"
             )
+        if self.model.split_mlp and not self.task.mix_mem:
+            raise ConfigError("split_mlp routes a mixture's two tasks through the two halves of the MLP; "
+                              "give the mixture with --mix-mem N")
         if self.train.engine == "fused" and self.task.mix_mem:
             raise ConfigError("engine fused reads inputs [a, b, =]; a mixture's [a, op, b, =] (mix_mem) needs "
                               "--engine reference")

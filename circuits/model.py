@@ -126,10 +126,13 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_model"]
+        self, resid: Float[Tensor, "batch pos d_model"], route: Float[Tensor, "batch 1 d_mlp"] | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(resid @ self.W_in + self.b_in)
-        post = self.hook_post(self.act(pre))
+        act = self.act(pre)
+        # A split MLP (ModelConfig.split_mlp): each input's task owns half the neurons, the
+        # other half is zero for it (so neither its output nor its gradient reaches them).
+        post = self.hook_post(act if route is None else act * route)
         return post @ self.W_out + self.b_out
 
 
@@ -171,7 +174,7 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_model"]
+        self, resid: Float[Tensor, "batch pos d_model"], route: Float[Tensor, "batch 1 d_mlp"] | None = None
     ) -> Float[Tensor, "batch pos d_model"]:
         ln = hasattr(self, "ln1")
         resid = self.hook_resid_pre(resid)
@@ -179,7 +182,7 @@ class TransformerBlock(nn.Module):
         if self.dropout:
             attn = F.dropout(attn, self.dropout, self.training)
         resid = self.hook_resid_mid(resid + self.hook_attn_out(attn))
-        mlp = self.mlp(self.ln2(resid) if ln else resid)
+        mlp = self.mlp(self.ln2(resid) if ln else resid, route)
         if self.dropout:
             mlp = F.dropout(mlp, self.dropout, self.training)
         return self.hook_resid_post(resid + self.hook_mlp_out(mlp))
@@ -351,8 +354,9 @@ class Transformer(HookedRootModule):
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
+        route = self.mlp_route(tokens)
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid, route)
         if hasattr(self, "ln_final"):
             resid = self.ln_final(resid)
         logits = self.unembed(resid)
@@ -365,6 +369,17 @@ class Transformer(HookedRootModule):
         loss = nll if loss_per_token else nll.mean()
         return loss if return_type == "loss" else (logits, loss)
 
+    def mlp_route(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch 1 d_mlp"] | None:
+        """With ``split_mlp``, each input's mask over the MLP neurons: its task's half is 1
+        (the operation's inputs, operator token d_vocab - 3: the first half; the memorisation
+        inputs, d_vocab - 2: the second), the other half 0. None without a split."""
+        if not self.config.split_mlp:
+            return None
+        half = self.config.d_mlp // 2
+        mem = (tokens[:, 1] == self.d_vocab - 2).to(self.W_E.dtype)[:, None, None]
+        first = (torch.arange(self.config.d_mlp, device=tokens.device) < half).to(self.W_E.dtype)
+        return first * (1 - mem) + (1 - first) * mem
+
     def answers(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         """The task's answer for each input ``[a, b, =]`` (from its table; see :meth:`forward`)."""
         if self.task_config is None:
@@ -372,10 +387,16 @@ class Transformer(HookedRootModule):
                              "make_model(config) or run.model(epoch)")
         table = _answer_table(self.task_config)
         n = self.task_config.n_elements
-        a, b = tokens[:, 0].cpu(), tokens[:, 1].cpu()
+        ops = self.task_config.op_tokens
+        a, b = tokens[:, 0].cpu(), tokens[:, 2 if ops else 1].cpu()
         if bool(((a < 0) | (a >= n) | (b < 0) | (b >= n)).any()):
-            raise ValueError(f"inputs must be [a, b, =] with a, b in 0..{n - 1}")
-        return table[a * n + b]
+            raise ValueError(f"inputs must be {'[a, op, b, =]' if ops else '[a, b, =]'} with a, b in 0..{n - 1}")
+        if ops is None:
+            return table[a * n + b]
+        op = tokens[:, 1].cpu()
+        if not bool(((op == ops[0]) | (op == ops[1])).all()):
+            raise ValueError(f"a mixture's inputs are [a, op, b, =] with op {ops[0]} ('+') or {ops[1]} ('-')")
+        return table[(op == ops[1]).long() * n * n + a * n + b]
 
     def run_with_cache(self, *args: object, **kwargs: object) -> tuple[object, object]:
         """``(output, cache)``, the cache a TransformerLens ``ActivationCache`` (indexing as

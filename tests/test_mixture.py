@@ -76,3 +76,47 @@ def test_a_mixture_trains_memorises_both_blocks_and_analyses_with_the_reason(tmp
     # The CLI says so in one line, and refuses the fused engine with the fix.
     bad = run_cli("train", "--preset", "quick", "--p", "11", "--mix-mem", "10", "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "--engine reference" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_model_scores_a_mixture_against_its_own_table() -> None:
+    cfg = tiny_config(op="sub", mix_mem=40, engine="reference")
+    model = circuits.make_model(cfg)
+    task = make_task(cfg.task)
+    idx = task.train_idx
+    # return_type="loss" reads the answers of [a, op, b, =] from the mixture's table, both blocks.
+    assert torch.equal(model.answers(task.tokens[idx]), task.labels[idx])
+    with torch.no_grad():
+        by_table = model(task.tokens[idx], return_type="loss")
+        by_labels = model(task.tokens[idx], return_type="loss", labels=task.labels[idx])
+    assert by_table.item() == by_labels.item()
+    with pytest.raises(ValueError, match=r"\[a, op, b, =\]"):
+        model.answers(torch.tensor([[0, 3, 1, cfg.task.eq_token]]))  # 3 is an element, not an operator
+
+
+def test_a_split_mlp_routes_each_task_through_its_own_half() -> None:
+    # Huang et al. 2024, App. B: the operation's inputs use the first d_mlp / 2 neurons, the
+    # memorisation inputs the rest. So the loss on one block has no gradient in the other
+    # block's half of W_in / W_out, and its activations there are zero.
+    cfg = tiny_config(mix_mem=40, engine="reference", split_mlp=True)
+    model = circuits.make_model(cfg)
+    task = make_task(cfg.task)
+    half = cfg.model.d_mlp // 2
+    n = cfg.task.p ** 2
+    for rows, own, other in ((task.op_train_idx, slice(0, half), slice(half, None)),
+                             (task.mem_idx, slice(half, None), slice(0, half))):
+        model.zero_grad()
+        _, cache = model.run_with_cache(task.tokens[rows])
+        post = cache["blocks.0.mlp.hook_post"]
+        assert bool((post[..., other] == 0).all()) and bool((post[..., own] != 0).any())
+        model(task.tokens[rows], return_type="loss").backward()
+        assert bool((model.blocks[0].mlp.W_in.grad[:, other] == 0).all())
+        assert bool((model.blocks[0].mlp.W_out.grad[other] == 0).all())
+        assert model.blocks[0].mlp.W_in.grad[:, own].abs().sum() > 0
+    assert bool((task.op_train_idx < n).all())
+    # Without a mixture there is nothing to route.
+    with pytest.raises(ConfigError, match="--mix-mem"):
+        tiny_config(engine="reference", split_mlp=True)
+    # Off by default: the unsplit model's activations reach every neuron from both blocks.
+    plain = circuits.make_model(tiny_config(mix_mem=40, engine="reference"))
+    _, cache = plain.run_with_cache(task.tokens[task.mem_idx])
+    assert bool((cache["blocks.0.mlp.hook_post"][..., :half] != 0).any())
