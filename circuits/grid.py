@@ -29,9 +29,10 @@ from torch import Tensor
 from circuits.model import is_buffer_key
 
 if TYPE_CHECKING:
+    from circuits.config import RunConfig
     from circuits.tasks import Task
 
-__all__ = ["grid_blocks", "grid_forward", "grid_layout", "grid_pattern", "grid_resid_mid", "stack_state_dicts", "Layout"]
+__all__ = ["grid_blocks", "grid_forward", "grid_layout", "grid_problem", "grid_pattern", "grid_resid_mid", "stack_state_dicts", "Layout"]
 
 
 def stack_state_dicts(state_dicts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
@@ -51,6 +52,19 @@ class _AttentionTables(NamedTuple):
 Layout = Union[int, "Task"]
 """Whose grid: a :class:`circuits.tasks.Task` (its elements and '=' token), or for a modular
 task its p (elements 0..p-1, '=' is token p)."""
+
+
+def grid_problem(config: RunConfig) -> str | None:
+    """Why the grid forward cannot read runs of ``config`` (None: it can). It is the one-block
+    computation above: one layer, no LayerNorm, inputs ``[a, b, =]``."""
+    if config.model.n_layers != 1:
+        return f"it reads a one-layer transformer (the grid forward, blocks.0); this model has n_layers = {config.model.n_layers}"
+    if config.model.normalization != "none":
+        return "it reads a transformer without LayerNorm (the grid forward); this model has LayerNorm"
+    if config.task.n_ctx != 3:
+        return (f"it reads inputs [a, b, =] (the grid forward); this task's inputs have {config.task.n_ctx} tokens "
+                "([a, op, b, =]: a mixture)")
+    return None
 
 
 def grid_layout(of: Layout) -> tuple[int, int]:

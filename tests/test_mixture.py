@@ -120,3 +120,29 @@ def test_a_split_mlp_routes_each_task_through_its_own_half() -> None:
     plain = circuits.make_model(tiny_config(mix_mem=40, engine="reference"))
     _, cache = plain.run_with_cache(task.tokens[task.mem_idx])
     assert bool((cache["blocks.0.mlp.hook_post"][..., :half] != 0).any())
+
+
+def test_the_emergence_protocol_maps_test_accuracy_over_width_and_memorisation_data(tmp_path: Path) -> None:
+    # Huang et al. 2024 §5 at CI size: p = 23, 80% of the sums as the operation's training set,
+    # two widths, the operation alone and with 150 memorisation pairs, one seed.
+    from circuits.experiments import emergence
+    from tests.test_experiments import small
+
+    base = small(frac=0.8, epochs=1200)
+    res = emergence(tmp_path / "emg", widths=[8, 32], mem_sizes=[0, 150], base=base, seeds=1, split_mlp=True)
+    t = res.table.set_index(["d_model", "mem_size"])
+    assert len(t) == 4 and set(res.summary["by_mem_size"]) == {"0", "150"}
+    # Each run is what the grid says: width, mixture, split MLP for the mixtures only.
+    for (w, m), row in t.iterrows():
+        cfg = circuits.load_run(tmp_path / "emg" / "runs" / row.run).config
+        assert (cfg.model.d_model, cfg.task.mix_mem, cfg.model.split_mlp, cfg.train.engine) == (w, m, m > 0, "reference")
+        assert cfg.task.n_train_op == base.task.n_train_op  # the same operation's training set in every cell
+    assert t.loc[(32, 0), "best_test_acc"] > 0.9  # wide enough alone, it generalises
+    assert t.loc[(32, 150), "mem_train_acc"] > 0.9  # the mixture fits its random labels
+    assert t.loc[(8, 0), "n_params"] < t.loc[(32, 0), "n_params"]
+    # The summary's emergence width is the first width whose best test accuracy reaches 0.9.
+    for m, info in res.summary["by_mem_size"].items():
+        accs = t.xs(int(m), level="mem_size").best_test_acc
+        first = next((int(w) for w, a in accs.sort_index().items() if a >= 0.9), None)
+        assert info["emergence_width"] == first
+    assert (tmp_path / "emg" / "emergence.csv").exists() and (tmp_path / "emg" / "emergence.json").exists()

@@ -6,6 +6,7 @@ figure and headline numbers), also written as ``<protocol>.csv/.json/.html``.
 
 from circuits.experiments.diagram import phase_diagram
 from circuits.experiments.efficiency import critical_dataset_size, reference_circuits
+from circuits.experiments.emergence import emergence
 from circuits.experiments.ungrokking import curve_events, semi_grokking, ungrokking
 from circuits.experiments.zones import classify_zone, memorisation_capacity, zones
 from circuits.experiments.sweep import ExperimentResult, Member, final_measures, run_members
@@ -15,6 +16,7 @@ __all__ = [
     "Member",
     "classify_zone",
     "curve_events",
+    "emergence",
     "memorisation_capacity",
     "phase_diagram",
     "semi_grokking",

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuits.config import RunConfig
-from circuits.grid import grid_forward, stack_state_dicts
+from circuits.grid import grid_forward, grid_problem, stack_state_dicts
 from circuits.engine.stacked import stack_key
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
@@ -27,6 +27,7 @@ from circuits.measures.frequencies import key_frequencies, neuron_frequency_frac
 from circuits.measures.norms import weight_norm_sq
 from circuits.run import Run, load_run, train_ensemble
 from circuits.store import CONFIG_FILE, atomic_write_bytes, is_safe_name
+from circuits.tasks import MixtureTask
 from circuits.trainer import StepInfo, split_metrics, with_init_digest
 
 if TYPE_CHECKING:
@@ -163,15 +164,28 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
     :func:`circuits.measures.circuits.circuit_efficiency`), the trig-subspace shares of the
     logits (``gen_share_all``: every frequency, i.e. the part that depends on a+b only;
     ``gen_share``: the key frequencies the network's neurons vote for) and the number of key
-    frequencies.
+    frequencies. A run the grid forward cannot read (:func:`circuits.grid.grid_problem`) is
+    evaluated by its model's own forward and gets no shares; a mixture also gets each block's
+    training accuracy (``op_train_acc``, ``mem_train_acc``).
     """
     epoch = run.epochs[-1] if epoch is None else epoch
     state = run.state_dict(epoch)
-    params = stack_state_dicts([state])
-    logits, post = grid_forward(params, run.config.task, run.config.model.act_fn)
     task = run.task
+    if grid_problem(run.config) is None:
+        params = stack_state_dicts([state])
+        logits, post = grid_forward(params, run.config.task, run.config.model.act_fn)
+    else:
+        # A model the grid forward cannot read (2 layers, LayerNorm, a mixture's [a, op, b, =]):
+        # its own forward over the task's inputs; the Fourier shares, which need the grid's
+        # MLP activations, are then not given.
+        logits, post = run.model(epoch)(task.tokens)[:, -1][None], None
     out: dict[str, float | int | None] = {"epoch": epoch}
     out.update(split_metrics(logits[0].to(torch.float64), task))
+    if isinstance(task, MixtureTask):
+        # Each block's own training accuracy: the operation's and the memorised pairs'.
+        pred = logits[0].argmax(-1)
+        for name, idx in (("op_train_acc", task.op_train_idx), ("mem_train_acc", task.mem_idx)):
+            out[name] = float((pred[idx] == task.labels[idx]).double().mean())
     norm_sq = weight_norm_sq(state)
     _, margin = part_logit_stats(logits.to(torch.float64), task.labels, task.train_idx)
     out.update(
@@ -179,7 +193,7 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
         margin_train=float(margin[0]),
         efficiency=float(circuit_efficiency(margin[0], torch.tensor(norm_sq, dtype=torch.float64))),
     )
-    if not task.has_fourier:  # the shares need the task's answer directions
+    if not task.has_fourier or post is None:  # the shares need the task's answer directions
         out.update(gen_share_all=None, gen_share=None, n_key_freqs=None)
         return out
     key = key_frequencies(neuron_frequency_fractions(post[0], task))

@@ -302,6 +302,7 @@ def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family
     """``(families to compute, {skipped family: reason})``: a family that does not apply is
     skipped, and so is any family that uses a skipped one."""
     from circuits.tasks import fourier_view, task_class
+    from circuits.grid import grid_problem
 
     keep: list[Family] = []
     skipped: dict[str, str] = {}
@@ -310,14 +311,8 @@ def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family
         reason = f.applies(config)
         if reason is None and f.fourier and not fourier:
             reason = task_class(config.task).no_view_reason(config.task)
-        if reason is None and f.one_layer and config.model.n_layers != 1:
-            reason = (f"it reads a one-layer transformer (the grid forward, blocks.0); this model has "
-                      f"n_layers = {config.model.n_layers}")
-        if reason is None and f.one_layer and config.task.n_ctx != 3:
-            reason = (f"it reads inputs [a, b, =] (the grid forward); this task's inputs have {config.task.n_ctx} "
-                      "tokens ([a, op, b, =]: a mixture)")
-        if reason is None and f.one_layer and config.model.normalization != "none":
-            reason = "it reads a transformer without LayerNorm (the grid forward); this model has LayerNorm"
+        if reason is None and f.one_layer:
+            reason = grid_problem(config)
         if reason is None:
             missing = [d for d in f.uses if d in skipped]
             if missing:

@@ -33,6 +33,7 @@ from circuits.plots.curves import (
 )
 from circuits.plots.experiments import (
     plot_capacity,
+    plot_emergence,
     plot_comparison,
     plot_efficiency_vs_dataset_size,
     plot_phase_diagram,
@@ -86,6 +87,7 @@ __all__ = [
     "plot_efficiency_vs_dataset_size",
     "plot_reference_circuits",
     "plot_capacity",
+    "plot_emergence",
     "plot_ungrokking",
     "plot_zone_map",
     "plot_phase_diagram",

@@ -167,6 +167,33 @@ def plot_capacity(df: pd.DataFrame, x: str = "d_model") -> go.Figure:
     return fig
 
 
+def plot_emergence(df: pd.DataFrame, threshold: float | None = None) -> go.Figure:
+    """Emergence (Huang et al. 2024, §5): the operation's best test accuracy against model size,
+    one line per amount of memorisation data mixed in.
+
+    ``df`` columns: ``n_params``, ``mem_size`` (0: the operation alone), ``best_test_acc``;
+    optional ``seed`` (points per run, lines through the means). ``threshold`` draws the level
+    that defines the emergence size.
+    """
+    _require(df, ("n_params", "mem_size", "best_test_acc"), "plot_emergence")
+    fig = go.Figure()
+    for i, (m, part) in enumerate(df.groupby("mem_size")):
+        color = PALETTE["gen"] if m == 0 else RUN_COLORS[i % len(RUN_COLORS)]
+        name = "operation alone" if m == 0 else f"+ {int(m):,} memorisation pairs"
+        mean = part.groupby("n_params").best_test_acc.mean()
+        fig.add_trace(go.Scatter(x=_np(part.n_params), y=_f32(part.best_test_acc), mode="markers", showlegend=False,
+                                 marker={"color": color, "size": 6, "opacity": 0.4}, name=name,
+                                 hovertemplate="%{x:,} parameters<br>test acc %{y:.3f}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=_np(mean.index), y=_f32(mean.values), mode="lines+markers", name=name,
+                                 line={**LINE, "color": color},
+                                 hovertemplate="%{x:,} parameters<br>mean test acc %{y:.3f}<extra></extra>"))
+    if threshold is not None:
+        fig.add_hline(y=threshold, line={"dash": "dot", "color": PALETTE["other"]})
+    _layout(fig, "Emergence: test accuracy of the operation vs model size", "parameters", "best test accuracy")
+    fig.update_xaxes(type="log")
+    return fig
+
+
 def plot_ungrokking(df: pd.DataFrame, critical_size: int | float | None = None) -> go.Figure:
     """Ungrokking: test accuracy after further training on a smaller set of size D (Varma et al. 2023).
 
