@@ -186,6 +186,22 @@ def _capacity(**kw: Any) -> None:
     _launch("capacity", memorisation_capacity, kw, {"seeds": kw.pop("seeds"), "widths": _ints("widths", kw.pop("widths"))})
 
 
+@_command("emergence", "Emergence in a multi-task mixture (Huang et al. 2024, §5): the operation's best "
+          "test accuracy over model widths, alone and with memorisation pairs mixed in (reference engine).",
+          [_WIDTHS, _option("mem_sizes", str, "0,3000", "Memorisation pairs mixed in, comma-separated (0: the "
+                            "operation alone)."), _SEEDS,
+           _option("threshold", float, 0.9, "Best test accuracy that counts as generalised (the emergence size).")])
+def _emergence(**kw: Any) -> None:
+    from circuits.experiments import emergence
+
+    # --split-mlp (a config field) applies to the mixtures only, so it is the protocol's to set:
+    # the base config, which has no mixture, must not carry it.
+    params = {"seeds": kw.pop("seeds"), "widths": _ints("widths", kw.pop("widths")),
+              "mem_sizes": _ints("mem-sizes", kw.pop("mem_sizes")), "split_mlp": bool(kw.pop("split_mlp")),
+              "threshold": kw.pop("threshold")}
+    _launch("emergence", emergence, kw, params, unhashed=("threshold",))
+
+
 @_command("zones", "Huang et al.'s zone map over model width x training-set size: progression, "
           "comprehension, ungrokking, grokking, semi-grokking; and Liu et al.'s phases.",
           [_WIDTHS, _SIZES, _SEEDS,

@@ -146,3 +146,16 @@ def test_the_emergence_protocol_maps_test_accuracy_over_width_and_memorisation_d
         first = next((int(w) for w, a in accs.sort_index().items() if a >= 0.9), None)
         assert info["emergence_width"] == first
     assert (tmp_path / "emg" / "emergence.csv").exists() and (tmp_path / "emg" / "emergence.json").exists()
+
+
+def test_the_emergence_command_runs_and_refuses_bad_input(tmp_path: Path) -> None:
+    out = tmp_path / "emg"
+    flags = ["--p", "11", "--frac", "0.5", "--d-mlp", "32", "--epochs", "20", "--checkpoint-every", "10",
+             "--log-every", "10", "--seeds", "1", "--out", str(out)]
+    done = run_cli("experiment", "emergence", "--widths", "8", "--mem-sizes", "0,12", "--split-mlp", *flags)
+    assert done.returncode == 0, done.stderr
+    assert "emergence: 2 rows" in done.stdout and (out / "emergence.html").exists()
+    cfg = circuits.load_run(out / "runs" / "emg-w8-m12-s0").config
+    assert (cfg.task.mix_mem, cfg.model.split_mlp, cfg.train.engine) == (12, True, "reference")
+    bad = run_cli("experiment", "emergence", "--widths", "8", "--mem-sizes", "a", *flags)
+    assert bad.returncode == 2 and "--mem-sizes" in bad.stderr and "Traceback" not in bad.stderr
