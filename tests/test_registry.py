@@ -147,16 +147,24 @@ def test_the_one_call_measure_is_the_analysis_row(tiny_run: circuits.Run, tmp_pa
     assert set(losses) == {"train_loss", "test_loss", "train_acc", "test_acc"}
 
 
-def test_a_two_layer_run_gets_no_one_layer_measures(tmp_path: Path) -> None:
-    # The grid forward reads one layer: a deeper model's Fourier, loss and circuit columns
-    # would be wrong numbers, so they are skipped with the reason; the norms still apply.
+def test_a_two_layer_run_gets_its_losses_from_its_own_forward_and_no_grid_measures(tmp_path: Path) -> None:
+    # The grid forward reads one layer: a deeper model's Fourier and circuit columns would be
+    # wrong numbers, so they are skipped with the reason. Its losses come from the model's own
+    # forward over the task's inputs (the same numbers training logged), so its phases can be
+    # read; the norms apply as to every model.
     from tests.conftest import tiny_config
 
     run = circuits.train(tiny_config(engine="reference", n_layers=2, epochs=20), out=tmp_path / "deep")
     result = analyze(run, out=tmp_path / "a")
-    assert [c for c in result.measures.columns if not c.startswith("norm_sq.")] == ["epoch", "weight_norm_sq"]
+    cols = [c for c in result.measures.columns if not c.startswith("norm_sq.")]
+    assert cols == ["epoch", "train_loss", "test_loss", "train_acc", "test_acc", "weight_norm_sq"]
     skipped = result.summary["skipped_measures"]
-    assert set(skipped) == {"losses", "fourier_losses", "sparsity", "key_share", "neurons", "circuits"}
+    assert set(skipped) == {"fourier_losses", "sparsity", "key_share", "neurons", "circuits"}
     assert all("n_layers = 2" in reason for reason in skipped.values())
+    logged = run.metrics.set_index("epoch")
+    for _, row in result.measures.iterrows():
+        if row.epoch in logged.index:
+            for col in ("train_loss", "test_loss", "train_acc", "test_acc"):
+                assert row[col] == pytest.approx(logged.loc[row.epoch, col], rel=1e-6, abs=1e-9)
     direct = sum(v.double().pow(2).sum() for v in run.state_dict(run.epochs[-1]).values())
     assert result.measures.weight_norm_sq.iloc[-1] == pytest.approx(float(direct), rel=1e-12)

@@ -96,8 +96,10 @@ class LogitSums(Family):
     internal = True
     needs = frozenset({"logits"})
 
+    one_layer = False  # a run the grid forward cannot read is fed by its model's own forward
+
     def start(self, ckpts: Checkpoints) -> dict[str, Tensor]:
-        return _sums_start(ckpts.n_ckpt, ckpts.p * ckpts.p, ckpts.n_classes)
+        return _sums_start(ckpts.n_ckpt, ckpts.task.n_pairs, ckpts.n_classes)
 
     def add(self, state: dict[str, Tensor], ckpts: Checkpoints, block: Block) -> None:
         _sums_add(state, block.span, block.logits, block.x64, ckpts.task.labels)
@@ -169,6 +171,7 @@ class Losses(Family):
 
     name = "losses"
     doc = "train/test cross-entropy (float64) and accuracy"
+    one_layer = False
     columns = (
         Column("train_loss", "mean cross-entropy on the training pairs (float64 log-softmax)", "nats"),
         Column("test_loss", "mean cross-entropy on the test pairs", "nats"),

@@ -18,7 +18,7 @@ recorded in ``summary.json``, never filled with numbers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -330,7 +330,7 @@ def compute(
     """Run ``chosen`` (as :func:`select` orders them) over a stack of checkpoints: one pass over
     row blocks of the grid feeds every family that needs it, then each finishes in order.
     Returns ``(columns, arrays)`` of the non-internal families."""
-    from circuits.grid import grid_blocks
+    from circuits.grid import grid_blocks, grid_problem
 
     with torch.no_grad():
         states = {f.name: f.start(ckpts) for f in chosen}
@@ -342,7 +342,9 @@ def compute(
         by_logits = [f for f in chosen if f.needs and "post" not in f.needs]
         if by_post or by_logits:
             view = ckpts.task.fourier_view()
-            for a0, a1, logits, post in grid_blocks(ckpts.params, ckpts.task, ckpts.act_fn, ckpts.block_rows):
+            source = (grid_blocks(ckpts.params, ckpts.task, ckpts.act_fn, ckpts.block_rows)
+                      if grid_problem(ckpts.config) is None else model_blocks(ckpts))
+            for a0, a1, logits, post in source:
                 block = Block(a0, a1, ckpts.p, logits, post, view)
                 del logits, post
                 for f in by_post:
@@ -360,6 +362,27 @@ def compute(
                 cols.update(result.columns)
                 arrays.update(result.arrays)
     return cols, arrays
+
+
+def model_blocks(ckpts: Checkpoints) -> Iterator[tuple[int, int, Tensor, None]]:
+    """The blocks of :func:`compute`'s pass for a run the grid forward cannot read
+    (:func:`circuits.grid.grid_problem`: two layers, LayerNorm, a mixture's ``[a, op, b, =]``):
+    each checkpoint's model, run on every input of the task's canonical grid, gives the logits
+    at the answer position; there are no ``post`` activations (the families that need them
+    read one-layer models and are skipped)."""
+    from circuits.model import is_buffer_key, make_model
+
+    model = make_model(ckpts.config)
+    tokens = ckpts.task.tokens
+    logits = []
+    for i in range(ckpts.n_ckpt):
+        missing, unexpected = model.load_state_dict({k: v[i] for k, v in ckpts.params.items()}, strict=False)
+        if unexpected or any(not is_buffer_key(k) for k in missing):
+            raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
+        logits.append(model(tokens)[:, -1].float())
+    stacked = torch.stack(logits)
+    rows = ckpts.task.n_pairs // ckpts.p
+    yield 0, rows, stacked, None
 
 
 def _block_rows(ckpts: Checkpoints) -> int:
