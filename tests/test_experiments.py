@@ -391,3 +391,18 @@ def test_phase_diagram_over_two_fields_and_its_cli(tmp_path) -> None:  # noqa: A
     assert len(cli_table) == 4 and set(cli_table.seed) == {1, 2} and set(cli_table.replicate) == {0}
     r = run_cli("experiment", "phases", "--grid", "lr=fast", "--grid", "seed=1")
     assert r.returncode == 2 and "values must be floats" in r.stderr
+
+
+def test_every_knob_the_members_differ_in_is_a_table_column(tmp_path) -> None:  # noqa: ANN001
+    # Issue 22: every option is a config field, hence a column of every protocol table: the
+    # fields that differ between members appear even where the protocol does not label them.
+    from circuits.experiments import Member, run_members
+    from circuits.experiments.sweep import member_table
+
+    members = [Member("a", tiny_config(epochs=10), (("arm", "plain"),)),
+               Member("b", tiny_config(epochs=10, weight_decay=0.1, grokfast="ema"), (("arm", "filtered"),))]
+    runs = run_members(members, tmp_path)
+    table = member_table(members, runs).set_index("arm")
+    assert table.loc["plain", "weight_decay"] == 1.0 and table.loc["filtered", "weight_decay"] == 0.1
+    assert list(table.grokfast) == ["none", "ema"]
+    assert "lr" not in table and "p" not in table  # the same in every member: no column

@@ -222,13 +222,25 @@ def interval_by(table: pd.DataFrame, group: str, column: str) -> dict[str, dict[
 
 
 def member_table(members: Sequence[Member], runs: Sequence[Run]) -> pd.DataFrame:
-    """One row per member: its labels, then :func:`final_measures` of its last checkpoint."""
+    """One row per member: its labels, every config field whose value differs between the
+    members (a knob the protocol varies without naming it, such as the seeds or a mixed-in
+    training option, is then a column too), then :func:`final_measures` of its last checkpoint."""
     import pandas as pd
 
+    flat = [_flat_fields(m.config) for m in members]
+    varying = [k for k in flat[0] if len({repr(f[k]) for f in flat}) > 1] if flat else []
     rows = []
-    for m, run in zip(members, runs):
-        rows.append({**m.label_dict(), "run": m.name, **final_measures(run)})
+    for m, run, fields in zip(members, runs, flat):
+        labels = m.label_dict()
+        knobs = {k: fields[k] for k in varying if k not in labels}
+        rows.append({**labels, **knobs, "run": m.name, **final_measures(run)})
     return pd.DataFrame(rows)
+
+
+def _flat_fields(config: RunConfig) -> dict[str, Any]:
+    # Field names are unique across task, model and train (RunConfig.replace relies on it).
+    d = config.to_dict()
+    return {k: v for group in ("task", "model", "train") for k, v in d[group].items()}
 
 
 def write_result(
