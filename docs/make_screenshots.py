@@ -45,7 +45,10 @@ def main() -> None:
 
     run = circuits.train(circuits.preset("quick"), out=args.run)  # resumes; a finished run returns at once
     analysis = circuits.analyze(run, out=args.analysis or args.run.with_name(args.run.name + "_analysis"))
-    page_path = analysis.path / "dashboard.html"
+    # The library's analyze writes the tables; the page is the dashboard's (the CLI writes both).
+    from circuits.dashboard import write_run_dashboard
+
+    page_path = Path(write_run_dashboard(analysis, out=analysis.path / "dashboard.html", run=run))
     print(f"dashboard: {page_path} ({page_path.stat().st_size / 1e6:.1f} MB)")
 
     from playwright.sync_api import sync_playwright
