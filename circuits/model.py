@@ -375,10 +375,9 @@ class Transformer(HookedRootModule):
         inputs, d_vocab - 2: the second), the other half 0. None without a split."""
         if not self.config.split_mlp:
             return None
-        half = self.config.d_mlp // 2
-        mem = (tokens[:, 1] == self.d_vocab - 2).to(self.W_E.dtype)[:, None, None]
-        first = (torch.arange(self.config.d_mlp, device=tokens.device) < half).to(self.W_E.dtype)
-        return first * (1 - mem) + (1 - first) * mem
+        mem = (tokens[:, 1] == self.d_vocab - 2)[:, None, None]
+        first = torch.arange(self.config.d_mlp, device=tokens.device) < self.config.d_mlp // 2
+        return (first != mem).to(self.W_E.dtype)  # first half for the operation, the rest for memorisation
 
     def answers(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         """The task's answer for each input ``[a, b, =]`` (from its table; see :meth:`forward`)."""

@@ -61,16 +61,17 @@ def emergence(
     base = (base or preset("nanda").replace(train_size=3000)).replace(engine="reference")
     if not 0 < threshold <= 1:
         raise ProtocolError(f"threshold must lie in (0, 1], got {threshold}")
+    widths, mem_sizes = check_grid("width", widths), check_grid("memorisation size", mem_sizes)
     members = []
     for s in _seeds(seeds):
-        for w in check_grid("width", widths):
-            for m in check_grid("memorisation size", mem_sizes):
+        for w in widths:
+            for m in mem_sizes:
                 cfg = _seeded(width_config(base, w), s, mix_mem=m, split_mlp=bool(split_mlp and m))
                 members.append(Member(f"emg-w{w}-m{m}-s{s}", cfg, (("d_model", w), ("mem_size", m), ("seed", s))))
     runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
     table = member_table(members, runs)
     table["best_test_acc"] = [float(r.metrics.test_acc.max()) for r in runs]
-    counts = {w: parameter_count(width_config(base, w)) for w in check_grid("width", widths)}
+    counts = {w: parameter_count(width_config(base, w)) for w in widths}
     table["n_params"] = table.d_model.map(counts)
     by_amount: dict[str, dict] = {}
     for m, part in table.groupby("mem_size"):

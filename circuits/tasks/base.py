@@ -213,8 +213,8 @@ class Task:
 
     @property
     def n_pairs(self) -> int:
-        """Pairs on the canonical grid (valid or not)."""
-        return self.n_elements * self.n_elements
+        """Inputs on the canonical grid, valid or not (:attr:`TaskConfig.n_grid`)."""
+        return self.config.n_grid
 
     @property
     def eq_token(self) -> int:

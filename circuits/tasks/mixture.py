@@ -63,15 +63,11 @@ class MixtureTask(Task):
     """A modular operation with a memorisation task mixed in (``TaskConfig.mix_mem``)."""
 
     @property
-    def n_pairs(self) -> int:
-        """Inputs on the canonical grid: both blocks."""
-        return self.config.n_grid
-
-    @property
     def mem_idx(self) -> Int[Tensor, " mem"]:
-        """Canonical indices of the memorisation pairs (all of them training pairs)."""
+        """Canonical indices of the memorisation pairs (all of them training pairs), from the
+        split itself: the training pairs in the memorisation block."""
         n = self.n_elements * self.n_elements
-        return memorisation_inputs(self.config) + n
+        return self.train_idx[self.train_idx >= n]
 
     @property
     def op_train_idx(self) -> Int[Tensor, " train_op"]:
