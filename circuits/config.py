@@ -13,6 +13,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ __all__ = [
     "RunConfig",
     "PRESETS",
     "preset",
+    "flat_fields",
+    "differing_fields",
     "is_prime",
 ]
 
@@ -612,6 +615,25 @@ _SUBCONFIGS = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
 FIELD_OWNER: dict[str, str] = {
     f.name: owner for owner, cls in _SUBCONFIGS.items() for f in fields(cls)
 }
+
+
+def flat_fields(config: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """A config (or its JSON dict) by flat field names: the task, model and train fields (their
+    names are unique across the three) and the top-level ones (``preset``)."""
+    data = config.to_dict() if isinstance(config, RunConfig) else config
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def differing_fields(flats: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The fields of :func:`flat_fields` dicts whose values are not all the same, in the first
+    dict's order (a field missing from a dict counts as None there)."""
+    return [k for k in flats[0] if len({repr(f.get(k)) for f in flats}) > 1] if flats else []
 
 
 def field_type(owner: str, name: str) -> type:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["t_quantile", "mean_ci", "wilson"]
+__all__ = ["t_quantile", "mean_ci", "interval", "wilson"]
 
 # Two-sided 95% quantiles t_{0.975, df} for df = 1..30 (standard tables, 3 decimals).
 _T975 = (
@@ -44,6 +44,13 @@ def mean_ci(values: Iterable[float | int]) -> tuple[float, float, int]:
         return mean, math.nan, n
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     return mean, t_quantile(n - 1) * sd / math.sqrt(n), n
+
+
+def interval(values: Iterable[float | int]) -> dict[str, float | int | None]:
+    """:func:`mean_ci` as a JSON-ready dict ``{"mean", "ci95", "n"}``: the mean None without
+    values, the half-width None below two (one seed carries no spread)."""
+    mean, half, n = mean_ci(values)
+    return {"mean": mean if n else None, "ci95": half if n > 1 else None, "n": n}
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:

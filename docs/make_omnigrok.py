@@ -25,23 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import circuits
 from circuits.config import preset
-from circuits.stats import mean_ci
+from circuits.stats import interval
 
 
 def first(run: circuits.Run, column: str, level: float) -> int | None:
     m = run.metrics
     hit = m.epoch[m[column] >= level]
     return int(hit.iloc[0]) if len(hit) else None
-
-
-def interval(values: list[float]) -> dict[str, float | int | None]:
-    mean, half, n = mean_ci(values) if values else (None, None, 0)
-    return {"mean": mean, "ci95": None if half is None or math.isnan(half) else half, "n": n}
 
 
 def main() -> None:

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import circuits
 from circuits.config import S5_OPS, preset
-from circuits.stats import mean_ci
+from circuits.stats import interval
 
 #: Power et al.'s names for the operations run here.
 NAMES = {"add": "x+y", "sub": "x-y", "div": "x/y", "x2_y2": "x²+y²", "x3_xy2_y": "x³+xy²+y", "s5": "x·y (S5)"}
@@ -68,13 +67,11 @@ def main() -> None:
             mine = [r for (o, _), r in zip(members, runs) if o == op]
             hits = [e for e in (first_epoch(r, args.level) for r in mine) if e is not None]
             finals = [float(r.metrics.test_acc.iloc[-1]) for r in mine]
-            t_mean, t_half, _ = mean_ci(hits) if hits else (None, None, 0)
-            f_mean, f_half, _ = mean_ci(finals)
-            t_half, f_half = (None if v is None or math.isnan(v) else v for v in (t_half, f_half))
+            t, f = interval(hits), interval(finals)
             report[op] = {
                 "name": NAMES.get(op, op), "seeds": len(mine), "generalised": len(hits),
-                "epoch_mean": t_mean, "epoch_ci95": t_half, "epochs_per_seed": [first_epoch(r, args.level) for r in mine],
-                "final_test_acc_mean": f_mean, "final_test_acc_ci95": f_half, "final_test_acc": finals,
+                "epoch_mean": t["mean"], "epoch_ci95": t["ci95"], "epochs_per_seed": [first_epoch(r, args.level) for r in mine],
+                "final_test_acc_mean": f["mean"], "final_test_acc_ci95": f["ci95"], "final_test_acc": finals,
                 "n_train": mine[0].config.task.n_train,
             }
             print(op, json.dumps(report[op], ensure_ascii=False), flush=True)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from circuits.stats import mean_ci, t_quantile, wilson
+from circuits.stats import interval, mean_ci, t_quantile, wilson
 
 
 def test_t_quantiles_match_the_tables() -> None:
@@ -26,6 +26,13 @@ def test_mean_interval_over_five_seeds() -> None:
     one = mean_ci([7.0])
     assert one[0] == 7.0 and math.isnan(one[1]) and one[2] == 1
     assert math.isnan(mean_ci([])[0])
+
+
+def test_interval_is_mean_ci_ready_for_json() -> None:
+    five = interval([1, 2, 3, 4, 5])
+    assert five["mean"] == 3.0 and five["n"] == 5 and five["ci95"] == pytest.approx(mean_ci([1, 2, 3, 4, 5])[1])
+    assert interval([7.0]) == {"mean": 7.0, "ci95": None, "n": 1}  # one seed: no spread, not NaN
+    assert interval([]) == {"mean": None, "ci95": None, "n": 0}
 
 
 def test_wilson_interval_of_a_proportion() -> None:

@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from circuits import plots
+from circuits.config import differing_fields, flat_fields
 from circuits.dashboard.figures import (
     MAX_FRAMES,
     choose_neurons,
@@ -191,16 +192,6 @@ def write_run_dashboard(
 # ---- several runs -----------------------------------------------------------------------------
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    flat = {}
-    for section, values in config.items():
-        if isinstance(values, dict):
-            flat.update(values)
-        else:
-            flat[section] = values
-    return flat
-
-
 # Fields that say how a run was recorded, not what was trained: never worth a label.
 _SCHEDULE = {"engine", "preset", "checkpoint_every", "checkpoint_early_every", "checkpoint_early_until", "log_every"}
 
@@ -210,8 +201,8 @@ def _labels(analyses: Sequence[Analysis]) -> list[str]:
     names = [Path(str(a.summary.get("run") or a.path)).name for a in analyses]
     configs = [_read_config(a.summary.get("run")) for a in analyses]
     if all(configs) and len(configs) > 1:
-        flats = [_flatten(c) for c in configs]  # type: ignore[arg-type]
-        keys = [k for k in flats[0] if k not in _SCHEDULE and len({repr(f.get(k)) for f in flats}) > 1]
+        flats = [flat_fields(c) for c in configs]  # type: ignore[arg-type]
+        keys = [k for k in differing_fields(flats) if k not in _SCHEDULE]
         if 0 < len(keys) <= 3:
             labels = [", ".join(f"{k}={f.get(k)}" for k in keys) for f in flats]
             if len(set(labels)) == len(labels):

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from circuits.config import RunConfig
+from circuits.config import RunConfig, differing_fields, flat_fields
 from circuits.grid import grid_forward, grid_problem, stack_state_dicts
 from circuits.engine.stacked import stack_key
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
 from circuits.measures.norms import weight_norm_sq
+from circuits.model import make_model
 from circuits.run import Run, load_run, train_ensemble
 from circuits.store import CONFIG_FILE, atomic_write_bytes, is_safe_name
 from circuits.tasks import MixtureTask
@@ -176,9 +177,12 @@ def final_measures(run: Run, epoch: int | None = None) -> dict[str, float | int 
         logits, post = grid_forward(params, run.config.task, run.config.model.act_fn)
     else:
         # A model the grid forward cannot read (2 layers, LayerNorm, a mixture's [a, op, b, =]):
-        # its own forward over the task's inputs; the Fourier shares, which need the grid's
-        # MLP activations, are then not given.
-        logits, post = run.model(epoch)(task.tokens)[:, -1][None], None
+        # its own forward over the task's inputs, on the weights already read (run.model would
+        # read and check the checkpoint again); the Fourier shares, which need the grid's MLP
+        # activations, are then not given.
+        model = make_model(run.config)
+        model.load_state_dict(state)
+        logits, post = model.eval()(task.tokens)[:, -1][None], None
     out: dict[str, float | int | None] = {"epoch": epoch}
     out.update(split_metrics(logits[0].to(torch.float64), task))
     if isinstance(task, MixtureTask):
@@ -209,15 +213,13 @@ def interval_by(table: pd.DataFrame, group: str, column: str) -> dict[str, dict[
     """Per value of ``group``: the mean of ``column`` over its rows (seeds) with the half-width
     of its Student-t 95% interval and the count (science.md, "Statistics"; NaN rows, such as
     a threshold not reached, are left out of both and counted apart in ``missing``)."""
-    from circuits.stats import mean_ci
+    from circuits.stats import interval
 
     out: dict[str, dict[str, float | int | None]] = {}
     for key, part in table.groupby(group):
         values = [float(v) for v in part[column] if v is not None and v == v]
-        mean, half, n = mean_ci(values)
         name = str(int(key)) if isinstance(key, (int, float)) and float(key).is_integer() else str(key)
-        out[name] = {"mean": mean if n else None, "ci95": half if n > 1 else None, "n": n,
-                     "missing": int(len(part) - n)}
+        out[name] = {**interval(values), "missing": int(len(part) - len(values))}
     return out
 
 
@@ -227,20 +229,14 @@ def member_table(members: Sequence[Member], runs: Sequence[Run]) -> pd.DataFrame
     training option, is then a column too), then :func:`final_measures` of its last checkpoint."""
     import pandas as pd
 
-    flat = [_flat_fields(m.config) for m in members]
-    varying = [k for k in flat[0] if len({repr(f[k]) for f in flat}) > 1] if flat else []
+    flat = [flat_fields(m.config) for m in members]
+    varying = differing_fields(flat)
     rows = []
     for m, run, fields in zip(members, runs, flat):
         labels = m.label_dict()
         knobs = {k: fields[k] for k in varying if k not in labels}
         rows.append({**labels, **knobs, "run": m.name, **final_measures(run)})
     return pd.DataFrame(rows)
-
-
-def _flat_fields(config: RunConfig) -> dict[str, Any]:
-    # Field names are unique across task, model and train (RunConfig.replace relies on it).
-    d = config.to_dict()
-    return {k: v for group in ("task", "model", "train") for k, v in d[group].items()}
 
 
 def write_result(
