@@ -32,7 +32,7 @@ import csv
 import hashlib
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +59,7 @@ from circuits.measures.registry import (
     compute,
     detect_key_frequencies,
     families,
+    parse_options,
     select,
 )
 from circuits.run import DEFAULT_RUNS_DIR, Run, load_run
@@ -95,8 +96,9 @@ ANALYSIS_FORMAT = 2
 #: What ``analyze`` writes into an analysis folder (and the temporary files of its writes).
 ANALYSIS_FILES = (MEASURES_FILE, ARRAYS_FILE, SUMMARY_FILE, DASHBOARD_FILE, LOCK_FILE)
 
-#: The built-in measure families (circuits.measures.families), all computed by default.
-BUILTIN_MEASURES = tuple(f.name for f in families())
+#: The built-in default measure families (circuits.measures.families; the opt-in lenses are
+#: computed only when named).
+BUILTIN_MEASURES = tuple(f.name for f in families() if f.default)
 #: The columns of ``measures.csv`` with every built-in family (plus ``norm_sq.<parameter>``);
 #: a family registered later adds its own (circuits.measures.registry).
 MEASURE_COLUMNS = column_order(select(BUILTIN_MEASURES))
@@ -193,7 +195,9 @@ def _key_set(run: Run, epoch: int) -> list[int]:
 def _measure_chunk(
     run: Run, params: dict[str, torch.Tensor], key: list[int], block_rows: int | None = None,
     chosen: Sequence[Family] | None = None, init: dict[str, torch.Tensor] | None = None,
-    memo: dict[Any, Any] | None = None,
+    memo: dict[Any, Any] | None = None, positions: list[int] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
+    reference: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Columns and arrays of the chosen families (default: every one that applies) for a stack
     of checkpoints: :func:`circuits.measures.registry.compute` in row blocks of the grid.
@@ -201,7 +205,8 @@ def _measure_chunk(
     every batch of an analysis (:class:`~circuits.measures.registry.Checkpoints`)."""
     if chosen is None:
         chosen, _ = applicable(select(), run.config)
-    return compute(Checkpoints(params, run.task, run.config, key, init, memo), chosen, block_rows)
+    ckpts = Checkpoints(params, run.task, run.config, key, init, memo, positions, options, reference)
+    return compute(ckpts, chosen, block_rows)
 
 
 def _init_weights(run: Run) -> dict[str, torch.Tensor] | None:
@@ -223,12 +228,16 @@ def analyze(
     on_progress: Callable[[int, int], None] | None = None,
     write: bool = True,
     measures: Sequence[str] | None = None,
+    options: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> Analysis:
     """Run every progress measure over every checkpoint of ``run`` (Nanda et al. 2023).
 
-    ``measures``: the measure families to compute (default: every registered family;
+    ``measures``: the measure families to compute (default: every default family; name an
+    opt-in lens beside ``"default"`` to add it, ``measures=["default", "oinfo"]``;
     :func:`circuits.measures.families`); a family that does not apply to the run's task is
-    skipped and ``summary.json["skipped_measures"]`` says why. ``key_freqs`` overrides the
+    skipped and ``summary.json["skipped_measures"]`` says why. ``options``: the families'
+    settings (``{"oinfo.every": 10}``; :func:`circuits.measures.registry.parse_options`),
+    recorded in ``summary.json``. ``key_freqs`` overrides the
     automatic key-frequency detection. ``on_progress(done, total)`` is called after each batch.
     With ``write`` (default) the tables are saved to ``out`` (default
     :func:`default_analysis_dir`) and reused by the next call for every checkpoint whose sha256
@@ -240,12 +249,13 @@ def analyze(
     if not isinstance(run, Run):
         run = load_run(run)
     chosen = select(measures)  # an unknown name is refused before anything is read or written
+    settings = parse_options(options)
     out_dir = Path(out) if out is not None else default_analysis_dir(run)
     if write:
         _log.info("analysing %s into %s%s", run.path, out_dir.resolve(),
                   " (reusing what is there)" if (out_dir / SUMMARY_FILE).exists() else "")
     if not write:
-        return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen)
+        return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen, settings)
     check_analysis_dir(out_dir)
     made = not out_dir.exists()
     try:
@@ -253,7 +263,7 @@ def analyze(
             for f in out_dir.iterdir():  # under the lock: temporary files of a killed analysis
                 if own_temp(f.name, ANALYSIS_FILES):
                     f.unlink(missing_ok=True)
-            return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen)
+            return _analyze(run, out_dir, batch_size, key_freqs, on_progress, write, chosen, settings)
     except BaseException:
         if made:
             _remove_new_folder(out_dir)  # a failed first analysis leaves no half-made folder
@@ -292,7 +302,8 @@ def check_analysis_dir(path: Path) -> None:
 
 
 def _inputs(
-    run: Run, key: list[int], digests: dict[int, str], epochs: list[int], computed: Sequence[Family]
+    run: Run, key: list[int], digests: dict[int, str], epochs: list[int], computed: Sequence[Family],
+    options: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """What the rows of ``epochs`` were computed from; rows are reused only when it matches."""
     from circuits import __version__
@@ -305,8 +316,14 @@ def _inputs(
         "split_sha256": file_sha256(run.path / SPLIT_FILE),
         "key_frequencies": [int(k) for k in key],
         "measures": _names(computed),
+        "options": _settings(computed, options),
         "checkpoints": {str(e): digests[e] for e in epochs if e in digests},
     }
+
+
+def _settings(computed: Sequence[Family], options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every setting of the computed families, defaults filled in (what their rows depend on)."""
+    return {f.name: {**f.options, **options.get(f.name, {})} for f in computed if f.options}
 
 
 def _names(computed: Sequence[Family]) -> list[str]:
@@ -326,6 +343,8 @@ def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[i
     # Analyses from before the registry computed the built-in families.
     if before.get("measures", sorted(BUILTIN_MEASURES)) != inputs["measures"]:
         return []
+    if before.get("options", {}) != inputs["options"]:
+        return []
     seen = before.get("checkpoints")
     if not isinstance(seen, dict):
         return []
@@ -336,6 +355,7 @@ def _reusable(previous: Analysis | None, inputs: dict[str, Any], digests: dict[i
 def _analyze(
     run: Run, out_dir: Path, batch_size: int, key_freqs: list[int] | None,
     on_progress: Callable[[int, int], None] | None, write: bool, chosen: Sequence[Family],
+    options: dict[str, dict[str, Any]],
 ) -> Analysis:
     import pandas as pd
 
@@ -365,7 +385,7 @@ def _analyze(
             previous = load_analysis(out_dir)
         except AnalysisFolderError as e:
             discarded = str(e)  # recomputed whole, and said so in the summary
-    reuse = set(_reusable(previous, _inputs(run, key, digests, [], computed), digests))
+    reuse = set(_reusable(previous, _inputs(run, key, digests, [], computed, options), digests))
     done_rows: pd.DataFrame | None = None
     done_arrays: dict[str, torch.Tensor] | None = None
     if previous is not None and reuse:
@@ -379,6 +399,14 @@ def _analyze(
     total = len(todo)
     init = _init_weights(run) if todo else None
     memo: dict[Any, Any] = {}  # what depends on the run alone, computed in the first batch
+    position = {e: i for i, e in enumerate(epochs)}
+
+    def reference() -> dict[str, torch.Tensor]:
+        if "reference" not in memo:
+            if key_epoch is None:
+                raise CheckpointError(f"{run.path}: no intact checkpoint to fit the run's reference measures on")
+            memo["reference"] = stack_state_dicts([run.state_dict(key_epoch)])
+        return memo["reference"]
     for start in range(0, total, batch_size):
         chunk = todo[start : start + batch_size]
         sds, good = [], []
@@ -389,7 +417,9 @@ def _analyze(
             except CheckpointError as err:
                 damaged[e] = str(err)
         if sds:
-            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed, init=init, memo=memo)
+            cols, arrs = _measure_chunk(run, stack_state_dicts(sds), key, chosen=computed, init=init, memo=memo,
+                                        positions=[position[e] for e in good], options=options,
+                                        reference=reference)
             new_cols.append(cols)
             new_arrays.append(arrs)
             new_epochs += good
@@ -418,7 +448,9 @@ def _analyze(
     skipped = {name: why for name, why in skipped.items() if name not in internal}
     if skipped:
         summary["skipped_measures"] = skipped
-    summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist(), computed)
+    summary["inputs"] = _inputs(run, key, digests, measures.epoch.tolist(), computed, options)
+    if summary["inputs"]["options"]:
+        summary["measure_options"] = summary["inputs"]["options"]
     if discarded is not None:
         summary["previous_discarded"] = discarded
     analysis = Analysis(out_dir, measures, arrays, summary, [damaged[e] for e in sorted(damaged)])

@@ -301,8 +301,13 @@ def analyze_cmd(
     ),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Checkpoints per batch."),
     measures: Optional[str] = typer.Option(
-        None, "--measures", help="Comma-separated measure families to compute (default: all; "
+        None, "--measures", help="Comma-separated measure families to compute (default: the default "
+        "families; `default,rqi` adds an opt-in lens, `all` computes every one; "
         "`circuits analyze --list-measures` names them)."
+    ),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", help="A measure family's setting, FAMILY.NAME=VALUE (repeatable): "
+        "`--option oinfo.every=10`. --list-measures shows each family's settings."
     ),
     list_measures: bool = typer.Option(False, "--list-measures", help="List the measure families and exit."),
 ) -> None:
@@ -311,7 +316,10 @@ def analyze_cmd(
         from circuits.measures import families
 
         for f in families():
-            typer.echo(f"{f.name:16} {f.doc}  [{', '.join(c.name for c in f.columns) or 'arrays only'}]")
+            tag = "" if f.default else " (opt-in)"
+            settings = "".join(f" --option {f.name}.{k}={v}" for k, v in f.options.items())
+            typer.echo(f"{f.name:16} {f.doc}{tag}  [{', '.join(c.name for c in f.columns) or 'arrays only'}]"
+                       f"{settings}")
         return
     if run_dir is None:
         raise UserError("give a run folder to analyse: circuits analyze RUN_DIR")
@@ -325,9 +333,17 @@ def analyze_cmd(
             raise UserError("--measures is empty; name at least one measure family (--list-measures)")
         for name in chosen:
             try:
-                family(name)
+                if name not in ("default", "all"):
+                    family(name)
             except ValueError as e:
                 raise UserError(f"--measures: {e}") from None
+    if option:
+        from circuits.measures.registry import parse_options
+
+        try:
+            parse_options(option)
+        except ValueError as e:
+            raise UserError(f"--option: {e}") from None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from circuits.report import report
@@ -340,7 +356,8 @@ def analyze_cmd(
         def on_progress(done: int, total: int) -> None:
             bar.update(task_id, completed=done, total=total)
 
-        result = report(run_dir, out=out, batch_size=batch_size, on_progress=on_progress, measures=chosen)
+        result = report(run_dir, out=out, batch_size=batch_size, on_progress=on_progress, measures=chosen,
+                        options=option)
     s = result.summary
     typer.echo(f"analysis: {result.path}  ({s['n_checkpoints']} checkpoints)")
     for name, reason in s.get("skipped_measures", {}).items():

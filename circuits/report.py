@@ -7,10 +7,10 @@ for the CLI and for notebooks that want both.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from circuits.analysis import Analysis, analyze
 from circuits.dashboard import DASHBOARD_FILE, write_figure_page, write_run_dashboard
@@ -30,6 +30,7 @@ def report(
     key_freqs: list[int] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     measures: Sequence[str] | None = None,
+    options: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> Analysis:
     """:func:`~circuits.analysis.analyze` ``run`` into ``out``, then write its dashboard there
     (``dashboard.html`` beside ``measures.csv``, holding the analysis folder's lock); returns the
@@ -37,7 +38,7 @@ def report(
     if not isinstance(run, Run):
         run = load_run(run)
     analysis = analyze(run, out=out, batch_size=batch_size, key_freqs=key_freqs, on_progress=on_progress,
-                       measures=measures)
+                       measures=measures, options=options)
     with hold_run_folder(analysis.path, doing="analysing into"):
         write_run_dashboard(analysis, out=analysis.path / DASHBOARD_FILE, run=run)
     return analysis

@@ -53,13 +53,34 @@ class NeverApplies(Family):
         raise AssertionError("a family that does not apply is never computed")
 
 
+class EveryKth(Family):
+    """An opt-in family with settings: the stack's checkpoint positions where ``every`` divides
+    them (NaN elsewhere), scaled by ``gain``; and the reference checkpoint's W_E norm."""
+
+    name = "test_every"
+    doc = "a test lens: opt-in, with settings"
+    default = False
+    options = {"every": 1, "gain": 1.0}
+    columns = (Column("every_pos", "the checkpoint's position times gain where every divides it"),
+               Column("every_ref", "the reference checkpoint's squared W_E norm"))
+
+    def finish(self, state: None, ckpts: Checkpoints) -> Result:
+        every, gain = ckpts.option(self, "every"), ckpts.option(self, "gain")
+        pos = torch.tensor(ckpts.positions, dtype=torch.float64)
+        col = torch.where(pos % every == 0, pos * gain, torch.full_like(pos, float("nan")))
+        ref = ckpts.reference["embed.W_E"].double().pow(2).sum()
+        return Result(columns={"every_pos": col, "every_ref": ref.expand(ckpts.n_ckpt).clone()})
+
+
 @pytest.fixture()
 def registered() -> Iterator[None]:
     register(MaxLogit)
     register(NeverApplies)
+    register(EveryKth)
     yield
     unregister(MaxLogit.name)
     unregister(NeverApplies.name)
+    unregister(EveryKth.name)
 
 
 def _direct(run: circuits.Run, epoch: int) -> float:
@@ -168,3 +189,47 @@ def test_a_two_layer_run_gets_its_losses_from_its_own_forward_and_no_grid_measur
                 assert row[col] == pytest.approx(logged.loc[row.epoch, col], rel=1e-6, abs=1e-9)
     direct = sum(v.double().pow(2).sum() for v in run.state_dict(run.epochs[-1]).values())
     assert result.measures.weight_norm_sq.iloc[-1] == pytest.approx(float(direct), rel=1e-12)
+
+
+def test_an_opt_in_lens_is_computed_only_when_named_with_its_settings_recorded(
+    registered: None, tiny_run: circuits.Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "test_every" not in [f.name for f in select()]
+    assert "test_every" in [f.name for f in select(["all"])]
+    assert {f.name for f in select(["default", "test_every"])} == {f.name for f in select()} | {"test_every"}
+    out = tmp_path / "lens"
+    plain = analyze(tiny_run, out=out, measures=["losses"])
+    assert "every_pos" not in plain.measures
+    a = analyze(tiny_run, out=out, measures=["losses", "test_every"], options={"test_every.every": 3})
+    n = len(tiny_run.epochs)
+    want = [float(i) if i % 3 == 0 else None for i in range(n)]
+    got = [None if v != v else v for v in a.measures.every_pos.tolist()]
+    assert got == want  # positions among the run's checkpoints, across batches of 2
+    newest = tiny_run.state_dict(tiny_run.epochs[-1])["embed.W_E"].double().pow(2).sum()
+    assert a.measures.every_ref.tolist() == pytest.approx([float(newest)] * n)
+    assert a.summary["measure_options"] == {"test_every": {"every": 3, "gain": 1.0}}
+    # The same settings reuse the rows; other settings recompute them.
+    assert analyze(tiny_run, out=out, measures=["losses", "test_every"], options=["test_every.every=3"]).measures.equals(
+        a.measures)
+    b = analyze(tiny_run, out=out, measures=["losses", "test_every"], options=["test_every.gain=2"])
+    assert b.measures.every_pos.tolist() == [2.0 * i for i in range(n)]
+    one = measure(tiny_run.model(tiny_run.epochs[-1]), tiny_run.task, tiny_run.config, measures=["test_every"],
+                  options={"test_every.gain": 5})
+    assert one["every_pos"] == 0.0 and one["every_ref"] == pytest.approx(float(newest))
+    for bad, why in ((["test_every.every=0"], "positive integer"), (["test_every.every=x"], "expected an integer"),
+                     (["test_every.speed=1"], "no option 'speed'.*test_every.every"), (["every=1"], "FAMILY.NAME"),
+                     (["nope.every=1"], "no measure family 'nope'"), (["test_every.every"], "FAMILY.NAME=VALUE")):
+        with pytest.raises(ValueError, match=why):
+            analyze(tiny_run, out=tmp_path / "bad", measures=["test_every"], options=bad)
+    assert not (tmp_path / "bad").exists()
+    assert cli_main(["analyze", "--list-measures"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("test_every")]
+    assert "(opt-in)" in listed[0] and "--option test_every.every=1" in listed[0]
+    assert cli_main(["analyze", str(tiny_run.path), "--out", str(tmp_path / "c"), "--measures", "default,test_every",
+                     "--option", "test_every.every=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--option" in err[0] and "expected an integer" in err[0]
+    assert cli_main(["analyze", str(tiny_run.path), "--out", str(tmp_path / "c"), "--measures", "default,test_every",
+                     "--option", "test_every.every=2"]) == 0
+    summary = load_analysis(tmp_path / "c").summary
+    assert "test_every" in summary["measures"] and "losses" in summary["measures"]

@@ -18,7 +18,7 @@ recorded in ``summary.json``, never filled with numbers.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,6 +43,7 @@ __all__ = [
     "families",
     "family",
     "select",
+    "parse_options",
     "compute",
     "measure",
     "column_docs",
@@ -88,16 +89,36 @@ class Checkpoints:
     there once rather than once per batch."""
 
     def __init__(self, params: Mapping[str, Tensor], task: Task, config: RunConfig, key: Sequence[int],
-                 init: Mapping[str, Tensor] | None = None, memo: dict[Any, Any] | None = None) -> None:
+                 init: Mapping[str, Tensor] | None = None, memo: dict[Any, Any] | None = None,
+                 positions: Sequence[int] | None = None, options: Mapping[str, Mapping[str, Any]] | None = None,
+                 reference: Callable[[], Mapping[str, Tensor]] | None = None) -> None:
         self.params = dict(params)
         self.task, self.config = task, config
         self.key = [int(k) for k in key]
         self.init = dict(init) if init is not None else None
         self.memo: dict[Any, Any] = memo if memo is not None else {}
+        self.positions = list(positions) if positions is not None else list(range(self.n_ckpt))
+        """Each checkpoint's position among the run's checkpoints (0 = the first): a lens
+        computed on every k-th checkpoint reads it."""
+        self.options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (options or {}).items()}
+        self._reference = reference
         self.results: dict[str, Result] = {}
         self.block_rows = 0
         """Rows of a per block of the grid pass (set by :func:`compute`): a family that goes over
         the grid again in ``finish`` uses the same blocks."""
+
+    def option(self, family: Family, name: str) -> Any:
+        """``family``'s setting ``name`` for this analysis (its default unless set)."""
+        return self.options.get(family.name, {}).get(name, family.options[name])
+
+    @cached_property
+    def reference(self) -> dict[str, Tensor]:
+        """The run's newest intact checkpoint, stacked as ``[1, ...]``: what a measure fits once
+        per run is fit on (the key frequencies; O-information's neuron groups). Without a
+        loader (one model measured alone), the stack's last checkpoint."""
+        if self._reference is not None:
+            return dict(self._reference())
+        return {k: v[-1:] for k, v in self.params.items()}
 
     @property
     def p(self) -> int:
@@ -217,6 +238,13 @@ class Family:
     """It reads a one-layer transformer (the grid forward and ``blocks.0``'s weights); the
     families that do not (the norms) set False."""
     internal: ClassVar[bool] = False
+    default: ClassVar[bool] = True
+    """Computed when no selection is given. A lens that costs much more than the core measures
+    sets False: it is computed only when named (``measures=["default", "oinfo"]``)."""
+    options: ClassVar[Mapping[str, Any]] = {}
+    """Its settings and their defaults (``{"every": 1}``); a run's analysis may set them
+    (``analyze(run, options={"oinfo.every": 10})``, ``circuits analyze --option oinfo.every=10``)
+    and records them; rows are reused only under the same settings."""
     dynamic_columns: ClassVar[tuple[str, str] | None] = None
     """``(prefix, doc)`` of columns named ``<prefix><something>``."""
 
@@ -272,14 +300,71 @@ def families(internal: bool = False) -> list[Family]:
 def family(name: str) -> Family:
     """The registered family ``name``; a ValueError naming the choices otherwise."""
     if name not in _REGISTRY or _REGISTRY[name].internal:
-        choices = ", ".join(f.name for f in families())
+        choices = ", ".join(["default", "all", *(f.name for f in families())])
         raise ValueError(f"no measure family {name!r}; choose from {choices}")
     return _REGISTRY[name]
 
 
+def parse_options(options: Mapping[str, Any] | Iterable[str] | None) -> dict[str, dict[str, Any]]:
+    """Family settings, given as ``{"oinfo.every": 10}`` or as ``["oinfo.every=10", ...]``
+    (the CLI's ``--option``), checked against the families' declared options and converted to
+    the type of each default: ``{"oinfo": {"every": 10}}``; a numeric setting must be positive
+    (every setting so far is a count or a tolerance). A ValueError names a bad one."""
+    if options is None:
+        return {}
+    items: list[tuple[str, Any]] = []
+    if isinstance(options, Mapping):
+        items = list(options.items())
+    else:
+        for text in options:
+            key, eq, value = str(text).partition("=")
+            if not eq:
+                raise ValueError(f"option {text!r} is not FAMILY.NAME=VALUE (for example oinfo.every=10)")
+            items.append((key.strip(), value.strip()))
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in items:
+        fam_name, dot, name = key.partition(".")
+        if not dot:
+            raise ValueError(f"option {key!r} is not FAMILY.NAME (for example oinfo.every)")
+        fam = family(fam_name)
+        if name not in fam.options:
+            known = ", ".join(f"{fam.name}.{o}" for o in fam.options) or "none"
+            raise ValueError(f"the {fam.name} measures have no option {name!r} (theirs: {known})")
+        out.setdefault(fam.name, {})[name] = _convert(fam.options[name], value, key)
+    return out
+
+
+def _convert(default: Any, value: Any, key: str) -> Any:
+    """``value`` as the type of ``default`` (an option given as text on the command line)."""
+    kind = type(default)
+    what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {key}={value!r}: expected {what}") from None
+    if kind in (int, float) and not converted > 0:
+        raise ValueError(f"option {key}={value!r}: expected a positive {what.split()[-1]}")
+    return converted
+
+
 def select(names: Iterable[str] | None = None) -> list[Family]:
-    """The families ``names`` (default: all) plus those they use, each after what it uses."""
-    wanted = [f.name for f in families()] if names is None else [family(n).name for n in names]
+    """The families ``names`` plus those they use, each after what it uses. ``None`` or the
+    name ``"default"`` stands for the default families (every one but the opt-in lenses),
+    ``"all"`` for every family: ``select(["default", "rqi"])`` adds one lens to the default."""
+    wanted: list[str] = []
+    for n in ["default"] if names is None else names:
+        if n == "default":
+            wanted += [f.name for f in families() if f.default]
+        elif n == "all":
+            wanted += [f.name for f in families()]
+        else:
+            wanted.append(family(n).name)
     order: list[Family] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
@@ -400,19 +485,23 @@ def measure(
     measures: Iterable[str] | None = None,
     key_freqs: Sequence[int] | None = None,
     init: Any = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Every (or the chosen) measure of one model, as :func:`circuits.analysis.analyze`
     computes it for a checkpoint: ``{column: value}``. ``key_freqs`` default: detected from the
     model's own neurons (the analysis takes the run's newest checkpoint's). ``init``: the run's
     initial model or state dict (``run.model(0)``), for the columns measured against it
     (``mem_norm_sq_init``; NaN without it). A family that does not apply to the task is left
-    out (its reason: :func:`applicable`)."""
+    out (its reason: :func:`applicable`). ``options``: the families' settings
+    (``{"rqi.delta": 0.1}``, :func:`parse_options`); ``measures=["default", "rqi"]`` adds an
+    opt-in lens to the default ones."""
     params = stacked_weights(model_or_params)
+    settings = parse_options(options)
     if key_freqs is None:
         key_freqs = detect_key_frequencies(params, config)
     keep, _ = applicable(select(measures), config)
     init_params = stacked_weights(init) if init is not None else None
-    cols, _ = compute(Checkpoints(params, task, config, key_freqs, init_params), keep)
+    cols, _ = compute(Checkpoints(params, task, config, key_freqs, init_params, options=settings), keep)
     return {name: float(v[0]) for name, v in cols.items()}
 
 
