@@ -3,7 +3,9 @@ and the registry of measure families that ``circuits analyze`` runs over every c
 
 One module per topic: ``losses`` (train/test, restricted, excluded), ``frequencies`` (key
 frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
-weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split).
+weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split);
+the opt-in lenses: ``per_frequency`` (Nanda et al.'s one-frequency excluded loss, the
+cos(w(a+b-c)) fit, the neuron-level losses) and ``rqi`` (Liu et al.'s representation quality).
 ``registry`` holds the measure families (``families`` registers the built-in ones) and
 :func:`measure`, the one call that computes them for a model as the analysis does.
 """
@@ -37,6 +39,8 @@ from circuits.measures.norms import weight_norm_sq, weight_norms_sq
 from circuits.measures.phases import Phases, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.measures import families as _families  # noqa: F401 - registers the built-in families
+from circuits.measures.per_frequency import cos_fit, excluded_loss_per_frequency, neuron_level_losses
+from circuits.measures.rqi import rqi
 from circuits.measures.registry import (
     ArraySpec,
     Column,
@@ -62,22 +66,26 @@ __all__ = [
     "accuracy",
     "circuit_efficiency",
     "circuit_norms_sq",
+    "cos_fit",
     "cross_entropy",
     "embed_fourier_norms",
     "embed_key_frequencies",
     "excluded_logits",
     "excluded_loss",
+    "excluded_loss_per_frequency",
     "gini",
     "key_frequencies",
     "key_logit_fraction",
     "logit_parts",
     "neuron_clusters",
     "neuron_frequency_fractions",
+    "neuron_level_losses",
     "neuron_logit_fourier_norms",
     "part_logit_stats",
     "phase_boundaries",
     "restricted_logits",
     "restricted_loss",
+    "rqi",
     "sum_direction_share",
     "weight_norm_sq",
     "weight_norms_sq",
