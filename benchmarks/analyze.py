@@ -9,6 +9,11 @@ p² inputs, and compute the same measures with the same functions, one checkpoin
 The baseline is timed on ``--baseline-ckpts`` checkpoints and scaled to the full count.
 
     python benchmarks/analyze.py                 # 500 checkpoints, baseline on 25
+    python benchmarks/analyze.py --lenses 20     # also each opt-in lens's cost per checkpoint
+
+``--lenses N`` times ``analyze(write=False)`` on N checkpoints with the default families, then
+with the default families plus each opt-in lens in turn (alternated, median of 3), and prints
+each lens's extra milliseconds per checkpoint and the ratio to the default analysis.
 """
 
 from __future__ import annotations
@@ -76,12 +81,45 @@ def baseline(run: Run, epochs: list[int], key: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+def lens_costs(run: Run, n: int, repeats: int = 3) -> None:
+    """Each opt-in lens's extra cost per checkpoint over the default analysis, on the ``n``
+    checkpoints of ``run``."""
+    import statistics
+
+    from circuits.analysis import analyze
+    from circuits.measures import families
+
+    lenses = [f.name for f in families() if not f.default]
+    key = [14, 35, 41, 42, 52]
+
+    def timed(measures: list[str]) -> float:
+        t0 = time.perf_counter()
+        analyze(run, measures=measures, key_freqs=key, write=False, batch_size=2)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in ["default", *lenses]}
+    timed(["default"])  # warm-up
+    for _ in range(repeats):
+        for name in times:
+            times[name].append(timed(["default"] if name == "default" else ["default", name]))
+    base = statistics.median(times["default"])
+    print(f"default analysis: {1000 * base / n:.0f} ms per checkpoint ({n} checkpoints, median of {repeats})")
+    for name in lenses:
+        extra = statistics.median(times[name]) - base
+        print(f"  + {name:14} {1000 * extra / n:8.0f} ms per checkpoint ({extra / base:+.0%} of the default)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ckpts", type=int, default=500)
     parser.add_argument("--baseline-ckpts", type=int, default=25)
+    parser.add_argument("--lenses", type=int, default=0, metavar="N",
+                        help="also time each opt-in lens on N checkpoints (0: skip)")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.lenses:
+        with tempfile.TemporaryDirectory() as tmp:
+            lens_costs(make_fake_run(Path(tmp) / "nanda", args.lenses), args.lenses)
     with tempfile.TemporaryDirectory() as tmp:
         run = make_fake_run(Path(tmp) / "nanda", args.ckpts)
         t0 = time.perf_counter()

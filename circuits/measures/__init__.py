@@ -5,7 +5,8 @@ One module per topic: ``losses`` (train/test, restricted, excluded), ``frequenci
 frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
 weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split);
 the opt-in lenses: ``per_frequency`` (Nanda et al.'s one-frequency excluded loss, the
-cos(w(a+b-c)) fit, the neuron-level losses) and ``rqi`` (Liu et al.'s representation quality).
+cos(w(a+b-c)) fit, the neuron-level losses), ``rqi`` (Liu et al.'s representation quality)
+and ``oinfo`` (Clauw et al.'s O-information of neuron groups).
 ``registry`` holds the measure families (``families`` registers the built-in ones) and
 :func:`measure`, the one call that computes them for a model as the analysis does.
 """
@@ -40,6 +41,7 @@ from circuits.measures.phases import Phases, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.measures import families as _families  # noqa: F401 - registers the built-in families
 from circuits.measures.per_frequency import cos_fit, excluded_loss_per_frequency, neuron_level_losses
+from circuits.measures.oinfo import o_information, ward_groups
 from circuits.measures.rqi import rqi
 from circuits.measures.registry import (
     ArraySpec,
@@ -81,6 +83,7 @@ __all__ = [
     "neuron_frequency_fractions",
     "neuron_level_losses",
     "neuron_logit_fourier_norms",
+    "o_information",
     "part_logit_stats",
     "phase_boundaries",
     "restricted_logits",
@@ -88,5 +91,6 @@ __all__ = [
     "rqi",
     "sum_direction_share",
     "weight_norm_sq",
+    "ward_groups",
     "weight_norms_sq",
 ]
