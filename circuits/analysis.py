@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from circuits.grid import stack_state_dicts
+from circuits.grid import grid_problem, stack_state_dicts
 from circuits.engine.memory import keep_freed_memory
 from circuits.errors import AnalysisFolderError, CheckpointError
 from circuits.lock import hold_run_folder
@@ -367,8 +367,8 @@ def _analyze(
     # Key frequencies from the newest intact checkpoint.
     key = key_freqs
     key_epoch = None
-    if key is None and run.config.model.n_layers != 1:
-        key = []  # the neurons' vote reads a one-layer model; the Fourier families are skipped
+    if key is None and grid_problem(run.config) is not None:
+        key = []  # the neurons' vote reads the grid forward; the Fourier families are skipped
     for e in reversed(epochs):
         try:
             if key is None:

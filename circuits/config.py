@@ -54,6 +54,8 @@ ACT_FNS = ("relu", "gelu")
 #: LayerNorm choices (TransformerLens' normalization_type None or "LN", pre-norm).
 NORMALIZATIONS = ("none", "LN")
 INITS = ("gpt2", "fan")
+#: Model architectures: the transformer (Nanda et al.) or Clauw et al.'s fully connected network.
+ARCHS = ("transformer", "fcn")
 ENGINES = ("fused", "reference")
 
 
@@ -88,6 +90,7 @@ ADDED_FIELDS: dict[tuple[str, str], Any] = {
     ("model", "normalization"): "none",
     ("model", "dropout"): 0.0,
     ("model", "split_mlp"): False,
+    ("model", "arch"): "transformer",
     ("train", "optimizer"): "adamw",
     ("train", "momentum"): 0.0,
     ("train", "embed_lr"): None,
@@ -290,6 +293,10 @@ class ModelConfig:
     """Route each input of a mixture (``mix_mem``) through its own half of the MLP neurons:
     the operation's inputs through the first d_mlp / 2, the memorisation inputs through the
     rest (Huang et al. 2024, App. B: a task-routed, mixture-of-experts-like FFN)."""
+    arch: str = "transformer"
+    """transformer, or fcn: Clauw et al.'s (2024) fully connected network, one hidden ReLU layer
+    of d_mlp units on the concatenated one-hots of a and b (d_model, n_heads, n_layers unused;
+    PyTorch's Linear init, so init fan; reference engine)."""
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -315,6 +322,16 @@ class ModelConfig:
             raise ConfigError(f"act_fn must be one of {', '.join(ACT_FNS)}; got {self.act_fn!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {', '.join(ARCHS)}; got {self.arch!r}")
+        if self.arch == "fcn":
+            given = [f"{name} {getattr(self, name)!r}" for name, ok in (
+                ("init", "fan"), ("act_fn", "relu"), ("normalization", "none"), ("dropout", 0.0), ("split_mlp", False))
+                if getattr(self, name) != ok]
+            if given:
+                raise ConfigError(f"arch fcn is Clauw et al.'s ReLU network with PyTorch's Linear init: it needs init fan, "
+                                  f"act_fn relu, no LayerNorm, dropout or split MLP; got {', '.join(given)} "
+                                  "(--preset clauw starts from their setting)")
         _check_int("seed", self.seed, 0)
         if not isinstance(self.train_biases, bool):
             raise ConfigError(f"train_biases must be true or false, got {self.train_biases!r}")
@@ -487,6 +504,11 @@ class RunConfig:
         if self.model.split_mlp and not self.task.mix_mem:
             raise ConfigError("split_mlp routes a mixture's two tasks through the two halves of the MLP; "
                               "give the mixture with --mix-mem N")
+        if self.model.arch == "fcn":
+            if self.train.engine == "fused":
+                raise ConfigError("engine fused implements the transformer; arch fcn needs --engine reference")
+            if self.task.n_ctx != 3:
+                raise ConfigError("arch fcn reads inputs [a, b, =]; a mixture's [a, op, b, =] (mix_mem) is not one")
         if self.train.engine == "fused" and self.task.mix_mem:
             raise ConfigError("engine fused reads inputs [a, b, =]; a mixture's [a, op, b, =] (mix_mem) needs "
                               "--engine reference")
@@ -703,7 +725,7 @@ def _attribute_docs() -> dict[tuple[str, str], str]:
 
 _FIELD_DOCS = _attribute_docs()
 
-PresetName = Literal["nanda", "quick", "quick-v1"]
+PresetName = Literal["nanda", "quick", "quick-v1", "clauw"]
 
 
 def preset(name: str) -> RunConfig:
@@ -720,6 +742,11 @@ def preset(name: str) -> RunConfig:
     pairs grokked) is ``quick-v1`` (also the file ``docs/presets/quick-v1.json``): the base of
     every measurement recorded before 2026-12-06 and of the small configs the tests and the
     protocol scripts derive, so their numbers stay reproducible.
+    ``clauw``: Clauw et al.'s (2024) setting for O-information: their fully connected network
+    (250 ReLU units on concatenated one-hots, trained bias, PyTorch's Linear init), p = 97, 40%
+    data, full-batch AdamW lr 0.03, betas (0.9, 0.98), weight decay 2.0 (their grokking setting;
+    0.1 is their other), 6,000 steps, seeds 0 / 0; a checkpoint every 5 steps to 500 then every
+    20 (theirs: every 5 throughout); reference engine.
     """
     if name == "nanda":
         return RunConfig(preset="nanda")
@@ -742,7 +769,17 @@ def preset(name: str) -> RunConfig:
             ),
             preset="quick-v1",
         )
+    if name == "clauw":
+        return RunConfig(
+            task=TaskConfig(p=97, frac=0.4, data_seed=0),
+            model=ModelConfig(arch="fcn", d_mlp=250, init="fan", train_biases=True, seed=0),
+            train=TrainConfig(
+                epochs=6000, lr=0.03, weight_decay=2.0, checkpoint_every=20, checkpoint_early_every=5,
+                checkpoint_early_until=500, log_every=5, engine="reference",
+            ),
+            preset="clauw",
+        )
     raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("nanda", "quick", "quick-v1")
+PRESETS = ("nanda", "quick", "quick-v1", "clauw")

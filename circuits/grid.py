@@ -56,7 +56,9 @@ task its p (elements 0..p-1, '=' is token p)."""
 
 def grid_problem(config: RunConfig) -> str | None:
     """Why the grid forward cannot read runs of ``config`` (None: it can). It is the one-block
-    computation above: one layer, no LayerNorm, inputs ``[a, b, =]``."""
+    computation above: a one-layer transformer, no LayerNorm, inputs ``[a, b, =]``."""
+    if config.model.arch != "transformer":
+        return f"it reads a one-layer transformer (the grid forward); this model is arch {config.model.arch}"
     if config.model.n_layers != 1:
         return f"it reads a one-layer transformer (the grid forward, blocks.0); this model has n_layers = {config.model.n_layers}"
     if config.model.normalization != "none":

@@ -23,8 +23,9 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from circuits.config import ModelConfig, RunConfig, TaskConfig
+from circuits.fcn import FullyConnected
 
-__all__ = ["Transformer", "HookedConfig", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
+__all__ = ["Transformer", "FullyConnected", "Model", "HookedConfig", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
 
 
 #: State-dict keys of the model's buffers (the causal mask and HookedTransformer's IGNORE),
@@ -525,9 +526,14 @@ class Transformer(HookedRootModule):
         return self.pos_embed.W_pos
 
 
-def make_model(config: RunConfig) -> Transformer:
+#: A run's model: the transformer, or Clauw et al.'s fully connected network (``arch fcn``).
+Model = Transformer | FullyConnected
+
+
+def make_model(config: RunConfig) -> Model:
     """The freshly initialised model of a run config (it knows its task: ``task_config``)."""
-    return Transformer(config.model, config.d_vocab, config.d_vocab_out, config.n_ctx, config.task)
+    cls = FullyConnected if config.model.arch == "fcn" else Transformer
+    return cls(config.model, config.d_vocab, config.d_vocab_out, config.n_ctx, config.task)
 
 
 @lru_cache(maxsize=8)

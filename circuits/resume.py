@@ -20,7 +20,7 @@ from torch import Tensor
 from circuits.config import RunConfig
 from circuits.engine.optim import NORM_TARGET_KEY, moment_names, state_names
 from circuits.errors import RunFolderError
-from circuits.model import Transformer
+from circuits.model import Model
 from circuits.model import is_buffer_key
 from circuits.store import RESUME_FILE, RESUME_META_FILE, RunStore, checkpoint_epoch
 
@@ -40,7 +40,7 @@ def _check_tensor(store: RunStore, key: str, got: Tensor, shape: torch.Size, dty
 
 
 def check_resume(
-    store: RunStore, config: RunConfig, model: Transformer,
+    store: RunStore, config: RunConfig, model: Model,
     tensors: Mapping[str, Tensor], meta: Mapping[str, Any],
 ) -> int:
     """Validate a resume point against the run; return its epoch. Raises RunFolderError."""

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import Tensor
 
-    from circuits.model import Transformer
+    from circuits.model import Model
     from circuits.tasks import Task
     from circuits.trainer import StepInfo
 
@@ -163,7 +163,7 @@ class Run:
                       "which; exact=True raises instead)", stacklevel=3)
         return near
 
-    def model(self, epoch: int | None = None, exact: bool = False) -> Transformer:
+    def model(self, epoch: int | None = None, exact: bool = False) -> Model:
         """The hooked model at ``epoch`` (default: the last checkpoint; -k: the k-th from the
         end). An epoch without a checkpoint loads the nearest one with a warning, or raises
         ``KeyError`` with ``exact``; ``model.epoch`` is the epoch loaded."""
@@ -176,7 +176,7 @@ class Run:
         model.eval()
         return model
 
-    def models(self, epochs: Iterable[int] | None = None) -> Iterator[Transformer]:
+    def models(self, epochs: Iterable[int] | None = None) -> Iterator[Model]:
         """The model at each checkpoint (default: all, in order), one module reused: its weights
         are replaced in place between steps, so hold on to ``state_dict()`` copies, not to the
         yielded model, to keep one. ``model.epoch`` says which checkpoint it holds."""
@@ -184,7 +184,7 @@ class Run:
 
         from circuits.model import make_model
 
-        model: Transformer | None = None
+        model: Model | None = None
         # The run's own epochs need no lookup (each would re-read the manifest).
         for e in self.epochs if epochs is None else [self.checkpoint_epoch(e) for e in epochs]:
             if model is None:

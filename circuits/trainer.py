@@ -42,7 +42,7 @@ from circuits.engine.stacked import check_stackable, warmup_lr
 from circuits.engine.subnormal import flush_subnormals
 from circuits.errors import TrainingDiverged
 from circuits.lock import hold_run_folders
-from circuits.model import Transformer, make_model
+from circuits.model import Model, make_model
 from circuits.resume import check_resume
 from circuits.store import (
     CHECKPOINT_DIR,
@@ -208,7 +208,7 @@ def with_init_digest(config: RunConfig) -> RunConfig:
     return config.replace(init_sha256=file_sha256(Path(t.init_from)))
 
 
-def initial_model(config: RunConfig) -> Transformer:
+def initial_model(config: RunConfig) -> Model:
     """The model at epoch 0: the seeded initialisation, or the weights of ``train.init_from``.
 
     A checkpoint inside a run folder is read through that run's manifest, so a damaged parent
@@ -266,7 +266,7 @@ def _config_diff(a: RunConfig, b: RunConfig) -> str:
     return "; ".join(diffs) or "different"
 
 
-def finished_model(config: RunConfig, store: RunStore) -> Transformer | None:
+def finished_model(config: RunConfig, store: RunStore) -> Model | None:
     """The final model of a run in ``store`` that has already finished ``config``, or None.
 
     Checked as a resume is (the config, the split, the resume point against the checkpoints and
@@ -293,7 +293,7 @@ def train_run(
     store: RunStore,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
-) -> Transformer:
+) -> Model:
     """Train ``config`` into ``store``, resuming from its last resume point if it has one.
 
     Saves a checkpoint (float32 safetensors) at every epoch of the schedule, logs metrics every
@@ -310,7 +310,7 @@ class _Member:
     config: RunConfig
     store: RunStore
     task: Task
-    model: Transformer
+    model: Model
     opt_tensors: dict[str, Tensor]
     epoch: int
     diverged: int | None = None
@@ -323,7 +323,7 @@ def train_stack(
     stores: Sequence[RunStore],
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | torch.device | None = None,
-) -> list[Transformer]:
+) -> list[Model]:
     """Train (or resume) every config into its store, all members in one step; returns the
     members' models after the last epoch.
 

@@ -32,15 +32,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuits.engine.mix import MixMLPUnembed, gather_rows
-from circuits.model import Transformer
+from circuits.model import Model, Transformer
 
 __all__ = ["last_logits", "stacked_last_logits", "has_shared_query", "supports", "model_params"]
 
 
-def supports(model: Transformer) -> bool:
-    """Whether the fused path implements this model (one block, no LayerNorm, no dropout)."""
+def supports(model: Model) -> bool:
+    """Whether the fused path implements this model (a transformer of one block, no LayerNorm,
+    no dropout)."""
     c = model.config
-    return c.n_layers == 1 and c.normalization == "none" and not c.dropout
+    return c.arch == "transformer" and c.n_layers == 1 and c.normalization == "none" and not c.dropout
 
 
 def model_params(model: Transformer) -> dict[str, Tensor]:

@@ -17,14 +17,14 @@ from circuits.engine import fused
 from circuits.engine.loss import loss_fn, split_metrics
 from circuits.engine.optim import EMBED_PARAMS, Batches, NORM_TARGET_KEY, GradFilter, constrain_norm_, flat_norm, moment_names, split_blocks
 from circuits.engine.stacked import warmup_lr
-from circuits.model import Transformer, is_buffer_key
+from circuits.model import Model, is_buffer_key
 from circuits.tasks import Task
 
 __all__ = ["HookedStep", "evaluate", "last_position_logits", "model_weights"]
 
 
 def last_position_logits(
-    model: Transformer, tokens: Int[Tensor, "batch pos"], engine: str = "fused"
+    model: Model, tokens: Int[Tensor, "batch pos"], engine: str = "fused"
 ) -> Float[Tensor, "batch d_vocab_out"]:
     """Last-position logits by the chosen engine (both compute the same function)."""
     if engine == "fused" and fused.supports(model):
@@ -33,12 +33,12 @@ def last_position_logits(
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, task: Task, engine: str = "fused") -> dict[str, float]:
+def evaluate(model: Model, task: Task, engine: str = "fused") -> dict[str, float]:
     """Train/test loss (float64) and accuracy of the model on the full grid."""
     return split_metrics(last_position_logits(model, task.tokens, engine), task)
 
 
-def model_weights(model: Transformer) -> dict[str, Tensor]:
+def model_weights(model: Model) -> dict[str, Tensor]:
     """The model's parameters as a state dict (its buffers, ``mask`` and ``IGNORE``, left out)."""
     return {k: v for k, v in model.state_dict().items() if not is_buffer_key(k)}
 
@@ -57,7 +57,7 @@ class HookedStep:
     """
 
     def __init__(
-        self, model: Transformer, config: RunConfig, task: Task, opt_tensors: dict[str, Tensor], updates: int
+        self, model: Model, config: RunConfig, task: Task, opt_tensors: dict[str, Tensor], updates: int
     ) -> None:
         t = config.train
         self.model, self.task, self.updates = model, task, updates

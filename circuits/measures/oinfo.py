@@ -36,7 +36,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuits.measures.registry import ArraySpec, Block, Checkpoints, Column, Family, Result, register
+from circuits.measures.registry import (
+    ArraySpec,
+    Block,
+    Checkpoints,
+    Column,
+    Family,
+    Result,
+    post_activations,
+    register,
+)
 
 __all__ = [
     "copula_normalise",
@@ -221,6 +230,7 @@ class OInformation(Family):
                   "checkpoint)"),
     )
     needs = frozenset({"post"})
+    one_layer = False  # the fully connected network's hidden layer is read as well (Clauw et al.'s setting)
 
     def applies(self, config) -> str | None:  # noqa: ANN001 - a RunConfig
         from circuits.tasks import make_task
@@ -234,7 +244,7 @@ class OInformation(Family):
     def start(self, ckpts: Checkpoints) -> dict[str, Tensor]:
         every = int(ckpts.option(self, "every"))
         chosen = [i for i, pos in enumerate(ckpts.positions) if pos % every == 0]
-        d_mlp = ckpts.params["blocks.0.mlp.W_in"].shape[-1]
+        d_mlp = ckpts.config.model.d_mlp
         train = ckpts.task.train_idx
         return {"chosen": torch.tensor(chosen, dtype=torch.long), "train_of_pair": _positions(train, ckpts.task.n_pairs),
                 "acts": torch.zeros(len(chosen), len(train), d_mlp, dtype=torch.float32)}
@@ -288,9 +298,7 @@ def _reference_groups(ckpts: Checkpoints, k: int) -> Tensor:
     """The Ward groups of the newest checkpoint's training activations, once per analysis."""
     key = ("oinfo_groups", k)
     if key not in ckpts.memo:
-        from circuits.grid import grid_forward
-
-        _, post = grid_forward(ckpts.reference, ckpts.task, ckpts.act_fn)
+        post = post_activations(ckpts.reference, ckpts.task, ckpts.config)
         acts = post[0][ckpts.task.train_idx]
         ckpts.memo[key] = ward_groups(acts, min(k, acts.shape[1]))
     return ckpts.memo[key]

@@ -398,6 +398,8 @@ def applicable(chosen: Sequence[Family], config: RunConfig) -> tuple[list[Family
             reason = task_class(config.task).no_view_reason(config.task)
         if reason is None and f.one_layer:
             reason = grid_problem(config)
+        if reason is None and "post" in f.needs:
+            reason = activations_problem(config)
         if reason is None:
             missing = [d for d in f.uses if d in skipped]
             if missing:
@@ -449,32 +451,83 @@ def compute(
     return cols, arrays
 
 
-def model_blocks(ckpts: Checkpoints) -> Iterator[tuple[int, int, Tensor, None]]:
-    """The blocks of :func:`compute`'s pass for a run the grid forward cannot read
-    (:func:`circuits.grid.grid_problem`: two layers, LayerNorm, a mixture's ``[a, op, b, =]``):
-    each checkpoint's model, run on every input of the task's canonical grid, gives the logits
-    at the answer position; there are no ``post`` activations (the families that need them
-    read one-layer models and are skipped)."""
-    from circuits.model import is_buffer_key, make_model
+def activations_problem(config: RunConfig) -> str | None:
+    """Why the analysis cannot read a run's MLP activations ``post`` (None: it can): they come
+    from the grid forward of a one-layer transformer, or from the hidden layer of the fully
+    connected network (``arch fcn``)."""
+    from circuits.grid import grid_problem
 
-    model = make_model(ckpts.config)
-    tokens = ckpts.task.tokens
-    logits = []
-    for i in range(ckpts.n_ckpt):
-        missing, unexpected = model.load_state_dict({k: v[i] for k, v in ckpts.params.items()}, strict=False)
-        if unexpected or any(not is_buffer_key(k) for k in missing):
-            raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
-        logits.append(model(tokens)[:, -1].float())
-    stacked = torch.stack(logits)
+    if config.model.arch == "fcn":
+        return None
+    problem = grid_problem(config)
+    if problem is None:
+        return None
+    return f"it reads MLP activations (a one-layer transformer's grid forward or the fcn's hidden layer): {problem}"
+
+
+def model_blocks(ckpts: Checkpoints) -> Iterator[tuple[int, int, Tensor, Tensor | None]]:
+    """The blocks of :func:`compute`'s pass for a run the grid forward cannot read
+    (:func:`circuits.grid.grid_problem`: two layers, LayerNorm, a mixture's ``[a, op, b, =]``,
+    the fully connected network): each checkpoint's model, run on every input of the task's
+    canonical grid, gives the logits at the answer position, and for the fully connected
+    network its hidden activations as ``post`` (None otherwise: :func:`activations_problem`)."""
+    logits, post = model_outputs(ckpts.params, ckpts.config, ckpts.task)
     rows = ckpts.task.n_pairs // ckpts.p
-    yield 0, rows, stacked, None
+    yield 0, rows, logits, post
+
+
+def model_outputs(
+    params: Mapping[str, Tensor], config: RunConfig, task: Task
+) -> tuple[Tensor, Tensor | None]:
+    """``(logits [ckpt, pairs, cls], post [ckpt, pairs, d_mlp] or None)`` of a stack of
+    checkpoints, each loaded into the run's own model and run on the task's canonical grid;
+    ``post`` is the fully connected network's ``hidden.hook_post``."""
+    from circuits.model import make_model
+
+    model = make_model(config)
+    logits, posts = [], []
+    hook = "hidden.hook_post" if config.model.arch == "fcn" else None
+    n = next(iter(params.values())).shape[0]
+    for i in range(n):
+        load_checkpoint(model, params, i)
+        if hook is None:
+            logits.append(model(task.tokens)[:, -1].float())
+        else:
+            out, cache = model.run_with_cache(task.tokens, names_filter=hook)
+            logits.append(out[:, -1].float())
+            posts.append(cache[hook].float())
+    return torch.stack(logits), (torch.stack(posts) if posts else None)
+
+
+def load_checkpoint(model: Any, params: Mapping[str, Tensor], i: int) -> None:
+    """Load checkpoint ``i`` of a stack into ``model``; a ValueError when its weights do not fit."""
+    from circuits.model import is_buffer_key
+
+    missing, unexpected = model.load_state_dict({k: v[i] for k, v in params.items()}, strict=False)
+    if unexpected or any(not is_buffer_key(k) for k in missing):
+        raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
+
+
+def post_activations(params: Mapping[str, Tensor], task: Task, config: RunConfig) -> Tensor:
+    """``[ckpt, pairs, d_mlp]``: the MLP activations at the answer position over the task's
+    canonical grid (the grid forward, or the fully connected network's hidden layer)."""
+    from circuits.grid import grid_forward, grid_problem
+
+    if grid_problem(config) is None:
+        return grid_forward(params, task, config.model.act_fn)[1]
+    problem = activations_problem(config)
+    if problem is not None:
+        raise ValueError(problem)
+    _, post = model_outputs(params, config, task)
+    assert post is not None
+    return post
 
 
 def _block_rows(ckpts: Checkpoints) -> int:
     """Rows of a per block: about 4 MB of activations per block, so the memory-bound
     reductions over them run from the cache (2-8 checkpoints per batch measured best on a
     2-core EPYC with 32 MB L3; the whole grid at once was 25-30% slower: benchmarks/analyze.py)."""
-    d_mlp = ckpts.params["blocks.0.mlp.W_in"].shape[-1]
+    d_mlp = ckpts.config.model.d_mlp
     return max(1, (4 << 20) // (ckpts.n_ckpt * ckpts.p * d_mlp * 4))
 
 
@@ -517,12 +570,12 @@ def detect_key_frequencies(params: Mapping[str, Tensor], config: RunConfig) -> l
     """Key frequencies of the last checkpoint of a stack, by the neurons' vote
     (:func:`circuits.measures.frequencies.key_frequencies`) in the task's Fourier view; none
     for a task without one."""
-    from circuits.grid import grid_forward
+    from circuits.grid import grid_forward, grid_problem
     from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
     from circuits.tasks import fourier_view
 
     view = fourier_view(config.task)
-    if view is None:
+    if view is None or grid_problem(config) is not None:
         return []
     last = {k: v[-1:] for k, v in params.items()}
     with torch.no_grad():
