@@ -182,3 +182,19 @@ def test_rqi_is_refused_for_a_task_without_sums() -> None:
         keep, skipped = applicable(select(["losses", "rqi"]), cfg)
         assert "rqi" not in [f.name for f in keep] and why in skipped["rqi"]
         assert "losses" in [f.name for f in keep]
+
+
+def test_a_lens_panel_joins_the_checkpoints_it_computed_and_puts_a_second_unit_on_the_right() -> None:
+    import pandas as pd
+
+    from circuits.plots import plot_measure_columns
+
+    m = pd.DataFrame({"epoch": [0, 10, 20, 30, 40], "syn": [-1.0, float("nan"), -3.0, float("nan"), -2.0],
+                      "size": [2.0, float("nan"), 5.0, float("nan"), 3.0], "red": [9.0, float("nan"), 7.0, float("nan"), 5.0]})
+    fig = plot_measure_columns(m, {"syn": "syn (bits)", "red": "red (bits)", "size": "size (groups)"}, "t",
+                               {"memorisation_end": 10, "circuit_formation_end": 30, "cleanup_end": None},
+                               {"syn": "bits", "red": "bits", "size": "groups"})
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["syn (bits)"].x) == [0, 20, 40]  # a line through the computed checkpoints
+    assert traces["syn (bits)"].yaxis in (None, "y") and traces["size (groups)"].yaxis == "y2"
+    assert fig.layout.yaxis.title.text == "bits" and fig.layout.yaxis2.title.text == "groups"

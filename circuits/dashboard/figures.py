@@ -113,8 +113,10 @@ def family_figures(analysis: Analysis) -> dict[str, go.Figure]:
             continue
         cols = {c.name: f"{c.name} ({c.unit})" if c.unit else c.name for c in f.columns
                 if c.name in analysis.measures}
+        units = {c.name: c.unit for c in f.columns}
         if cols:
-            figs[f"family:{f.name}"] = plots.plot_measure_columns(analysis.measures, cols, f.doc or f.name, phases)
+            figs[f"family:{f.name}"] = plots.plot_measure_columns(analysis.measures, cols, f.doc or f.name, phases,
+                                                                  units)
     return figs
 
 

@@ -167,16 +167,28 @@ def plot_key_share(measures: pd.DataFrame, phases: Mapping[str, int | None] | No
 
 def plot_measure_columns(
     measures: pd.DataFrame, columns: Mapping[str, str], title: str,
-    phases: Mapping[str, int | None] | None = None,
+    phases: Mapping[str, int | None] | None = None, units: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """Any measure family's columns over epochs (``columns``: name -> hover label), phases
-    shaded: the dashboard's panel for a family registered beyond the built-in ones."""
+    shaded: the dashboard's panel for a family registered beyond the built-in ones. Each curve
+    joins the checkpoints where its column is a number (a lens computed on every k-th checkpoint
+    is NaN between them). With ``units`` (column -> unit), the columns of a second unit go on a
+    right-hand axis."""
     fig = go.Figure()
+    units = units or {}
+    order = list(dict.fromkeys(units.get(c, "") for c in columns))
     for i, (col, label) in enumerate(columns.items()):
-        if col in measures:
-            fig.add_trace(_line(measures.epoch, measures[col], label, RUN_COLORS[i % len(RUN_COLORS)]))
+        if col not in measures:
+            continue
+        finite = measures[col].notna()
+        right = len(order) > 1 and units.get(col, "") != order[0]
+        fig.add_trace(_line(measures.epoch[finite], measures[col][finite], label, RUN_COLORS[i % len(RUN_COLORS)],
+                            yaxis="y2" if right else "y"))
     _shade_phases(fig, phases, measures.epoch)
-    _curve_layout(fig, title, "value")
+    _curve_layout(fig, title, order[0] if order and order[0] else "value")
+    if len(order) > 1:
+        fig.update_layout(yaxis2={"title": {"text": ", ".join(u for u in order[1:] if u) or "value"},
+                                  "overlaying": "y", "side": "right", "showgrid": False})
     return fig
 
 
