@@ -46,6 +46,7 @@ __all__ = [
     "parse_options",
     "compute",
     "measure",
+    "load_checkpoint",
     "column_docs",
     "array_docs",
     "column_order",
@@ -455,19 +456,28 @@ def model_blocks(ckpts: Checkpoints) -> Iterator[tuple[int, int, Tensor, None]]:
     each checkpoint's model, run on every input of the task's canonical grid, gives the logits
     at the answer position; there are no ``post`` activations (the families that need them
     read one-layer models and are skipped)."""
-    from circuits.model import is_buffer_key, make_model
+    from circuits.model import make_model
 
     model = make_model(ckpts.config)
     tokens = ckpts.task.tokens
     logits = []
     for i in range(ckpts.n_ckpt):
-        missing, unexpected = model.load_state_dict({k: v[i] for k, v in ckpts.params.items()}, strict=False)
-        if unexpected or any(not is_buffer_key(k) for k in missing):
-            raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
+        load_checkpoint(model, ckpts.params, i)
         logits.append(model(tokens)[:, -1].float())
     stacked = torch.stack(logits)
     rows = ckpts.task.n_pairs // ckpts.p
     yield 0, rows, stacked, None
+
+
+def load_checkpoint(model: Any, params: Mapping[str, Tensor], i: int) -> None:
+    """Load checkpoint ``i`` of stacked weights ``params`` into ``model`` (a run's
+    :func:`circuits.model.make_model`): a ValueError when they do not fit it (buffers, which
+    checkpoints do not hold, excepted)."""
+    from circuits.model import is_buffer_key
+
+    missing, unexpected = model.load_state_dict({k: v[i] for k, v in params.items()}, strict=False)
+    if unexpected or any(not is_buffer_key(k) for k in missing):
+        raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
 
 
 def _block_rows(ckpts: Checkpoints) -> int:
