@@ -5,7 +5,9 @@ One module per topic: ``losses`` (train/test, restricted, excluded), ``frequenci
 frequencies, neuron clusters, Fourier norms), ``sparsity`` (Gini), ``norms`` (sum of squared
 weights), ``phases`` (phase boundaries), ``circuits`` (the memorising / generalising split).
 ``registry`` holds the measure families (``families`` registers the built-in ones) and
-:func:`measure`, the one call that computes them for a model as the analysis does.
+:func:`measure`, the one call that computes them for a model as the analysis does. ``llc`` is an
+opt-in lens: the local learning coefficient by SGLD (:func:`estimate_llc`; needs the ``llc``
+extra, devinterp, only when it samples).
 """
 
 from circuits.measures.circuits import (
@@ -37,6 +39,7 @@ from circuits.measures.norms import weight_norm_sq, weight_norms_sq
 from circuits.measures.phases import Phases, phase_boundaries
 from circuits.measures.sparsity import gini
 from circuits.measures import families as _families  # noqa: F401 - registers the built-in families
+from circuits.measures.llc import LLCEstimate, calibrate_llc, estimate_llc  # registers the opt-in llc family
 from circuits.measures.registry import (
     ArraySpec,
     Column,
@@ -58,6 +61,9 @@ __all__ = [
     "register",
     "unregister",
     "CLUSTER_THRESHOLD",
+    "LLCEstimate",
+    "calibrate_llc",
+    "estimate_llc",
     "Phases",
     "accuracy",
     "circuit_efficiency",
