@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from circuits.errors import MissingExtra
 from circuits.measures.registry import ArraySpec, Checkpoints, Column, Family, Result, load_checkpoint, register
 
-__all__ = ["LLCEstimate", "estimate_llc", "calibrate_llc", "answer_cross_entropy", "INSTALL_HINT"]
+__all__ = ["LLCEstimate", "estimate_llc", "calibrate_llc", "answer_cross_entropy", "default_nbeta", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install 'grokking-circuits[llc]' (from a clone: pip install -e '.[llc]')"
 
@@ -240,7 +240,7 @@ def calibrate_llc(
     loss_fn: LossFn | None = None,
 ) -> Any:
     """Sweep the SGLD step size and the localisation for :func:`estimate_llc`, devinterp's
-    calibration procedure (Lau et al. 2023 §5; devinterp's sampling guide): one row per
+    calibration procedure (Lau et al. 2023; devinterp's sampling guide): one row per
     (``lr``, ``localization``) with the estimate and what its loss traces say. A usable
     setting has no diverged chain, a positive estimate, and a trace that is flat after the
     burn-in; among those, prefer the largest step size (it mixes fastest) whose estimate agrees
