@@ -287,8 +287,8 @@ class LocalLearningCoefficient(Family):
     checkpoints whose position among the run's is a multiple of ``every`` (NaN elsewhere)."""
 
     name = "llc"
-    doc = ("local learning coefficient (Lau et al. 2023) by devinterp's SGLD on the training pairs; "
-           "opt-in: seconds per checkpoint")
+    doc = ("local learning coefficient (Lau et al. 2023) by devinterp's SGLD on the training pairs "
+           "(~25 s per quick-run checkpoint on one CPU thread)")
     default = False
     one_layer = False  # it runs the model's own forward, whatever its depth
     options = {
