@@ -486,7 +486,7 @@ def _out_of_memory(e: RuntimeError) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
-    from circuits.errors import ProtocolError, RunFolderError, TrainingDiverged
+    from circuits.errors import MissingExtra, ProtocolError, RunFolderError, TrainingDiverged
 
     usage_errors, exits, aborts = _click_exceptions()
     command = typer.main.get_command(app)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ["--help"]
     try:
         result = command.main(args=args, prog_name="circuits", standalone_mode=False)
-    except (UserError, ConfigError, RunFolderError, ProtocolError, TrainingDiverged) as e:
+    except (UserError, ConfigError, RunFolderError, ProtocolError, TrainingDiverged, MissingExtra) as e:
         typer.echo(f"circuits: error: {e}", err=True)
         return 2
     except OSError as e:

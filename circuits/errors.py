@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["RunFolderError", "CheckpointError", "AnalysisFolderError", "ProtocolError", "TrainingDiverged"]
+__all__ = ["RunFolderError", "CheckpointError", "AnalysisFolderError", "ProtocolError", "TrainingDiverged",
+           "MissingExtra"]
 
 
 class RunFolderError(RuntimeError):
@@ -48,3 +49,8 @@ class TrainingDiverged(RuntimeError):
             + ". The last finite checkpoint and its resume point are kept; train it again with a "
             "smaller --lr and --force"
         )
+
+
+class MissingExtra(ImportError):
+    """An optional feature's package is not installed; the message names the extra to install
+    (``pip install -e '.[llc]'``)."""

@@ -8,7 +8,9 @@ the opt-in lenses: ``per_frequency`` (Nanda et al.'s one-frequency excluded loss
 cos(w(a+b-c)) fit, the neuron-level losses), ``rqi`` (Liu et al.'s representation quality)
 and ``oinfo`` (Clauw et al.'s O-information of neuron groups).
 ``registry`` holds the measure families (``families`` registers the built-in ones) and
-:func:`measure`, the one call that computes them for a model as the analysis does.
+:func:`measure`, the one call that computes them for a model as the analysis does. ``llc`` is an
+opt-in lens: the local learning coefficient by SGLD (:func:`estimate_llc`; needs the ``llc``
+extra, devinterp, only when it samples).
 """
 
 from circuits.measures.circuits import (
@@ -43,6 +45,7 @@ from circuits.measures import families as _families  # noqa: F401 - registers th
 from circuits.measures.per_frequency import cos_fit, excluded_loss_per_frequency, neuron_level_losses
 from circuits.measures.oinfo import o_information, ward_groups
 from circuits.measures.rqi import rqi
+from circuits.measures.llc import LLCEstimate, calibrate_llc, estimate_llc  # registers the opt-in llc family
 from circuits.measures.registry import (
     ArraySpec,
     Column,
@@ -64,6 +67,9 @@ __all__ = [
     "register",
     "unregister",
     "CLUSTER_THRESHOLD",
+    "LLCEstimate",
+    "calibrate_llc",
+    "estimate_llc",
     "Phases",
     "accuracy",
     "circuit_efficiency",

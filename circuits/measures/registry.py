@@ -46,6 +46,7 @@ __all__ = [
     "parse_options",
     "compute",
     "measure",
+    "load_checkpoint",
     "column_docs",
     "array_docs",
     "column_order",
@@ -499,15 +500,6 @@ def model_outputs(
     return torch.stack(logits), (torch.stack(posts) if posts else None)
 
 
-def load_checkpoint(model: Any, params: Mapping[str, Tensor], i: int) -> None:
-    """Load checkpoint ``i`` of a stack into ``model``; a ValueError when its weights do not fit."""
-    from circuits.model import is_buffer_key
-
-    missing, unexpected = model.load_state_dict({k: v[i] for k, v in params.items()}, strict=False)
-    if unexpected or any(not is_buffer_key(k) for k in missing):
-        raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
-
-
 def post_activations(params: Mapping[str, Tensor], task: Task, config: RunConfig) -> Tensor:
     """``[ckpt, pairs, d_mlp]``: the MLP activations at the answer position over the task's
     canonical grid (the grid forward, or the fully connected network's hidden layer)."""
@@ -521,6 +513,17 @@ def post_activations(params: Mapping[str, Tensor], task: Task, config: RunConfig
     _, post = model_outputs(params, config, task)
     assert post is not None
     return post
+
+
+def load_checkpoint(model: Any, params: Mapping[str, Tensor], i: int) -> None:
+    """Load checkpoint ``i`` of stacked weights ``params`` into ``model`` (a run's
+    :func:`circuits.model.make_model`): a ValueError when they do not fit it (buffers, which
+    checkpoints do not hold, excepted)."""
+    from circuits.model import is_buffer_key
+
+    missing, unexpected = model.load_state_dict({k: v[i] for k, v in params.items()}, strict=False)
+    if unexpected or any(not is_buffer_key(k) for k in missing):
+        raise ValueError(f"checkpoint weights do not fit the run's model: missing {missing}, unexpected {unexpected}")
 
 
 def _block_rows(ckpts: Checkpoints) -> int:
