@@ -10,6 +10,7 @@ The baseline is timed on ``--baseline-ckpts`` checkpoints and scaled to the full
 
     python benchmarks/analyze.py                 # 500 checkpoints, baseline on 25
     python benchmarks/analyze.py --lenses 20     # also each opt-in lens's cost per checkpoint
+    python benchmarks/analyze.py --lenses 20 --ckpts 0   # the lenses only
 
 ``--lenses N`` times ``analyze(write=False)`` on N checkpoints with the default families, then
 with the default families plus each opt-in lens in turn (alternated, median of 3), and prints
@@ -120,6 +121,8 @@ def main() -> None:
     if args.lenses:
         with tempfile.TemporaryDirectory() as tmp:
             lens_costs(make_fake_run(Path(tmp) / "nanda", args.lenses), args.lenses)
+    if not args.ckpts:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         run = make_fake_run(Path(tmp) / "nanda", args.ckpts)
         t0 = time.perf_counter()
