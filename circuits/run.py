@@ -80,6 +80,16 @@ class Run:
 
         return pd.DataFrame(self.store.read_metrics_rows(), columns=list(METRIC_COLUMNS))
 
+    def first_epoch(self, column: str, level: float, below: bool = False) -> int | None:
+        """The first logged epoch at which the metric ``column`` reaches ``level`` (``>=``; with
+        ``below``, ``<=``), or None if it never does: ``run.first_epoch("test_acc", 0.99)`` is
+        when a run groks, ``run.first_epoch("train_loss", 1e-3, below=True)`` when it fits."""
+        m = self.metrics
+        if column not in m.columns or column == "epoch":
+            raise ValueError(f"no metric {column!r}; choose from {', '.join(c for c in m.columns if c != 'epoch')}")
+        hit = m.epoch[m[column] <= level] if below else m.epoch[m[column] >= level]
+        return int(hit.iloc[0]) if len(hit) else None
+
     @property
     def is_complete(self) -> bool:
         """Whether training reached its last epoch."""

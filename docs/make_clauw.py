@@ -33,12 +33,6 @@ from circuits.config import preset
 from circuits.stats import interval
 
 
-def first(run: circuits.Run, column: str, level: float) -> int | None:
-    m = run.metrics
-    hit = m.epoch[m[column] >= level]
-    return int(hit.iloc[0]) if len(hit) else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
@@ -59,10 +53,10 @@ def main() -> None:
             m = a.measures.dropna(subset=["oinfo_synergy"])
             i = int(np.argmin(m.oinfo_synergy.to_numpy()))
             peak_epoch, peak = int(m.epoch.iloc[i]), float(m.oinfo_synergy.iloc[i])
-            t50, t90 = first(run, "test_acc", 0.5), first(run, "test_acc", 0.9)
+            t50, t90 = run.first_epoch("test_acc", 0.5), run.first_epoch("test_acc", 0.9)
             rows.append({"seed": s, "peak_epoch": peak_epoch, "peak_bits": peak,
                          "peak_size": int(m.oinfo_synergy_size.iloc[i]), "test50": t50, "test90": t90,
-                         "train99": first(run, "train_acc", 0.99),
+                         "train99": run.first_epoch("train_acc", 0.99),
                          "peak_before_test50": t50 is not None and peak_epoch < t50,
                          "final_test_acc": float(run.metrics.test_acc.iloc[-1]),
                          "max_redundancy": float(m.oinfo_redundancy.max())})

@@ -32,12 +32,6 @@ from circuits.config import preset
 from circuits.stats import interval
 
 
-def first(run: circuits.Run, column: str, level: float) -> int | None:
-    m = run.metrics
-    hit = m.epoch[m[column] >= level]
-    return int(hit.iloc[0]) if len(hit) else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
@@ -61,8 +55,8 @@ def main() -> None:
     report = {}
     for name in arms:
         mine = [r for (n, _), r in zip(members, runs) if n == name]
-        train = [first(r, "train_acc", 0.99) for r in mine]
-        test = [first(r, "test_acc", 0.95) for r in mine]
+        train = [r.first_epoch("train_acc", 0.99) for r in mine]
+        test = [r.first_epoch("test_acc", 0.95) for r in mine]
         delays = [b - a for a, b in zip(train, test) if a is not None and b is not None]
         report[name] = {
             "train99": interval([e for e in train if e is not None]),

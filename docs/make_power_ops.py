@@ -35,12 +35,6 @@ from circuits.stats import interval
 NAMES = {"add": "x+y", "sub": "x-y", "div": "x/y", "x2_y2": "x²+y²", "x3_xy2_y": "x³+xy²+y", "s5": "x·y (S5)"}
 
 
-def first_epoch(run: circuits.Run, level: float) -> int | None:
-    m = run.metrics
-    hit = m.epoch[m.test_acc >= level]
-    return int(hit.iloc[0]) if len(hit) else None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", nargs="*", default=list(NAMES))
@@ -65,12 +59,12 @@ def main() -> None:
         runs = circuits.train_ensemble(configs, outs, device=args.device)
         for op in ops:
             mine = [r for (o, _), r in zip(members, runs) if o == op]
-            hits = [e for e in (first_epoch(r, args.level) for r in mine) if e is not None]
+            hits = [e for e in (r.first_epoch("test_acc", args.level) for r in mine) if e is not None]
             finals = [float(r.metrics.test_acc.iloc[-1]) for r in mine]
             t, f = interval(hits), interval(finals)
             report[op] = {
                 "name": NAMES.get(op, op), "seeds": len(mine), "generalised": len(hits),
-                "epoch_mean": t["mean"], "epoch_ci95": t["ci95"], "epochs_per_seed": [first_epoch(r, args.level) for r in mine],
+                "epoch_mean": t["mean"], "epoch_ci95": t["ci95"], "epochs_per_seed": [r.first_epoch("test_acc", args.level) for r in mine],
                 "final_test_acc_mean": f["mean"], "final_test_acc_ci95": f["ci95"], "final_test_acc": finals,
                 "n_train": mine[0].config.task.n_train,
             }

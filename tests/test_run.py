@@ -49,3 +49,16 @@ def test_loaded_model_runs_with_cache(tiny_run: circuits.Run) -> None:
     logits, cache = model.run_with_cache(run.task.tokens)
     assert logits.shape == (run.config.task.p ** 2, 3, run.config.task.p)
     assert cache["blocks.0.mlp.hook_post"].shape[-1] == run.config.model.d_mlp
+
+
+def test_first_epoch_is_the_first_logged_epoch_at_a_level(tiny_run: circuits.Run) -> None:
+    m = tiny_run.metrics
+    best = float(m.train_acc.max())
+    at = tiny_run.first_epoch("train_acc", best)
+    assert at == int(m.epoch[m.train_acc == best].iloc[0])
+    assert all(m.train_acc[m.epoch < at] < best)
+    assert tiny_run.first_epoch("train_acc", best + 1e-9) is None
+    low = float(m.train_loss.min())
+    assert tiny_run.first_epoch("train_loss", low, below=True) == int(m.epoch[m.train_loss == low].iloc[0])
+    with pytest.raises(ValueError, match="no metric 'acc'.*test_acc"):
+        tiny_run.first_epoch("acc", 0.5)
