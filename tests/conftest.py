@@ -17,6 +17,22 @@ import torch
 import circuits
 from circuits.config import RunConfig, preset
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the tests marked slow (science runs over 30 s: design.md, CI)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # design.md: a CI science run takes at most 30 s; a longer one is marked slow, runs with
+    # --runslow, and its results are recorded in docs/.
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="a slow science run (> 30 s); run it with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

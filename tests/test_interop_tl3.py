@@ -17,7 +17,7 @@ build a throwaway virtual environment (torch + transformer-lens 3.x + safetensor
 files and a subprocess. That needs the package index and minutes on a first run, so they run
 only with ``CIRCUITS_TL3=1``::
 
-    CIRCUITS_TL3=1 python -m pytest tests/test_interop_tl3.py -q -s
+    CIRCUITS_TL3=1 python -m pytest tests/test_interop_tl3.py --runslow -q -s
 """
 
 from __future__ import annotations

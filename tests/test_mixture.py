@@ -127,6 +127,7 @@ def test_a_split_mlp_routes_each_task_through_its_own_half() -> None:
     assert bool((cache["blocks.0.mlp.hook_post"][..., :half] != 0).any())
 
 
+@pytest.mark.slow  # 43 s on a quiet 2-core machine; the command's own test covers the protocol's mechanics in CI
 def test_the_emergence_protocol_maps_test_accuracy_over_width_and_memorisation_data(tmp_path: Path) -> None:
     # Huang et al. 2024 §5 at CI size: p = 23, 80% of the sums as the operation's training set,
     # two widths, the operation alone and with 150 memorisation pairs, one seed.
