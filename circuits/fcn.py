@@ -103,21 +103,13 @@ class FullyConnected(HookedRootModule):
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Logits ``[batch, 1, classes]`` for inputs ``[a, b, =]``; ``return_type`` as the
         transformer's (``"logits"``, ``"loss"``, ``"both"``, None; float64 cross-entropy)."""
-        if return_type not in ("logits", "loss", "both", None):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        check_return_type(return_type)
         a, b = tokens[:, 0], tokens[:, 1]
         W_in = self.hidden.W_in
         pre = self.hidden.hook_pre(W_in[a] + W_in[self.n_elements + b] + self.hidden.b_in)
         post = self.hidden.hook_post(F.relu(pre))
         logits = (post @ self.unembed.W_U)[:, None]
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        y = self.answers(tokens) if labels is None else labels
-        nll = F.cross_entropy(logits[:, -1].double(), y.to(logits.device), reduction="none")
-        loss = nll if loss_per_token else nll.mean()
-        return loss if return_type == "loss" else (logits, loss)
+        return task_output(self, tokens, logits, return_type, loss_per_token, labels)
 
     def answers(self, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
         """The task's answer for each input ``[a, b, =]``, from its table."""
@@ -128,15 +120,39 @@ class FullyConnected(HookedRootModule):
         a, b = tokens[:, 0].cpu(), tokens[:, 1].cpu()
         if bool(((a < 0) | (a >= n) | (b < 0) | (b >= n)).any()):
             raise ValueError(f"inputs must be [a, b, =] with a, b in 0..{n - 1}")
-        return _labels(self.task_config)[a * n + b]
+        return answer_table(self.task_config)[a * n + b]
 
     def run_with_cache(self, *args: object, **kwargs: object) -> tuple[object, object]:
         """``(output, cache)``: the cache a dict of hook name -> activation."""
         return super().run_with_cache(*args, **kwargs)
 
 
+def check_return_type(return_type: str | None) -> None:
+    """Refuse a ``return_type`` that ``forward`` of either architecture does not know."""
+    if return_type not in ("logits", "loss", "both", None):
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+
+def task_output(
+    model: nn.Module, tokens: Int[Tensor, "batch pos"], logits: Float[Tensor, "batch out_pos cls"],
+    return_type: str | None, loss_per_token: bool, labels: Int[Tensor, " batch"] | None,
+) -> Tensor | tuple[Tensor, Tensor] | None:
+    """What ``forward`` returns, for either architecture: the logits, the task's float64
+    cross-entropy at the answer position against ``labels`` or ``model.answers(tokens)`` (mean,
+    or per example), both, or None."""
+    if return_type == "logits":
+        return logits
+    if return_type is None:
+        return None
+    y = model.answers(tokens) if labels is None else labels
+    nll = F.cross_entropy(logits[:, -1].double(), y.to(logits.device), reduction="none")
+    loss = nll if loss_per_token else nll.mean()
+    return loss if return_type == "loss" else (logits, loss)
+
+
 @lru_cache(maxsize=8)
-def _labels(task: TaskConfig) -> Tensor:
+def answer_table(task: TaskConfig) -> Tensor:
+    """The task's answers on its canonical grid (what ``answers`` reads)."""
     from circuits.tasks import make_task
 
     return make_task(task).labels

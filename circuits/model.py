@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from functools import lru_cache
 
 import einops
 import torch
@@ -23,7 +22,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from circuits.config import ModelConfig, RunConfig, TaskConfig
-from circuits.fcn import FullyConnected
+from circuits.fcn import FullyConnected, answer_table, check_return_type, task_output
 
 __all__ = ["Transformer", "FullyConnected", "Model", "HookedConfig", "make_model", "is_buffer_key", "BUFFER_SUFFIXES"]
 
@@ -352,8 +351,7 @@ class Transformer(HookedRootModule):
         batch, or per example with ``loss_per_token`` (TransformerLens' next-token loss has no
         meaning here: the answer is not one of the inputs).
         """
-        if return_type not in ("logits", "loss", "both", None):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        check_return_type(return_type)
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
         route = self.mlp_route(tokens)
         for block in self.blocks:
@@ -361,14 +359,7 @@ class Transformer(HookedRootModule):
         if hasattr(self, "ln_final"):
             resid = self.ln_final(resid)
         logits = self.unembed(resid)
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        y = self.answers(tokens) if labels is None else labels
-        nll = F.cross_entropy(logits[:, -1].double(), y.to(logits.device), reduction="none")
-        loss = nll if loss_per_token else nll.mean()
-        return loss if return_type == "loss" else (logits, loss)
+        return task_output(self, tokens, logits, return_type, loss_per_token, labels)
 
     def mlp_route(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch 1 d_mlp"] | None:
         """With ``split_mlp``, each input's mask over the MLP neurons: its task's half is 1
@@ -385,7 +376,7 @@ class Transformer(HookedRootModule):
         if self.task_config is None:
             raise ValueError("this model does not know its task: pass labels=..., or build it with "
                              "make_model(config) or run.model(epoch)")
-        table = _answer_table(self.task_config)
+        table = answer_table(self.task_config)
         n = self.task_config.n_elements
         ops = self.task_config.op_tokens
         a, b = tokens[:, 0].cpu(), tokens[:, 2 if ops else 1].cpu()
@@ -536,8 +527,3 @@ def make_model(config: RunConfig) -> Model:
     return cls(config.model, config.d_vocab, config.d_vocab_out, config.n_ctx, config.task)
 
 
-@lru_cache(maxsize=8)
-def _answer_table(task: TaskConfig) -> Tensor:
-    from circuits.tasks import make_task
-
-    return make_task(task).labels
