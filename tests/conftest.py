@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 import circuits
 from circuits.config import RunConfig, preset
+from tests import forked_cli
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -85,12 +85,9 @@ def quick_analysis(quick_run: circuits.Run, tmp_path_factory: pytest.TempPathFac
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``circuits ARGS`` in a subprocess, as a user would."""
+    """Run ``circuits ARGS`` in a process of its own, as a user would (started warm: forked_cli)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "circuits.cli", *args], capture_output=True, text=True,
-        cwd=cwd or REPO, env=env, timeout=timeout,
-    )
+    return forked_cli.run(list(args), cwd=cwd or REPO, env=env, timeout=timeout)
 
 
 @pytest.fixture
