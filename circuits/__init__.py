@@ -29,6 +29,7 @@ __all__ = [
     "report",
     "progress_bar",
     "import_run",
+    "sweep",
 ]
 
 _LAZY = {
@@ -50,6 +51,7 @@ _LAZY = {
     "report": "circuits.report",
     "progress_bar": "circuits.progress",
     "import_run": "circuits.importer",
+    "sweep": "circuits.experiments.sweeps",
 }
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from circuits.tasks import make_task
     from circuits.progress import progress_bar
     from circuits.importer import import_run
+    from circuits.experiments.sweeps import sweep
 
 
 #: Submodules reachable as attributes (``circuits.fourier``, ``circuits.measures``, ...),

@@ -435,6 +435,7 @@ def dashboard_cmd(
 
 
 app.add_typer(cli_experiments.app, name="experiment")
+app.command("sweep")(cli_experiments.sweep_command)
 
 
 def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

@@ -262,3 +262,138 @@ def _phases(**kw: Any) -> None:
     from circuits.experiments import phase_diagram
 
     _launch("phases", phase_diagram, kw, {"seeds": kw.pop("seeds"), "grid": _grid(kw.pop("grid"))})
+
+
+def _grid_file(path: Path) -> tuple[Any, Any]:
+    """A sweep file: TOML or JSON with ``[grid]`` (field = [values]) or ``points`` (a list of
+    field = value tables), and optionally ``seeds`` (a count or a list)."""
+    import tomllib
+
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise UserError(f"--grid-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--grid-file {path}: cannot read it ({e})") from None
+    try:
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"--grid-file {path} is not valid {'JSON' if Path(path).suffix.lower() == '.json' else 'TOML'}: "
+                        f"{e}") from None
+    if not isinstance(data, dict) or ("grid" in data) == ("points" in data):
+        raise UserError(f"--grid-file {path} needs exactly one of `grid` (field = [values]) or `points` "
+                        "(a list of field = value tables)")
+    unknown = set(data) - {"grid", "points", "seeds"}
+    if unknown:
+        raise UserError(f"--grid-file {path}: unknown key(s) {', '.join(sorted(unknown))}; use grid, points, seeds")
+    grid = data.get("grid", data.get("points"))
+    if "grid" in data and not (isinstance(grid, dict) and all(isinstance(v, list) for v in grid.values())):
+        raise UserError(f"--grid-file {path}: `grid` must map each field to a list of values")
+    if "points" in data and not (isinstance(grid, list) and all(isinstance(p, dict) for p in grid)):
+        raise UserError(f"--grid-file {path}: `points` must be a list of field = value tables")
+    seeds = data.get("seeds")
+    if seeds is not None and not (isinstance(seeds, int) and seeds > 0
+                                  or isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
+        raise UserError(f"--grid-file {path}: `seeds` must be a positive count or a list of integers")
+    return grid, seeds
+
+
+class _SweepProgress:
+    """One bar for the sweep as a whole: members finished of all, running, failed, ETA."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[state]}"),
+                            TimeElapsedColumn())
+        self.task: Any = None
+
+    def __enter__(self) -> _SweepProgress:
+        self.bar.__enter__()
+        self.task = self.bar.add_task("sweep", total=None, state="")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def update(self, p: Any) -> None:
+        eta = "" if p.eta_s is None else f" eta {int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
+        self.bar.update(self.task, completed=p.done, total=p.total,
+                        state=f"{p.running} running, {p.failed} failed{eta}")
+
+
+def sweep_command(**kw: Any) -> None:
+    """Train a grid of config fields x seeds as run folders under one sweep folder, with an index
+    table; rerun the same command to finish what a stop left."""
+    from circuits.errors import ProtocolError
+    from circuits.experiments.executors import BACKENDS
+    from circuits.experiments.sweeps import INDEX_FILE, sweep
+    from circuits.trainer import TrainingInterrupted
+
+    specs, grid_file = kw.pop("grid"), kw.pop("grid_file")
+    seeds, backend = kw.pop("seeds"), kw.pop("backend")
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if grid_file is not None and specs:
+        raise UserError("give the grid by --grid flags or by --grid-file, not both")
+    if grid_file is not None:
+        grid, file_seeds = _grid_file(grid_file)
+        if seeds is None:
+            seeds = file_seeds
+    elif specs:
+        grid = _grid(specs)
+    else:
+        raise UserError("a sweep needs a grid: --grid FIELD=V1,V2 (repeatable) or --grid-file FILE.toml")
+    for name, value in (("workers", kw["workers"]), ("threads", kw["threads"]), ("max_ensemble", kw["max_ensemble"])):
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if seeds is not None and isinstance(seeds, int) and seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    out, device = kw.pop("out"), kw.pop("device")
+    options = {k: kw.pop(k) for k in ("workers", "threads", "address", "max_ensemble", "analyze")}
+    base = config_from_kwargs(kw)
+    out = _out("sweep", out, base, {"grid": grid, "seeds": seeds})
+    try:
+        with _SweepProgress() as progress:
+            result = sweep(out, grid, base=base, seeds=seeds, backend=backend, device=device,
+                           on_progress=progress.update, **options)
+    except TrainingInterrupted:
+        typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
+        raise typer.Exit(130) from None
+    except ProtocolError:
+        raise
+    from circuits.report import write_experiment_page
+
+    page = write_experiment_page(result)
+    s = result.summary
+    typer.echo(f"sweep: {s['done']} of {s['members']} members done in {s['stacks']} stack(s) this call; index "
+               f"{out / INDEX_FILE}; maps {page}")
+    for key in ("zone_counts", "liu_phase_counts"):
+        if s.get(key):
+            typer.echo(f"  {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+    bad = s["failed"] + s["diverged"]
+    if bad:
+        table = result.table
+        for _, row in table[table.status.isin(["failed", "diverged"])].iterrows():
+            typer.echo(f"  {row['name']}: {row['status']}: {row['error']}", err=True)
+        typer.echo(f"circuits: {bad} member(s) failed or diverged (the others finished); see {out / INDEX_FILE}", err=True)
+        raise typer.Exit(1)
+
+
+SWEEP_OPTIONS = [
+    _option("out", Optional[Path], None, "Sweep folder (default: checkpoints/sweep-<hash>)."),
+    _option("grid", list[str], [], "FIELD=V1,V2,... (repeatable; the product is swept; the first two are the map's axes)."),
+    _option("grid_file", Optional[Path], None, "A TOML or JSON file with [grid] (field = [values]) or points "
+            "(a list of field = value tables), and optionally seeds."),
+    _option("seeds", Optional[int], None, "Replicate seeds per grid point (seed s moves the init and the split by s)."),
+    _option("backend", str, "local", "Where stacks train: local (this machine) or ray (circuits[ray])."),
+    _option("address", Optional[str], None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray started "
+            "for the sweep)."),
+    _option("workers", Optional[int], None, "Local worker processes (default: one per stack, up to the cores)."),
+    _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the workers; "
+            "the same value gives the same bits on either backend)."),
+    _option("max_ensemble", int, 64, "Members per stacked ensemble at most."),
+    _option("analyze", bool, False, "Also analyse every finished member and record its phase boundaries."),
+    _DEVICE,
+]
+set_signature(sweep_command, [*SWEEP_OPTIONS, *config_parameters()])

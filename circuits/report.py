@@ -18,7 +18,7 @@ from circuits.lock import hold_run_folder
 from circuits.run import Run, load_run
 
 if TYPE_CHECKING:
-    from circuits.experiments.sweep import ExperimentResult
+    from circuits.experiments.members import ExperimentResult
 
 __all__ = ["report", "write_experiment_page"]
 
@@ -46,7 +46,7 @@ def report(
 
 def write_experiment_page(result: ExperimentResult) -> Path:
     """Write a protocol's figures as ``<path>/<name>.html`` beside its table (one self-contained
-    page); the result must have been written (:func:`circuits.experiments.sweep.write_result`)."""
+    page); the result must have been written (:func:`circuits.experiments.members.write_result`)."""
     if result.path is None:
         raise ValueError("the experiment result has not been written yet; it has no folder")
     page = result.path / f"{result.name}.html"

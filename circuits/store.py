@@ -270,10 +270,26 @@ def _torch():  # noqa: ANN202 - torch loads on first use (see the module docstri
 
 
 def st_save(tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """safetensors' ``save``, imported on first use."""
+    """safetensors' ``save``, imported on first use, with the metadata keys in sorted order.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so
+    the same resume point written by two processes (a sweep's local and Ray workers) differed
+    in its header bytes alone; sorted, equal contents are equal files."""
     from safetensors.torch import save
 
-    return save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    data = save(dict(tensors), metadata=dict(metadata) if metadata is not None else None)
+    if not metadata or len(metadata) < 2:
+        return data
+    n = int.from_bytes(data[:8], "little")
+    text = data[8 : 8 + n].decode("utf-8")
+    header = json.loads(text)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    # Reordering an object's members keeps the JSON's length; the padding after it stays.
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    stripped = text.rstrip(" ")
+    if len(body.encode("utf-8")) != len(stripped.encode("utf-8")):
+        return data  # a header spelt another way than expected: keep safetensors' own bytes
+    return data[:8] + body.encode("utf-8") + data[8 + len(stripped.encode("utf-8")) :]
 
 
 def st_load(data: bytes) -> dict[str, Tensor]:

@@ -183,7 +183,7 @@ def test_memorising_norm_at_convergence_grows_with_dataset_size(tmp_path) -> Non
 
 
 def test_protocol_intervals_are_student_t_over_seeds_with_missing_counted() -> None:
-    from circuits.experiments.sweep import interval_by
+    from circuits.experiments.members import interval_by
     from circuits.stats import t_quantile
 
     table = pd.DataFrame({"d": [10, 10, 10, 20, 20, 20], "x": [1.0, 2.0, 3.0, 5.0, np.nan, 7.0]})
@@ -397,7 +397,7 @@ def test_every_knob_the_members_differ_in_is_a_table_column(tmp_path) -> None:  
     # Issue 22: every option is a config field, hence a column of every protocol table: the
     # fields that differ between members appear even where the protocol does not label them.
     from circuits.experiments import Member, run_members
-    from circuits.experiments.sweep import member_table
+    from circuits.experiments.members import member_table
 
     members = [Member("a", tiny_config(epochs=10), (("arm", "plain"),)),
                Member("b", tiny_config(epochs=10, weight_decay=0.1, grokfast="ema"), (("arm", "filtered"),))]

@@ -12,7 +12,7 @@ import pytest
 import circuits
 from circuits.config import ConfigError
 from circuits.errors import ProtocolError
-from circuits.experiments.sweep import Member, run_members
+from circuits.experiments.members import Member, run_members
 from circuits.run import default_run_dir
 from tests.conftest import run_cli, tiny_config
 

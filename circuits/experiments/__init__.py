@@ -9,7 +9,7 @@ from circuits.experiments.efficiency import critical_dataset_size, reference_cir
 from circuits.experiments.emergence import emergence
 from circuits.experiments.ungrokking import curve_events, semi_grokking, ungrokking
 from circuits.experiments.zones import classify_zone, memorisation_capacity, zones
-from circuits.experiments.sweep import ExperimentResult, Member, final_measures, run_members
+from circuits.experiments.members import ExperimentResult, Member, final_measures, run_members
 
 __all__ = [
     "ExperimentResult",
@@ -26,4 +26,5 @@ __all__ = [
     "final_measures",
     "reference_circuits",
     "run_members",
+    "sweep",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _seeded, _seeds
-from circuits.experiments.sweep import ExperimentResult, Member, check_grid, member_table, run_members, write_result
+from circuits.experiments.members import ExperimentResult, Member, check_grid, member_table, run_members, write_result
 from circuits.experiments.ungrokking import add_curve_events
 from circuits.experiments.zones import classify_zone
 from circuits.store import safe_name_part

@@ -28,7 +28,7 @@ from circuits.errors import ProtocolError
 from circuits.measures.phases import crossing
 from circuits.tasks import fourier_view, task_class
 from circuits.stats import mean_ci
-from circuits.experiments.sweep import (
+from circuits.experiments.members import (
     ExperimentResult,
     interval_by,
     Member,
@@ -82,7 +82,7 @@ def reference_circuits(
     Memorisation only: random labels (the same for (a, b) and (b, a)) on ``mem_size`` pairs
     (default: the base config's training-set size). Generalisation only: real labels on a
     fraction ``gen_frac`` of all pairs. Returns one row per network with its final measures
-    (:func:`~circuits.experiments.sweep.final_measures`): the within-run separation must give a
+    (:func:`~circuits.experiments.members.final_measures`): the within-run separation must give a
     generalising share near chance (1/sqrt(p+1)) on the first and above 0.95 on the second.
     """
     base = base or preset("nanda")

@@ -18,7 +18,7 @@ from pathlib import Path
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _seeded, _seeds
-from circuits.experiments.sweep import ExperimentResult, Member, check_grid, interval_by, member_table, run_members, write_result
+from circuits.experiments.members import ExperimentResult, Member, check_grid, interval_by, member_table, run_members, write_result
 from circuits.experiments.zones import width_config
 from circuits.trainer import StepInfo
 

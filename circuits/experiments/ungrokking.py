@@ -23,7 +23,7 @@ from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _check_size, _seeded, _seeds, crossing
 from circuits.stats import wilson
-from circuits.experiments.sweep import (
+from circuits.experiments.members import (
     ExperimentResult,
     interval_by,
     Member,

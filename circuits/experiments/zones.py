@@ -24,7 +24,7 @@ import numpy as np
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _check_size, _seeded, _seeds
-from circuits.experiments.sweep import (
+from circuits.experiments.members import (
     ExperimentResult,
     interval_by,
     Member,

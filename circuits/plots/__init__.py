@@ -38,6 +38,7 @@ from circuits.plots.experiments import (
     plot_efficiency_vs_dataset_size,
     plot_phase_diagram,
     plot_reference_circuits,
+    plot_sweep_curve,
     plot_ungrokking,
     plot_zone_map,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "SPLIT_LABELS",
     "PHASE_COLORS",
     "ZONE_COLORS",
+    "plot_sweep_curve",
     "frame_indices",
     "phase_spans",
     "plot_losses",

@@ -233,18 +233,25 @@ def _axis_values(values: Any) -> list[str]:
 
 
 def plot_zone_map(
-    df: pd.DataFrame, x: str = "dataset_size", y: str = "weight_decay", zone: str = "zone"
+    df: pd.DataFrame, x: str = "dataset_size", y: str = "weight_decay", zone: str = "zone",
+    title: str = "Zone map",
 ) -> go.Figure:
     """Which regime each (x, y) setting lands in: a categorical heatmap of ``zone`` names.
 
     ``df`` has one row per run (or per setting) with columns ``x``, ``y`` and ``zone`` (a name
     such as ``"grokking"``, ``"memorisation"``, ``"ungrokking"``, ``"semi-grokking"``,
-    ``"comprehension"``; see :data:`ZONE_COLORS`). Several rows at one setting: the most
-    common zone wins. Axes are categorical, so log-spaced sweeps stay evenly spaced.
+    ``"comprehension"``; see :data:`ZONE_COLORS`). Several rows at one setting (seeds): the most
+    common zone wins, and a cell whose runs disagree says so ("grokking 2/3", the others in
+    its hover text). Axes are categorical, so log-spaced sweeps stay evenly spaced.
     """
     _require(df, (x, y, zone), "plot_zone_map")
-    table = df.groupby([y, x])[zone].agg(lambda s: s.value_counts().index[0]).unstack(x)
+    votes = df.assign(**{zone: df[zone].astype(str)}).groupby([y, x])[zone]
+    table = votes.agg(lambda s: s.value_counts().index[0]).unstack(x)
     table = table.sort_index().sort_index(axis=1)
+    # The agreement per cell: the winner's count of the cell's runs, and every zone's count.
+    counts = votes.agg(lambda s: (int(s.value_counts().iloc[0]), len(s),
+                                  ", ".join(f"{k} {v}" for k, v in s.value_counts().items())))
+    counts = counts.unstack(x).reindex(index=table.index, columns=table.columns)
     names = sorted(set(df[zone].astype(str)), key=lambda n: (n not in ZONE_COLORS, list(ZONE_COLORS).index(n) if n in ZONE_COLORS else 0, n))
     code = {n: i for i, n in enumerate(names)}
     fallback = ("#BBBBBB", "#777777", "#E5C494", "#B3B3B3")
@@ -253,17 +260,61 @@ def plot_zone_map(
     scale = []
     for i, c in enumerate(colors):
         scale += [[i / k, c], [(i + 1) / k, c]]
-    z = np.array([[code[str(v)] if isinstance(v, str) or v == v else np.nan for v in row] for row in table.to_numpy(dtype=object)], dtype=float)
-    text = np.array([[str(v) if isinstance(v, str) else "" for v in row] for row in table.to_numpy(dtype=object)])
+    cells = table.to_numpy(dtype=object)
+    agree = counts.to_numpy(dtype=object)
+    z = np.array([[code[v] if isinstance(v, str) else np.nan for v in row] for row in cells], dtype=float)
+    text = np.array([[(v + (f" {a[0]}/{a[1]}" if a[0] < a[1] else "")) if isinstance(v, str) else ""
+                      for v, a in zip(row, arow)] for row, arow in zip(cells, agree)])
+    hover = np.array([[a[2] if isinstance(a, tuple) else "" for a in arow] for arow in agree])
     fig = go.Figure(go.Heatmap(
-        x=_axis_values(table.columns), y=_axis_values(table.index), z=z, text=text, zmin=-0.5, zmax=k - 0.5,
-        colorscale=scale, xgap=2, ygap=2,
-        colorbar={"tickvals": list(range(k)), "ticktext": names, "thickness": 14, "title": {"text": "zone"}},
-        hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>%{{text}}<extra></extra>",
+        x=_axis_values(table.columns), y=_axis_values(table.index), z=z, text=text, customdata=hover,
+        texttemplate="%{text}", zmin=-0.5, zmax=k - 0.5, colorscale=scale, xgap=2, ygap=2,
+        colorbar={"tickvals": list(range(k)), "ticktext": names, "thickness": 14, "title": {"text": zone.replace("_", " ")}},
+        hovertemplate=f"{x}=%{{x}}<br>{y}=%{{y}}<br>%{{customdata}}<extra></extra>",
     ))
-    _layout(fig, "Zone map", x.replace("_", " "), y.replace("_", " "))
+    _layout(fig, title, x.replace("_", " "), y.replace("_", " "))
     fig.update_xaxes(type="category", showgrid=False)
     fig.update_yaxes(type="category", showgrid=False)
+    return fig
+
+
+def plot_sweep_curve(df: pd.DataFrame, x: str, value: str = "epochs_to_test_95", log_y: bool = True) -> go.Figure:
+    """``value`` against one swept setting: the mean over the runs at each ``x`` (seeds and any
+    other axes) with its Student-t 95% interval, the runs as points, and how many never got a
+    value (a level not reached) in the hover text. Time to generalise against weight decay
+    (Omnigrok: about 1/wd) or against the training fraction (Power et al.: steep below ~40%)."""
+    from circuits.stats import mean_ci
+
+    _require(df, (x, value), "plot_sweep_curve")
+    xs, means, halves, missing = [], [], [], []
+    for key, part in df.groupby(x, sort=True):
+        vals = [float(v) for v in part[value] if v is not None and v == v]
+        mean, half, _ = mean_ci(vals) if vals else (math.nan, math.nan, 0)
+        xs.append(key)
+        means.append(mean)
+        halves.append(0.0 if half != half else half)
+        missing.append(len(part) - len(vals))
+    label = value.replace("_", " ")
+    numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in xs)
+    shown_x = xs if numeric else _axis_values(xs)
+    fig = go.Figure()
+    pts = df[[x, value]].dropna()
+    fig.add_trace(go.Scatter(
+        x=pts[x].tolist() if numeric else _axis_values(pts[x]), y=_f32(pts[value]), mode="markers", name="runs",
+        marker={"color": "#9AA5B1", "size": 6, "opacity": 0.6},
+    ))
+    fig.add_trace(go.Scatter(
+        x=shown_x, y=_f32(means), mode="lines+markers", name="mean (95% interval)", line={**LINE, "color": RUN_COLORS[0]},
+        error_y={"type": "data", "array": _f32(halves), "visible": True}, customdata=missing,
+        hovertemplate=f"{x}=%{{x}}<br>{label} %{{y:.4g}}<br>runs without a value: %{{customdata}}<extra></extra>",
+    ))
+    _layout(fig, f"{label} against {x.replace('_', ' ')}", x.replace("_", " "), label)
+    if log_y:
+        fig.update_yaxes(type="log")
+    if numeric and len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 20:
+        fig.update_xaxes(type="log")
+    elif not numeric:
+        fig.update_xaxes(type="category")
     return fig
 
 

@@ -20,7 +20,7 @@ import torch
 
 from circuits.config import RunConfig, differing_fields, flat_fields
 from circuits.grid import grid_forward, grid_problem, stack_state_dicts
-from circuits.engine.stacked import stack_key
+from circuits.experiments.executors import plan_stacks
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
@@ -89,10 +89,6 @@ def check_grid(name: str, values: Sequence[Any]) -> list[Any]:
     return values
 
 
-def _stack_key(config: RunConfig) -> str:
-    return json.dumps(stack_key(config), sort_keys=True)
-
-
 def _is_done(path: Path, config: RunConfig) -> bool:
     if not (path / CONFIG_FILE).is_file():
         return False
@@ -128,14 +124,12 @@ def run_members(
     # Once here: the check below and the training after it then see the same digest.
     members = [dataclasses.replace(m, config=with_init_digest(m.config)) for m in members]
     todo = [m for m in members if not _is_done(paths[m.name], m.config)]
-    groups: dict[str, list[Member]] = {}
-    for m in todo:
-        groups.setdefault(_stack_key(m.config), []).append(m)
-    chunks = [g[i : i + max_ensemble] for g in groups.values() for i in range(0, len(g), max_ensemble)]
+    # The same split into stacks as a sweep's executors (circuits.experiments.executors).
+    chunks = [[todo[i] for i in idx] for idx in plan_stacks([m.config for m in todo], max_ensemble)]
     for i, chunk in enumerate(chunks):
         if on_group is not None:
             on_group(i, len(chunks), len(chunk))
-        # engine="reference" runs cannot stack: they train one by one through the same API.
+        # engine="reference" runs cannot stack: each is a stack of one, trained through the same API.
         if chunk[0].config.train.engine != "fused":
             for m in chunk:
                 _train_alone(m, paths[m.name], on_step, device)

@@ -1,0 +1,275 @@
+"""Where a sweep's stacks train: in this process, in local worker processes, or as Ray tasks.
+
+A sweep is split into *stacks* by :func:`plan_stacks`: members that share shapes and schedule
+train together as one stacked computation (:mod:`circuits.engine.ensemble`), up to
+``max_ensemble`` each; a member the fused engine cannot stack (the reference engine) is a stack
+of one. Every executor trains the same stacks with the same number of torch threads
+(:func:`train_stack`), so the run folders they write are the same bits (design.md, "Sweeps");
+they differ only in where the work happens:
+
+* :class:`LocalExecutor`: in this process (one worker), or in ``workers`` spawned processes with
+  ``threads`` torch threads each, never more threads than cores in all;
+* :class:`RayExecutor`: one Ray task per stack (``num_cpus=threads``) on an existing cluster
+  (``address``, or ``RAY_ADDRESS``) or on a local one started for the sweep and shut down after.
+  The run folders must be on storage every node sees.
+
+A stack's outcome comes back as one :class:`MemberOutcome` per member; a failure (a refused
+configuration, a diverged loss, an exception) is recorded on the members it touched and never
+stops the other stacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from circuits.errors import MissingExtra, ProtocolError
+
+__all__ = ["StackJob", "MemberOutcome", "plan_stacks", "train_stack", "LocalExecutor", "RayExecutor",
+           "make_executor", "BACKENDS"]
+
+#: The executors :func:`make_executor` knows.
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class StackJob:
+    """One stack to train: its members' configs and run folders, the torch threads to use, the
+    device, and whether to analyse each finished member (default measures)."""
+
+    configs: tuple[Any, ...]
+    paths: tuple[str, ...]
+    threads: int = 1
+    device: str | None = None
+    analyze: bool = False
+
+
+@dataclass
+class MemberOutcome:
+    """What became of one member: ``status`` ``done``, ``diverged`` or ``failed``, the error
+    text, and (``analyze``) the analysis' phase boundaries."""
+
+    path: str
+    status: str
+    error: str | None = None
+    phases: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_stacks(configs: Sequence[Any], max_ensemble: int) -> list[list[int]]:
+    """Split members (their configs, in order) into stacks: indices of members that train as one
+    stacked computation. Members with the same stack key (shapes, schedule, engine) go together in
+    order of appearance, ``max_ensemble`` at most; a reference-engine member is alone. The same
+    split for every executor."""
+    from circuits.engine.stacked import stack_key
+
+    if max_ensemble < 1:
+        raise ProtocolError(f"max_ensemble must be at least 1, got {max_ensemble}")
+    groups: dict[str, list[int]] = {}
+    for i, config in enumerate(configs):
+        key = json.dumps(stack_key(config), sort_keys=True)
+        if config.train.engine != "fused":
+            key += f"#{i}"  # the reference engine trains one run at a time
+        groups.setdefault(key, []).append(i)
+    return [g[i : i + max_ensemble] for g in groups.values() for i in range(0, len(g), max_ensemble)]
+
+
+def _error_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def train_stack(job: StackJob, on_step: Callable[[Any], None] | None = None) -> list[MemberOutcome]:
+    """Train (or resume) one stack with ``job.threads`` torch threads; one outcome per member.
+
+    Never raises for a member's own failure: a refused configuration or an error fails the
+    members it touched, a non-finite loss marks the member diverged (its folder keeps the last
+    finite checkpoint). Ctrl-C still stops it."""
+    import torch
+
+    from circuits.errors import TrainingDiverged
+    from circuits.run import load_run, train, train_ensemble
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(job.threads)))
+    errors: dict[str, str] = {}
+    try:
+        configs, paths = list(job.configs), [Path(p) for p in job.paths]
+        try:
+            if configs[0].train.engine == "fused":
+                train_ensemble(configs, paths, on_step=on_step, device=job.device)
+            else:
+                for config, path in zip(configs, paths):
+                    try:
+                        train(config, out=path, on_step=on_step, device=job.device)
+                    except TrainingDiverged:
+                        pass  # read back from the folder's mark below
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # noqa: BLE001 - recorded on this member, the others go on
+                        errors[str(path)] = _error_line(e)
+        except TrainingDiverged:
+            pass
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the whole stack failed; each member records why
+            for path in paths:
+                errors.setdefault(str(path), _error_line(e))
+        outcomes = []
+        for path in paths:
+            outcomes.append(_outcome(path, errors.get(str(path)), job.analyze, load_run))
+        return outcomes
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _outcome(path: Path, error: str | None, analyze: bool, load_run: Callable[[Path], Any]) -> MemberOutcome:
+    from circuits.store import RunStore
+
+    if error is not None:
+        return MemberOutcome(str(path), "failed", error)
+    mark = RunStore(path).diverged()
+    if mark is not None:
+        return MemberOutcome(str(path), "diverged",
+                             f"the train loss became non-finite at epoch {mark['epoch']} (lr {mark['lr']:g})")
+    run = load_run(path)
+    if not run.is_complete:
+        return MemberOutcome(str(path), "failed", "training stopped before the last epoch")
+    phases: dict[str, Any] = {}
+    if analyze:
+        from circuits.analysis import analyze as run_analysis
+
+        try:
+            phases = dict(run_analysis(run).summary.get("phases", {}) or {})
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - the run is fine; only its phases are missing
+            return MemberOutcome(str(path), "done", f"analysis failed: {_error_line(e)}")
+    return MemberOutcome(str(path), "done", None, phases)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _init_worker() -> None:
+    # A worker's torch threads are set per stack (train_stack); keep OpenMP from spinning
+    # beside the other workers.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+Done = Callable[[int, list[MemberOutcome]], None]
+
+
+class LocalExecutor:
+    """Stacks in this process (``workers`` 1) or in ``workers`` spawned processes."""
+
+    name = "local"
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ProtocolError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+
+    def run(self, jobs: Sequence[StackJob], on_done: Done, on_start: Callable[[int], None] | None = None,
+            on_step: Callable[[Any], None] | None = None) -> None:
+        """Train every job; ``on_done(i, outcomes)`` as each finishes (in this process)."""
+        if self.workers == 1 or len(jobs) <= 1:
+            for i, job in enumerate(jobs):
+                if on_start is not None:
+                    on_start(i)
+                on_done(i, train_stack(job, on_step))
+            return
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
+        with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=ctx, initializer=_init_worker) as pool:
+            pending = {}
+            for i, job in enumerate(jobs):
+                pending[pool.submit(train_stack, job)] = i
+                if on_start is not None:
+                    on_start(i)
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        on_done(pending.pop(fut), fut.result())
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+
+class RayExecutor:
+    """One Ray task per stack, on the cluster at ``address`` (or ``RAY_ADDRESS``), else on a local
+    Ray instance started for the sweep (``cores`` CPUs, on 127.0.0.1, no dashboard, usage
+    statistics off) and shut down afterwards."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cores: int | None = None) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise MissingExtra(
+                "the ray backend needs Ray; install it with pip install 'circuits[ray]' "
+                "(or run the sweep with --backend local)"
+            ) from None
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.cores = cores
+
+    def run(self, jobs: Sequence[StackJob], on_done: Done, on_start: Callable[[int], None] | None = None,
+            on_step: Callable[[Any], None] | None = None) -> None:
+        """Submit every job as a Ray task; ``on_done(i, outcomes)`` here as each finishes."""
+        import ray
+
+        started = False
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, log_to_driver=False)
+            else:
+                os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+                ray.init(num_cpus=self.cores or _cores(), include_dashboard=False, log_to_driver=False,
+                         _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
+            started = True
+        try:
+            remote = ray.remote(max_retries=0)(train_stack)
+            refs = {}
+            for i, job in enumerate(jobs):
+                refs[remote.options(num_cpus=max(1, job.threads)).remote(job)] = i
+                if on_start is not None:
+                    on_start(i)
+            try:
+                while refs:
+                    ready, _ = ray.wait(list(refs), num_returns=1)
+                    for ref in ready:
+                        i = refs.pop(ref)
+                        try:
+                            outcomes = ray.get(ref)
+                        except ray.exceptions.RayError as e:  # the task itself died (a lost node, OOM)
+                            outcomes = [MemberOutcome(p, "failed", _error_line(e)) for p in jobs[i].paths]
+                        on_done(i, outcomes)
+            except BaseException:
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+                raise
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def make_executor(backend: str, workers: int = 1, address: str | None = None,
+                  cores: int | None = None) -> LocalExecutor | RayExecutor:
+    """The executor called ``backend`` (``local`` or ``ray``)."""
+    if backend == "local":
+        return LocalExecutor(workers)
+    if backend == "ray":
+        return RayExecutor(address, cores)
+    raise ProtocolError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,374 @@
+"""Sweeps: any grid of config fields x seeds, as ordinary run folders under one sweep folder.
+
+Grokking is a property of regions of hyperparameter space (Power et al. 2022 map the training
+fraction, Liu et al. 2022 weight decay x learning rate, Huang et al. 2024 model width x data
+size, 11 seeds a cell). :func:`sweep` trains every member of such a grid, in stacks
+(:func:`circuits.experiments.executors.plan_stacks`) on a local or a Ray executor, and keeps
+
+* ``<out>/runs/<member>/``: an ordinary run folder per member (``circuits analyze`` and the
+  dashboards read it as any run);
+* ``<out>/index.csv``: one row per member (its grid values, ``status`` pending / running / done
+  / diverged / failed, ``error``, and the outcome metrics), rewritten atomically whenever a stack
+  starts or finishes, with no timing or host columns, so two executors write the same table;
+* ``<out>/spec.json``: what was swept (base config, grid, seeds), so a rerun of the same command
+  resumes (finished members are kept, unfinished ones continue from their last checkpoint, failed
+  ones are tried again) and a different sweep aimed at the same folder is refused;
+* ``<out>/sweep.json``: the headline numbers; the CLI draws the maps into ``<out>/sweep.html``.
+
+A member that fails (a grid point that is not a valid config, a combination the engine refuses,
+a diverged loss) is recorded with its error and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
+from circuits.errors import ProtocolError
+from circuits.experiments.efficiency import _seeded
+from circuits.experiments.executors import MemberOutcome, StackJob, _cores, make_executor, plan_stacks
+from circuits.experiments.members import (
+    MAX_ENSEMBLE,
+    RUNS_DIR,
+    ExperimentResult,
+    final_measures,
+)
+from circuits.experiments.ungrokking import curve_events
+from circuits.experiments.zones import classify_zone
+from circuits.measures.phases import liu_phase
+from circuits.store import atomic_write_bytes, safe_name_part
+from circuits.trainer import with_init_digest
+
+__all__ = ["sweep", "sweep_points", "SweepProgress", "INDEX_FILE", "SPEC_FILE", "SUMMARY_FILE", "OUTCOME_LEVELS"]
+
+#: The member table of a sweep folder.
+INDEX_FILE = "index.csv"
+#: What the sweep folder holds (base config, grid, seeds): a rerun must ask for the same.
+SPEC_FILE = "spec.json"
+#: The sweep's headline numbers (members done, failed, zone counts, ...).
+SUMMARY_FILE = "sweep.json"
+#: Accuracy levels of the ``epochs_to_{train,test}_{90,95,99}`` outcome columns.
+OUTCOME_LEVELS = (0.9, 0.95, 0.99)
+_SPEC_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SweepProgress:
+    """The sweep as a whole, after each change: members ``done`` (finished, diverged or failed
+    in this call or before), ``running``, ``failed`` (of those done, diverged included), the
+    ``total``, and the estimated seconds left (None until a stack has finished in this call)."""
+
+    done: int
+    running: int
+    failed: int
+    total: int
+    eta_s: float | None
+
+
+@dataclass
+class _Point:
+    name: str
+    values: dict[str, Any]
+    config: RunConfig | None
+    error: str | None = None
+
+
+def _axis_values(name: str, values: Any) -> list[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        values = [values]
+    out: list[Any] = []
+    for v in values:
+        if v not in out:  # repeats would train one folder twice
+            out.append(v)
+    if not out:
+        raise ProtocolError(f"the {name} grid is empty; give at least one value")
+    return out
+
+
+def sweep_points(
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+    base: RunConfig,
+    seeds: int | Sequence[int] | None = None,
+) -> list[_Point]:
+    """The sweep's members in order: the product of ``grid``'s axes (a mapping field -> values,
+    the last axis fastest) or the listed points (a sequence of mappings), times the replicate
+    seeds (``seeds``: a count or offsets; seed s moves the model and data seeds by s, as every
+    protocol). A point that is not a valid config is kept, with its error."""
+    if isinstance(grid, Mapping):
+        axes = {str(k).replace("-", "_"): _axis_values(str(k), v) for k, v in grid.items()}
+        points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    else:
+        points = [{str(k).replace("-", "_"): v for k, v in p.items()} for p in grid]
+        if not points:
+            raise ProtocolError("the sweep's list of points is empty")
+    for p in points:
+        for name in p:
+            if name not in FIELD_OWNER:
+                raise ProtocolError(f"unknown config field {name!r} in the sweep; use a `circuits train` flag name")
+    reps = None if seeds is None else (list(range(seeds)) if isinstance(seeds, int) else list(dict.fromkeys(seeds)))
+    if reps is not None and not reps:
+        raise ProtocolError("seeds must name at least one replicate")
+    rep = "replicate" if any("seed" in p for p in points) else "seed"
+    out: list[_Point] = []
+    for p in points:
+        for s in reps if reps is not None else [None]:
+            name = "-".join(f"{a}{safe_name_part(v)}" for a, v in p.items()) or "base"
+            values = dict(p)
+            if s is not None:
+                name += f"-s{s}"
+                values[rep] = s
+            try:
+                config = _seeded(base, s, **p) if s is not None else base.replace(**p)
+                out.append(_Point(name, values, config))
+            except ConfigError as e:
+                out.append(_Point(name, values, None, f"ConfigError: {e}"))
+    names = [pt.name for pt in out]
+    if len(set(names)) != len(names):
+        raise ProtocolError("two sweep points spell the same folder name (values that differ only in "
+                            "characters a folder name cannot hold); give distinct values")
+    return out
+
+
+def _spec(base: RunConfig, grid: Any, seeds: Any) -> dict[str, Any]:
+    grid_json = ({str(k).replace("-", "_"): list(v) if isinstance(v, Sequence) and not isinstance(v, str) else [v]
+                  for k, v in grid.items()} if isinstance(grid, Mapping) else [dict(p) for p in grid])
+    return {"format": _SPEC_FORMAT, "base": base.science_dict, "grid": grid_json,
+            "seeds": list(seeds) if isinstance(seeds, Sequence) else seeds}
+
+
+def _check_spec(out: Path, spec: dict[str, Any]) -> None:
+    path = out / SPEC_FILE
+    blob = (json.dumps(spec, indent=2, sort_keys=True, default=str) + "\n").encode()
+    if path.is_file():
+        try:
+            old = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            raise ProtocolError(f"{path} is damaged or not a sweep file; move it away or choose another --out") from None
+        if old != json.loads(blob):
+            raise ProtocolError(f"{out} holds a different sweep (its {SPEC_FILE} names another base config, grid or "
+                                "seeds); choose another --out, or rerun the command that made it")
+        return
+    if (out / RUNS_DIR).exists() or (out / INDEX_FILE).exists():
+        raise ProtocolError(f"{out} holds runs but no {SPEC_FILE}: not a sweep folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, blob)
+
+
+def _epochs_to(metrics: Any, column: str, level: float) -> float:
+    hit = metrics.epoch[metrics[column] >= level]
+    return float(hit.iloc[0]) if len(hit) else math.nan
+
+
+def _outcome_row(path: Path, config: RunConfig) -> dict[str, Any]:
+    """The outcome metrics of a finished (or diverged) member, from its folder."""
+    from circuits.run import load_run
+
+    run = load_run(path)
+    m = run.metrics
+    row: dict[str, Any] = {"epochs": int(run.epochs[-1])}
+    final = final_measures(run)
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc", "weight_norm"):
+        row[key] = final.get(key)
+    for split in ("train", "test"):
+        for level in OUTCOME_LEVELS:
+            row[f"epochs_to_{split}_{round(level * 100)}"] = _epochs_to(m, f"{split}_acc", level)
+    events = curve_events(m.epoch, m.train_acc, m.test_acc)
+    row["zone"] = classify_zone(events)
+    liu = liu_phase(m.epoch, m.train_acc, m.test_acc, budget=config.train.epochs)
+    row["liu_phase"] = liu["phase"]
+    return row
+
+
+_PHASE_COLUMNS = ("memorisation_end", "circuit_formation_end", "cleanup_end")
+
+
+def sweep(
+    out: str | Path,
+    grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+    base: RunConfig | None = None,
+    seeds: int | Sequence[int] | None = None,
+    *,
+    backend: str = "local",
+    workers: int | None = None,
+    threads: int | None = None,
+    address: str | None = None,
+    max_ensemble: int = MAX_ENSEMBLE,
+    analyze: bool = False,
+    device: str | None = None,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+    on_step: Callable[[Any], None] | None = None,
+) -> ExperimentResult:
+    """Train every member of ``grid`` x ``seeds`` under ``out``; the index as a pandas table.
+
+    ``grid``: config field -> values (their product; ``weight_decay`` or ``weight-decay``), or a
+    list of points (field -> value mappings). ``base``: the config every member starts from
+    (default the ``quick`` preset). ``seeds``: replicate seeds (a count or offsets; None: the
+    base's seeds, or the grid's own ``seed`` axis). ``backend``: ``local`` (this machine;
+    ``workers`` processes, default as many as there are stacks up to the cores) or ``ray``
+    (``address`` of a cluster, else ``RAY_ADDRESS``, else a local one started for the sweep).
+    ``threads``: torch threads per stack (default: the cores divided among the workers); the
+    same value gives the same bits on either backend. ``analyze``: also analyse each finished
+    member (default measures) and record its phase boundaries. ``on_progress`` gets a
+    :class:`SweepProgress` after every change; ``on_step`` every update (this process's stacks
+    only: the in-process local executor).
+
+    Returns an :class:`ExperimentResult` whose table is the index (``<out>/index.csv``) and whose
+    figures map the outcome over the first two axes (zone, Liu phase, test accuracy, epochs to 99%
+    test accuracy) and draw the epochs to 95% test accuracy against each axis.
+    """
+    out = Path(out)
+    base = base or preset("quick")
+    points = sweep_points(grid, base, seeds)
+    from circuits.lock import hold_run_folder
+
+    with hold_run_folder(out, "sweeping into"):
+        _check_spec(out, _spec(base, grid, seeds))
+        rows: list[dict[str, Any]] = []
+        for pt in points:
+            rows.append({"name": pt.name, **pt.values, "status": "pending", "error": None})
+        paths = {pt.name: out / RUNS_DIR / pt.name for pt in points}
+        todo: list[_Point] = []
+        for pt, row in zip(points, rows):
+            if pt.config is None:
+                row.update(status="failed", error=pt.error)
+                continue
+            pt.config = with_init_digest(pt.config)
+            state = _folder_state(paths[pt.name], pt.config)
+            if state == "done":
+                row.update(status="done", **_outcome_row(paths[pt.name], pt.config))
+            elif state == "diverged":
+                row.update(status="diverged", error="diverged in an earlier call; rerun the member with --force")
+                row.update(_outcome_row(paths[pt.name], pt.config))
+            else:
+                todo.append(pt)
+        stacks = plan_stacks([pt.config for pt in todo], max_ensemble)
+        n_workers = workers if workers is not None else max(1, min(len(stacks), _cores()))
+        n_threads = threads if threads is not None else max(1, _cores() // n_workers)
+        jobs = [StackJob(tuple(todo[i].config for i in idx), tuple(str(paths[todo[i].name]) for i in idx),
+                         n_threads, device, analyze) for idx in stacks]
+        by_name = {row["name"]: row for row in rows}
+        index_path = out / INDEX_FILE
+        started = time.monotonic()
+        finished_members = 0
+        running: set[int] = set()
+
+        def write_index() -> None:
+            atomic_write_bytes(index_path, _index_frame(rows).to_csv(index=False).encode())
+
+        def report() -> None:
+            if on_progress is None:
+                return
+            done = sum(r["status"] in ("done", "failed", "diverged") for r in rows)
+            failed = sum(r["status"] in ("failed", "diverged") for r in rows)
+            n_running = sum(len(jobs[i].paths) for i in running)
+            eta = None
+            if finished_members:
+                left = len(rows) - done
+                eta = (time.monotonic() - started) / finished_members * left
+            on_progress(SweepProgress(done, n_running, failed, len(rows), eta))
+
+        def on_start(i: int) -> None:
+            running.add(i)
+            for p in jobs[i].paths:
+                by_name[Path(p).name]["status"] = "running"
+            write_index()
+            report()
+
+        def on_done(i: int, outcomes: list[MemberOutcome]) -> None:
+            nonlocal finished_members
+            running.discard(i)
+            for config, o in zip(jobs[i].configs, outcomes):
+                row = by_name[Path(o.path).name]
+                row.update(status=o.status, error=o.error)
+                if o.status in ("done", "diverged"):
+                    try:
+                        row.update(_outcome_row(Path(o.path), config))
+                    except Exception as e:  # noqa: BLE001 - a member whose folder cannot be read back
+                        row.update(status="failed", error=f"{type(e).__name__}: {e}")
+                for key in _PHASE_COLUMNS:
+                    if key in o.phases:
+                        row[key] = o.phases[key]
+                finished_members += 1
+            write_index()
+            report()
+
+        write_index()
+        report()
+        executor = make_executor(backend, workers=n_workers, address=address, cores=n_workers * n_threads)
+        executor.run(jobs, on_done, on_start=on_start, on_step=on_step)
+        table = _index_frame(rows)
+        write_index()
+    axes = list(dict.fromkeys(k for pt in points for k in pt.values))
+    summary = {
+        "members": len(rows),
+        "done": int((table.status == "done").sum()),
+        "failed": int((table.status == "failed").sum()),
+        "diverged": int((table.status == "diverged").sum()),
+        "axes": axes,
+        "backend": backend,
+        "stacks": len(stacks),
+    }
+    if "zone" in table:
+        summary["zone_counts"] = {str(k): int(v) for k, v in table.zone.dropna().value_counts().items()}
+    if "liu_phase" in table:
+        summary["liu_phase_counts"] = {str(k): int(v) for k, v in table.liu_phase.dropna().value_counts().items()}
+    figures = _figures(table, axes)
+    # The index is the table (written above); the summary goes beside it.
+    atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+    return ExperimentResult(table, figures[0], summary, path=out, name="sweep", extra_figures=tuple(figures[1:]))
+
+
+def _folder_state(path: Path, config: RunConfig) -> str:
+    from circuits.run import load_run
+    from circuits.store import CONFIG_FILE, RunStore
+
+    if not (path / CONFIG_FILE).is_file():
+        return "todo"
+    if RunStore(path).diverged() is not None:
+        return "diverged"
+    run = load_run(path)
+    if run.config.science_dict != config.science_dict:
+        raise ProtocolError(f"{path} holds a run of another config; move it away or choose another --out")
+    return "done" if run.is_complete else "todo"
+
+
+def _index_frame(rows: list[dict[str, Any]]) -> Any:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if "epochs" in frame:  # whole epochs, blank where a member has none (not 40.0)
+        frame["epochs"] = frame["epochs"].astype("Int64")
+    return frame
+
+
+def _figures(table: Any, axes: list[str]) -> list[Any]:
+    from circuits.plots import plot_phase_diagram, plot_sweep_curve, plot_zone_map
+
+    done = table[table.status.isin(["done", "diverged"])] if "status" in table else table
+    figures = []
+    grid_axes = [a for a in axes if a not in ("seed", "replicate")] or axes
+    if len(grid_axes) >= 2 and len(done) and "zone" in done:
+        x, y = grid_axes[0], grid_axes[1]
+        figures.append(plot_zone_map(done, x, y))
+        figures.append(plot_zone_map(done, x, y, zone="liu_phase", title="Liu et al.'s phase"))
+        figures.append(plot_phase_diagram(done, "test_acc", x, y))
+        if done.epochs_to_test_99.notna().any():
+            figures.append(plot_phase_diagram(done.dropna(subset=["epochs_to_test_99"]), "epochs_to_test_99", x, y,
+                                              log_color=True))
+    if len(done) and "epochs_to_test_95" in done:
+        for a in grid_axes:
+            figures.append(plot_sweep_curve(done, a, "epochs_to_test_95"))
+    if not figures:
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        fig.update_layout(title="Sweep: no finished member yet")
+        figures.append(fig)
+    return figures

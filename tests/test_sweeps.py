@@ -1,0 +1,220 @@
+"""`circuits sweep` and circuits.sweep: members, the index, resumption, failures, executors, maps.
+
+Real tiny runs (p = 7, 32-wide, tens of epochs): a sweep member trains in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import circuits
+from circuits.errors import ProtocolError
+from circuits.experiments.sweeps import INDEX_FILE, sweep_points
+from tests.conftest import REPO, run_cli, tiny_config
+
+GRID = {"weight_decay": [0.3, 1.0], "d_mlp": [64, 96]}
+TINY_FLAGS = ["--preset", "quick-v1", "--p", "7", "--frac", "0.5", "--d-model", "32", "--n-heads", "4", "--d-mlp", "64",
+              "--epochs", "40",
+              "--checkpoint-every", "10", "--checkpoint-early-every", "5", "--checkpoint-early-until", "20",
+              "--log-every", "5", "--lr", "0.01"]
+
+
+def _base(**kw: object) -> circuits.RunConfig:
+    return tiny_config(p=7, epochs=40, **kw)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()
+            and f.name != "circuits.lock"}
+
+
+def _stamps(root: Path) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_mtime_ns for f in sorted(root.rglob("*")) if f.is_file()
+            and f.name != "circuits.lock"}
+
+
+def test_a_sweep_trains_every_member_and_indexes_its_outcomes(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    result = circuits.sweep(out, GRID, base=_base(), seeds=2, workers=1)
+    index = pd.read_csv(out / INDEX_FILE)
+    # One row per member in grid order (the last axis fastest, then the seeds), all done.
+    assert list(index.columns[:5]) == ["name", "weight_decay", "d_mlp", "seed", "status"]
+    assert [(r.weight_decay, r.d_mlp, r.seed) for r in index.itertuples()] == [
+        (wd, d, s) for wd in (0.3, 1.0) for d in (64, 96) for s in (0, 1)]
+    assert (index.status == "done").all() and index.error.isna().all()
+    assert len(result.table) == 8 and result.summary["done"] == 8 and result.summary["stacks"] == 2
+    for row in index.itertuples():
+        run = circuits.load_run(out / "runs" / row.name)
+        # Each member is an ordinary run of its grid point.
+        assert run.config.train.weight_decay == row.weight_decay and run.config.model.d_mlp == row.d_mlp
+        assert run.config.model.seed == _base().model.seed + row.seed
+        assert run.is_complete and row.epochs == run.epochs[-1]
+        # Outcome metrics agree with the run's own curves.
+        for split in ("train", "test"):
+            for level in (90, 95, 99):
+                got = getattr(row, f"epochs_to_{split}_{level}")
+                want = run.first_epoch(f"{split}_acc", level / 100)
+                assert (pd.isna(got) and want is None) or got == want
+        final = run.metrics.iloc[-1]
+        assert row.train_acc == pytest.approx(final.train_acc) and row.test_acc == pytest.approx(final.test_acc)
+        assert row.zone in {"progression", "comprehension", "grokking", "semi-grokking", "ungrokking", "confusion"}
+        assert row.liu_phase in {"comprehension", "grokking", "memorization", "confusion", "unclassified"}
+    # A second call trains nothing and rewrites the same index.
+    before, stamps = (out / INDEX_FILE).read_bytes(), _stamps(out / "runs")
+    again = circuits.sweep(out, GRID, base=_base(), seeds=2, workers=1)
+    assert (out / INDEX_FILE).read_bytes() == before and _stamps(out / "runs") == stamps
+    assert again.summary["stacks"] == 0
+
+
+def test_the_sweep_maps_have_the_grid_axes_and_show_disagreement(tmp_path: Path) -> None:
+    result = circuits.sweep(tmp_path / "sw", {"weight_decay": [0.3, 1.0], "lr": [0.01, 0.03]}, base=_base(),
+                            seeds=3, workers=1)
+    zone_map = result.figure
+    heat = zone_map.data[0]
+    assert list(heat.x) == ["0.3", "1"] and list(heat.y) == ["0.01", "0.03"]
+    table = result.table
+    for yi, lr in enumerate((0.01, 0.03)):
+        for xi, wd in enumerate((0.3, 1.0)):
+            zones = table[(table.weight_decay == wd) & (table.lr == lr)].zone.value_counts()
+            cell = heat.text[yi][xi]
+            # The cell names the majority zone, with its share when the seeds disagree.
+            assert cell.split()[0] == zones.index[0]
+            assert cell.endswith(f"{zones.iloc[0]}/3") == (zones.iloc[0] < 3)
+    titles = [f.layout.title.text for f in (result.figure, *result.extra_figures)]
+    assert "Liu et al.'s phase" in titles
+    curves = [f for f in result.extra_figures if f.layout.title.text.startswith("epochs to test 95 against")]
+    assert [f.layout.title.text.split(" against ")[1] for f in curves] == ["weight decay", "lr"]
+    assert list(curves[0].data[1].x) == [0.3, 1.0]
+
+
+def test_a_bad_member_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    r = run_cli("sweep", "--out", str(out), "--grid", "frac=0.5,1.5", "--grid", "lr=0.01,1e6", *TINY_FLAGS)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "1 of 4 members done" in r.stdout
+    index = pd.read_csv(out / INDEX_FILE).set_index("name")
+    assert index.loc["frac0.5-lr0.01", "status"] == "done"
+    # A grid point that is not a valid config, and one whose loss diverges: recorded, named.
+    assert index.loc["frac1.5-lr0.01", "status"] == "failed" and "frac must lie in (0, 1]" in index.loc["frac1.5-lr0.01", "error"]
+    assert index.loc["frac1.5-lr1000000.0", "status"] == "failed"
+    assert index.loc["frac0.5-lr1000000.0", "status"] == "diverged" and "non-finite" in index.loc["frac0.5-lr1000000.0", "error"]
+    assert "frac0.5-lr1000000.0: diverged" in r.stderr and "failed or diverged" in r.stderr
+    assert not (out / "runs" / "frac1.5-lr0.01").exists()
+    # The same command again: the finished member is kept, the failures are reported again.
+    stamps = _stamps(out / "runs" / "frac0.5-lr0.01")
+    again = run_cli("sweep", "--out", str(out), "--grid", "frac=0.5,1.5", "--grid", "lr=0.01,1e6", *TINY_FLAGS)
+    assert again.returncode == 1 and _stamps(out / "runs" / "frac0.5-lr0.01") == stamps
+
+
+def test_another_sweep_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    circuits.sweep(out, {"weight_decay": [0.3]}, base=_base(), workers=1)
+    with pytest.raises(ProtocolError, match="holds a different sweep"):
+        circuits.sweep(out, {"weight_decay": [0.3, 1.0]}, base=_base(), workers=1)
+    r = run_cli("sweep", "--out", str(out), "--grid", "weight_decay=1", *TINY_FLAGS)
+    assert r.returncode == 2 and "holds a different sweep" in r.stderr and "Traceback" not in r.stderr
+    # Bad grids are one line each.
+    for args, msg in ((["--grid", "widht=1,2"], "unknown config field 'widht'"),
+                      ([], "a sweep needs a grid"),
+                      (["--grid", "lr=0.1", "--backend", "slurm"], "--backend 'slurm'"),
+                      (["--grid", "lr=0.1", "--workers", "0"], "--workers must be at least 1")):
+        r = run_cli("sweep", "--out", str(tmp_path / "other"), *args, *TINY_FLAGS)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_grid_file_gives_points_and_seeds(tmp_path: Path) -> None:
+    spec = tmp_path / "sweep.toml"
+    spec.write_text('seeds = [0, 2]\n[[points]]\nweight_decay = 0.3\nlr = 0.01\n[[points]]\nweight_decay = 1.0\n')
+    out = tmp_path / "sw"
+    r = run_cli("sweep", "--out", str(out), "--grid-file", str(spec), *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr
+    index = pd.read_csv(out / INDEX_FILE)
+    assert list(index.name) == ["weight_decay0.3-lr0.01-s0", "weight_decay0.3-lr0.01-s2",
+                                "weight_decay1.0-s0", "weight_decay1.0-s2"]
+    assert (index.status == "done").all()
+    assert json.loads((out / "spec.json").read_text())["seeds"] == [0, 2]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nweight_decay = 0.3\n")
+    r = run_cli("sweep", "--out", str(tmp_path / "o2"), "--grid-file", str(bad), *TINY_FLAGS)
+    assert r.returncode == 2 and "`grid` must map each field to a list" in r.stderr
+
+
+def test_points_that_spell_one_folder_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="same folder name"):
+        sweep_points([{"init_from": "a/b"}, {"init_from": "a_b"}], _base())
+
+
+def test_a_killed_sweep_reruns_only_the_unfinished_members(tmp_path: Path) -> None:
+    # Two stacks (different schedules): the short one finishes, the long one is killed mid-way.
+    out = tmp_path / "sw"
+    args = [sys.executable, "-m", "circuits.cli", "sweep", "--out", str(out), "--grid", "epochs=40,800",
+            "--workers", "1", "--threads", "1", *TINY_FLAGS]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    short, long_ = out / "runs" / "epochs40", out / "runs" / "epochs800"
+    try:
+        # Wait for a state, not a time: the short member done, the long one with checkpoints.
+        while not ((out / INDEX_FILE).is_file() and "done" in (out / INDEX_FILE).read_text()
+                   and len(list((long_ / "checkpoints").glob("*.safetensors"))) >= 8):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    index = pd.read_csv(out / INDEX_FILE).set_index("name")
+    assert index.loc["epochs40", "status"] == "done" and index.loc["epochs800", "status"] == "running"
+    assert not circuits.load_run(long_).is_complete
+    kept, stamps = _files(short), _stamps(short)
+    r = run_cli("sweep", "--out", str(out), "--grid", "epochs=40,800", "--workers", "1", "--threads", "1", *TINY_FLAGS)
+    assert r.returncode == 0, r.stderr
+    assert _files(short) == kept and _stamps(short) == stamps  # the finished member was not touched
+    index = pd.read_csv(out / INDEX_FILE)
+    assert (index.status == "done").all()
+    # The resumed member equals the same run trained without a stop.
+    alone = circuits.train(circuits.load_run(long_).config, out=tmp_path / "alone")
+    for e in alone.epochs:
+        assert _same(alone.state_dict(e), circuits.load_run(long_).state_dict(e))
+
+
+def _same(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _ray_or_skip() -> None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("needs the ray extra (pip install 'circuits[ray]'); CI installs it")
+
+
+def test_local_workers_and_ray_write_the_same_index_and_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ray_or_skip()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray only, never another address
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    grid = {"d_mlp": [64, 96], "weight_decay": [0.3, 1.0]}
+    # Two stacks each way: in this process, in two worker processes, as two Ray tasks.
+    one = circuits.sweep(tmp_path / "one", grid, base=_base(), seeds=2, workers=1, threads=1)
+    two = circuits.sweep(tmp_path / "two", grid, base=_base(), seeds=2, workers=2, threads=1)
+    ray = circuits.sweep(tmp_path / "ray", grid, base=_base(), seeds=2, backend="ray", threads=1)
+    import ray as ray_module
+
+    assert not ray_module.is_initialized()  # the local instance was shut down
+    assert one.summary["stacks"] == two.summary["stacks"] == ray.summary["stacks"] == 2
+    reference = (tmp_path / "one" / INDEX_FILE).read_bytes()
+    assert (tmp_path / "two" / INDEX_FILE).read_bytes() == reference
+    assert (tmp_path / "ray" / INDEX_FILE).read_bytes() == reference
+    runs = _files(tmp_path / "one" / "runs")
+    assert _files(tmp_path / "two" / "runs") == runs
+    assert _files(tmp_path / "ray" / "runs") == runs
