@@ -389,7 +389,8 @@ SWEEP_OPTIONS = [
     _option("backend", str, "local", "Where stacks train: local (this machine) or ray (circuits[ray])."),
     _option("address", Optional[str], None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray started "
             "for the sweep)."),
-    _option("workers", Optional[int], None, "Local worker processes (default: one per stack, up to the cores)."),
+    _option("workers", Optional[int], None, "Local worker processes (default: stacked ensembles in this process, reference-engine "
+            "members in one worker per core)."),
     _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the workers; "
             "the same value gives the same bits on either backend)."),
     _option("max_ensemble", int, 64, "Members per stacked ensemble at most."),

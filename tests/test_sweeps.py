@@ -57,7 +57,7 @@ def test_a_sweep_trains_every_member_and_indexes_its_outcomes(tmp_path: Path) ->
         # Each member is an ordinary run of its grid point.
         assert run.config.train.weight_decay == row.weight_decay and run.config.model.d_mlp == row.d_mlp
         assert run.config.model.seed == _base().model.seed + row.seed
-        assert run.is_complete and row.epochs == run.epochs[-1]
+        assert run.is_complete and row.epochs_trained == run.epochs[-1]
         # Outcome metrics agree with the run's own curves.
         for split in ("train", "test"):
             for level in (90, 95, 99):
@@ -218,3 +218,45 @@ def test_local_workers_and_ray_write_the_same_index_and_the_same_bits(tmp_path: 
     runs = _files(tmp_path / "one" / "runs")
     assert _files(tmp_path / "two" / "runs") == runs
     assert _files(tmp_path / "ray" / "runs") == runs
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"circuits.experiments.worker" in cmd and int(stat[1]) == os.getpid():
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_worker_process_that_dies_fails_only_its_stack(tmp_path: Path) -> None:
+    import threading
+
+    out = tmp_path / "sw"
+    done: dict[str, object] = {}
+
+    def work() -> None:
+        done["result"] = circuits.sweep(out, {"epochs": [40, 100_000]}, base=_base(), workers=2, threads=1)
+
+    t = threading.Thread(target=work)
+    t.start()
+    # Wait for a state, not a time: the short member done, the long one training in a worker.
+    long_ = out / "runs" / "epochs100000" / "checkpoints"
+    while not ((out / INDEX_FILE).is_file() and "epochs40,40,done" in (out / INDEX_FILE).read_text()
+               and long_.is_dir() and len(list(long_.glob("*.safetensors"))) >= 3):
+        assert t.is_alive()
+        time.sleep(0.05)
+    for pid in _worker_pids():
+        os.kill(pid, signal.SIGKILL)
+    t.join()
+    index = pd.read_csv(out / INDEX_FILE).set_index("name")
+    assert index.loc["epochs40", "status"] == "done"
+    assert index.loc["epochs100000", "status"] == "failed"
+    assert "worker process exited with code -9" in index.loc["epochs100000", "error"]
+    assert done["result"].summary["failed"] == 1

@@ -7,8 +7,8 @@ of one. Every executor trains the same stacks with the same number of torch thre
 (:func:`train_stack`), so the run folders they write are the same bits (design.md, "Sweeps");
 they differ only in where the work happens:
 
-* :class:`LocalExecutor`: in this process (one worker), or in ``workers`` spawned processes with
-  ``threads`` torch threads each, never more threads than cores in all;
+* :class:`LocalExecutor`: in this process (one worker), or in up to ``workers`` worker processes
+  at once with ``threads`` torch threads each, never more threads than cores in all;
 * :class:`RayExecutor`: one Ray task per stack (``num_cpus=threads``) on an existing cluster
   (``address``, or ``RAY_ADDRESS``) or on a local one started for the sweep and shut down after.
   The run folders must be on storage every node sees.
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,17 +158,28 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _init_worker() -> None:
-    # A worker's torch threads are set per stack (train_stack); keep OpenMP from spinning
-    # beside the other workers.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def job_to_json(job: StackJob) -> dict[str, Any]:
+    """A job as plain JSON (a worker process reads it; no pickle crosses processes here)."""
+    return {"configs": [c.to_dict() for c in job.configs], "paths": list(job.paths), "threads": job.threads,
+            "device": job.device, "analyze": job.analyze}
+
+
+def job_from_json(data: dict[str, Any]) -> StackJob:
+    """Inverse of :func:`job_to_json`."""
+    from circuits.config import RunConfig
+
+    return StackJob(tuple(RunConfig.from_dict(c) for c in data["configs"]), tuple(data["paths"]),
+                    int(data["threads"]), data["device"], bool(data["analyze"]))
 
 
 Done = Callable[[int, list[MemberOutcome]], None]
 
 
 class LocalExecutor:
-    """Stacks in this process (``workers`` 1) or in ``workers`` spawned processes."""
+    """Stacks in this process (``workers`` 1), or spread over ``workers`` worker processes
+    (``python -m circuits.experiments.worker``, fresh interpreters that take one stack at a time,
+    so a user's script needs no ``if __name__ == "__main__"`` guard, and a worker that dies fails
+    only the stack it held)."""
 
     name = "local"
 
@@ -187,24 +197,102 @@ class LocalExecutor:
                     on_start(i)
                 on_done(i, train_stack(job, on_step))
             return
-        import multiprocessing
+        import subprocess
+        import sys
+        import tempfile
 
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-        with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=ctx, initializer=_init_worker) as pool:
-            pending = {}
-            for i, job in enumerate(jobs):
-                pending[pool.submit(train_stack, job)] = i
-                if on_start is not None:
-                    on_start(i)
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")  # idle OpenMP threads must not spin beside the others
+        with tempfile.TemporaryDirectory(prefix="circuits-sweep-") as tmp:
+            queue = list(range(len(jobs)))
+            workers: list[_Worker] = []
             try:
-                while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        on_done(pending.pop(fut), fut.result())
+                for k in range(min(self.workers, len(jobs))):
+                    log = Path(tmp) / f"worker{k}.log"
+                    with open(log, "wb") as err:
+                        proc = subprocess.Popen([sys.executable, "-m", "circuits.experiments.worker"], env=env,
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+                    workers.append(_Worker(proc, log))
+                busy: dict[int, _Worker] = {}
+                while queue or busy:
+                    for w in workers:
+                        if queue and w not in busy.values() and w.alive:
+                            i = queue.pop(0)
+                            w.send(jobs[i], Path(tmp) / f"{i}.job.json", Path(tmp) / f"{i}.out.json")
+                            busy[i] = w
+                            if on_start is not None:
+                                on_start(i)
+                    if not busy:  # every worker died with jobs left: they fail with its reason
+                        for i in queue:
+                            on_done(i, _read_outcomes(jobs[i], workers[0].proc.poll(), Path(tmp) / "none", workers[0].log))
+                        queue.clear()
+                        break
+                    i, w = _first_finished(busy)
+                    del busy[i]
+                    on_done(i, w.outcomes(jobs[i]))
             except BaseException:
-                for fut in pending:
-                    fut.cancel()
+                # Ctrl-C reached the workers too (one process group): let them save, then stop.
+                for w in workers:
+                    try:
+                        w.proc.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        w.proc.kill()
                 raise
+            finally:
+                for w in workers:
+                    w.close()
+
+
+class _Worker:
+    """A worker process that trains one job per line of its stdin and answers a line when done."""
+
+    def __init__(self, proc: Any, log: Path) -> None:
+        self.proc, self.log = proc, log
+        self.result: Path | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, job: StackJob, job_file: Path, result: Path) -> None:
+        job_file.write_text(json.dumps(job_to_json(job)))
+        self.result = result
+        try:
+            self.proc.stdin.write(json.dumps([str(job_file), str(result)]) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died; its answer (none) fails the job below
+
+    def outcomes(self, job: StackJob) -> list[MemberOutcome]:
+        line = self.proc.stdout.readline()  # "done", or EOF when the process died
+        code = 0 if line.strip() == "done" else (self.proc.wait() if self.proc.poll() is None else self.proc.returncode)
+        return _read_outcomes(job, code, self.result, self.log)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a worker that will not stop is killed
+                self.proc.kill()
+
+
+def _first_finished(busy: dict[int, _Worker]) -> tuple[int, _Worker]:
+    """The first busy worker with an answer (or an exit) to read; waits for one."""
+    import select
+
+    while True:
+        ready, _, _ = select.select([w.proc.stdout for w in busy.values()], [], [])
+        for i, w in busy.items():
+            if w.proc.stdout in ready:
+                return i, w
+
+
+def _read_outcomes(job: StackJob, code: int | None, result: Path | None, log: Path) -> list[MemberOutcome]:
+    if code == 0 and result is not None and result.is_file():
+        return [MemberOutcome(**o) for o in json.loads(result.read_text())]
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    why = f"the worker process exited with code {code}" + (f": {lines[-1].strip()}" if lines else "")
+    return [MemberOutcome(p, "failed", why) for p in job.paths]
 
 
 class RayExecutor:

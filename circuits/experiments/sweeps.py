@@ -167,12 +167,25 @@ def _epochs_to(metrics: Any, column: str, level: float) -> float:
 
 
 def _outcome_row(path: Path, config: RunConfig) -> dict[str, Any]:
-    """The outcome metrics of a finished (or diverged) member, from its folder."""
+    """The outcome metrics of a finished (or diverged) member, from its folder (on one torch
+    thread: the same bits whichever executor ran the member, and no spinning OpenMP threads
+    beside the workers)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _outcome_row_1(path, config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _outcome_row_1(path: Path, config: RunConfig) -> dict[str, Any]:
     from circuits.run import load_run
 
     run = load_run(path)
     m = run.metrics
-    row: dict[str, Any] = {"epochs": int(run.epochs[-1])}
+    row: dict[str, Any] = {"epochs_trained": int(run.epochs[-1])}
     final = final_measures(run)
     for key in ("train_loss", "test_loss", "train_acc", "test_acc", "weight_norm"):
         row[key] = final.get(key)
@@ -211,7 +224,8 @@ def sweep(
     list of points (field -> value mappings). ``base``: the config every member starts from
     (default the ``quick`` preset). ``seeds``: replicate seeds (a count or offsets; None: the
     base's seeds, or the grid's own ``seed`` axis). ``backend``: ``local`` (this machine;
-    ``workers`` processes, default as many as there are stacks up to the cores) or ``ray``
+    ``workers`` processes; default: the stacked ensembles in this process, and members the fused
+    engine cannot stack in one worker process per core) or ``ray``
     (``address`` of a cluster, else ``RAY_ADDRESS``, else a local one started for the sweep).
     ``threads``: torch threads per stack (default: the cores divided among the workers); the
     same value gives the same bits on either backend. ``analyze``: also analyse each finished
@@ -249,7 +263,11 @@ def sweep(
             else:
                 todo.append(pt)
         stacks = plan_stacks([pt.config for pt in todo], max_ensemble)
-        n_workers = workers if workers is not None else max(1, min(len(stacks), _cores()))
+        # Default: stacked ensembles in this process on every core (measured faster than worker
+        # processes for them, docs/benchmarks.md); members that cannot stack (the reference
+        # engine) in worker processes, one per core.
+        alone = sum(todo[idx[0]].config.train.engine != "fused" for idx in stacks)
+        n_workers = workers if workers is not None else (min(alone, _cores()) if alone >= 2 else 1)
         n_threads = threads if threads is not None else max(1, _cores() // n_workers)
         jobs = [StackJob(tuple(todo[i].config for i in idx), tuple(str(paths[todo[i].name]) for i in idx),
                          n_threads, device, analyze) for idx in stacks]
@@ -343,8 +361,8 @@ def _index_frame(rows: list[dict[str, Any]]) -> Any:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
-    if "epochs" in frame:  # whole epochs, blank where a member has none (not 40.0)
-        frame["epochs"] = frame["epochs"].astype("Int64")
+    if "epochs_trained" in frame:  # whole epochs, blank where a member has none (not 40.0)
+        frame["epochs_trained"] = frame["epochs_trained"].astype("Int64")
     return frame
 
 
