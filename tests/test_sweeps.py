@@ -260,3 +260,26 @@ def test_a_worker_process_that_dies_fails_only_its_stack(tmp_path: Path) -> None
     assert index.loc["epochs100000", "status"] == "failed"
     assert "worker process exited with code -9" in index.loc["epochs100000", "error"]
     assert done["result"].summary["failed"] == 1
+
+
+def test_a_phase_diagram_runs_on_the_sweep_machinery_and_takes_over_its_old_folders(tmp_path: Path) -> None:
+    from circuits.experiments import phase_diagram
+
+    out = tmp_path / "pd"
+    grid = {"weight_decay": [0.3, 1.0], "lr": [0.01]}
+    first = phase_diagram(out, grid, base=_base(), seeds=2)
+    index = pd.read_csv(out / INDEX_FILE)
+    assert len(index) == 4 and (index.status == "done").all()
+    assert sorted(index.name) == sorted(first.table.run)
+    # A folder written before phase diagrams kept a sweep spec: its runs are taken over, not retrained.
+    (out / "spec.json").unlink()
+    (out / INDEX_FILE).unlink()
+    stamps = _stamps(out / "runs")
+    again = phase_diagram(out, grid, base=_base(), seeds=2)
+    assert _stamps(out / "runs") == stamps and again.table.equals(first.table)
+    # A folder holding a run that is not a member is not taken over.
+    (out / "spec.json").unlink()
+    (out / INDEX_FILE).unlink()
+    (out / "runs" / "someone-else").mkdir()
+    with pytest.raises(ProtocolError, match="someone-else"):
+        phase_diagram(out, grid, base=_base(), seeds=2)

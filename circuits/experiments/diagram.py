@@ -10,19 +10,19 @@ accuracy first reached 0.99 (``grok_epoch``) and its zone (:func:`~circuits.expe
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 
-from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
+from circuits.config import FIELD_OWNER, RunConfig, preset
 from circuits.errors import ProtocolError
-from circuits.experiments.efficiency import _seeded, _seeds
-from circuits.experiments.members import ExperimentResult, Member, check_grid, member_table, run_members, write_result
+from circuits.experiments.efficiency import _seeds
+from circuits.experiments.members import RUNS_DIR, ExperimentResult, Member, check_grid, member_table, write_result
+from circuits.experiments.sweeps import sweep, sweep_points
+from circuits.run import load_run
 from circuits.experiments.ungrokking import add_curve_events
 from circuits.experiments.zones import classify_zone
-from circuits.store import safe_name_part
 from circuits.trainer import StepInfo
 
 __all__ = ["phase_diagram"]
@@ -52,27 +52,26 @@ def phase_diagram(
     base = base or preset("nanda")
     if len(grid) < 2:
         raise ProtocolError("a phase diagram needs at least two grid fields (e.g. weight_decay and train_size)")
-    axes = list(grid)
-    values = {}
+    axes = [str(a).replace("-", "_") for a in grid]
     for name in axes:
         if name not in FIELD_OWNER:
             raise ProtocolError(f"unknown config field {name!r} in the grid; use a `circuits train` flag name")
-        values[name] = check_grid(name, grid[name])
-    # The replicate index is "seed" as in every protocol, unless the grid itself sweeps the seed.
+    values = {a: check_grid(a, v) for a, v in zip(axes, grid.values())}
+    reps = _seeds(seeds)
+    # The seeds outermost, as phase diagrams always ordered their rows.
+    points = [pt for s in reps for pt in sweep_points(values, base, [s])]
+    bad = [pt for pt in points if pt.config is None]
+    if bad:  # a protocol refuses a bad grid before it trains anything
+        raise ProtocolError(f"grid point {bad[0].values} is not a valid config: {bad[0].error.split(': ', 1)[1]}")
+    # The runs train through the sweep machinery (the same stacks, index.csv, resumption).
+    swept = sweep(out, values, base=base, seeds=reps, device=device, on_step=on_step, on_group=on_group)
+    failed = swept.table[swept.table.status != "done"]
+    if len(failed):
+        row = failed.iloc[0]
+        raise ProtocolError(f"phase diagram member {row['name']} {row['status']}: {row['error']}")
     rep = "replicate" if "seed" in axes else "seed"
-    members = []
-    for s in _seeds(seeds):
-        for combo in itertools.product(*(values[a] for a in axes)):
-            overrides = dict(zip(axes, combo))
-            try:
-                config = _seeded(base, s, **overrides)
-            except ConfigError as e:
-                raise ProtocolError(f"grid point {overrides} is not a valid config: {e}") from None
-            # A value may hold any character (a path for init_from): the folder name gets a
-            # safe spelling, and two values that spell alike are refused as a shared name.
-            name = "-".join(f"{a}{safe_name_part(v)}" for a, v in overrides.items()) + f"-s{s}"
-            members.append(Member(name, config, (*overrides.items(), (rep, s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    members = [Member(pt.name, pt.config, tuple((k, pt.values[k]) for k in [*axes, rep])) for pt in points]
+    runs = [load_run(Path(out) / RUNS_DIR / m.name) for m in members]
     table = member_table(members, runs)
     events = add_curve_events(table, runs)
     table["grok_epoch"] = [_grok_epoch(r.metrics) for r in runs]

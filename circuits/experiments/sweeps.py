@@ -143,7 +143,7 @@ def _spec(base: RunConfig, grid: Any, seeds: Any) -> dict[str, Any]:
             "seeds": list(seeds) if isinstance(seeds, Sequence) else seeds}
 
 
-def _check_spec(out: Path, spec: dict[str, Any]) -> None:
+def _check_spec(out: Path, spec: dict[str, Any], members: set[str]) -> None:
     path = out / SPEC_FILE
     blob = (json.dumps(spec, indent=2, sort_keys=True, default=str) + "\n").encode()
     if path.is_file():
@@ -155,8 +155,13 @@ def _check_spec(out: Path, spec: dict[str, Any]) -> None:
             raise ProtocolError(f"{out} holds a different sweep (its {SPEC_FILE} names another base config, grid or "
                                 "seeds); choose another --out, or rerun the command that made it")
         return
-    if (out / RUNS_DIR).exists() or (out / INDEX_FILE).exists():
-        raise ProtocolError(f"{out} holds runs but no {SPEC_FILE}: not a sweep folder; choose another --out")
+    runs = out / RUNS_DIR
+    strangers = sorted(p.name for p in runs.iterdir() if p.name not in members) if runs.is_dir() else []
+    if strangers or (out / INDEX_FILE).exists():
+        # Run folders of this sweep's members alone (a protocol's folder from before sweeps kept a
+        # spec) are taken over: each is checked against its member's config before it is used.
+        raise ProtocolError(f"{out} holds runs but no {SPEC_FILE} ({', '.join(strangers[:3]) or INDEX_FILE}): not a "
+                            "folder of this sweep; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, blob)
 
@@ -217,6 +222,7 @@ def sweep(
     device: str | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
     on_step: Callable[[Any], None] | None = None,
+    on_group: Callable[[int, int, int], None] | None = None,
 ) -> ExperimentResult:
     """Train every member of ``grid`` x ``seeds`` under ``out``; the index as a pandas table.
 
@@ -231,7 +237,8 @@ def sweep(
     same value gives the same bits on either backend. ``analyze``: also analyse each finished
     member (default measures) and record its phase boundaries. ``on_progress`` gets a
     :class:`SweepProgress` after every change; ``on_step`` every update (this process's stacks
-    only: the in-process local executor).
+    only: the in-process local executor); ``on_group(i, n_stacks, n_members)`` as stack ``i``
+    starts.
 
     Returns an :class:`ExperimentResult` whose table is the index (``<out>/index.csv``) and whose
     figures map the outcome over the first two axes (zone, Liu phase, test accuracy, epochs to 99%
@@ -243,7 +250,7 @@ def sweep(
     from circuits.lock import hold_run_folder
 
     with hold_run_folder(out, "sweeping into"):
-        _check_spec(out, _spec(base, grid, seeds))
+        _check_spec(out, _spec(base, grid, seeds), {pt.name for pt in points})
         rows: list[dict[str, Any]] = []
         for pt in points:
             rows.append({"name": pt.name, **pt.values, "status": "pending", "error": None})
@@ -293,6 +300,8 @@ def sweep(
             on_progress(SweepProgress(done, n_running, failed, len(rows), eta))
 
         def on_start(i: int) -> None:
+            if on_group is not None:
+                on_group(i, len(jobs), len(jobs[i].paths))
             running.add(i)
             for p in jobs[i].paths:
                 by_name[Path(p).name]["status"] = "running"
