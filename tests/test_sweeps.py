@@ -283,3 +283,19 @@ def test_a_phase_diagram_runs_on_the_sweep_machinery_and_takes_over_its_old_fold
     (out / "runs" / "someone-else").mkdir()
     with pytest.raises(ProtocolError, match="someone-else"):
         phase_diagram(out, grid, base=_base(), seeds=2)
+
+
+def test_with_analyze_each_member_has_its_analysis_phases(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    base = tiny_config(p=11, epochs=300, checkpoint_every=20)
+    first = circuits.sweep(out, {"weight_decay": [1.0, 3.0]}, base=base, analyze=True, workers=1)
+    for row in first.table.itertuples():
+        summary = circuits.load_analysis(circuits.analyze(circuits.load_run(out / "runs" / row.name)).path).summary
+        phases = summary["phases"] or {}
+        for key in ("memorisation_end", "circuit_formation_end", "cleanup_end"):
+            got = getattr(row, key)
+            assert (got is None or pd.isna(got)) if phases.get(key) is None else got == phases[key]
+    assert first.table.memorisation_end.notna().any()  # the memorisation phase ends in these runs
+    # Members finished in an earlier call keep their phase columns.
+    again = circuits.sweep(out, {"weight_decay": [1.0, 3.0]}, base=base, analyze=True, workers=1)
+    assert again.table[["memorisation_end"]].equals(first.table[["memorisation_end"]])

@@ -264,6 +264,8 @@ def sweep(
             state = _folder_state(paths[pt.name], pt.config)
             if state == "done":
                 row.update(status="done", **_outcome_row(paths[pt.name], pt.config))
+                if analyze:  # finished in an earlier call: its analysis is reused where it exists
+                    row.update(_analysis_phases(paths[pt.name]))
             elif state == "diverged":
                 row.update(status="diverged", error="diverged in an earlier call; rerun the member with --force")
                 row.update(_outcome_row(paths[pt.name], pt.config))
@@ -319,9 +321,9 @@ def sweep(
                         row.update(_outcome_row(Path(o.path), config))
                     except Exception as e:  # noqa: BLE001 - a member whose folder cannot be read back
                         row.update(status="failed", error=f"{type(e).__name__}: {e}")
-                for key in _PHASE_COLUMNS:
-                    if key in o.phases:
-                        row[key] = o.phases[key]
+                if analyze and o.status == "done":
+                    for key in _PHASE_COLUMNS:
+                        row[key] = o.phases.get(key)
                 finished_members += 1
             write_index()
             report()
@@ -350,6 +352,14 @@ def sweep(
     # The index is the table (written above); the summary goes beside it.
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return ExperimentResult(table, figures[0], summary, path=out, name="sweep", extra_figures=tuple(figures[1:]))
+
+
+def _analysis_phases(path: Path) -> dict[str, Any]:
+    from circuits.analysis import analyze as run_analysis
+    from circuits.run import load_run
+
+    phases = run_analysis(load_run(path)).summary.get("phases") or {}
+    return {k: phases.get(k) for k in _PHASE_COLUMNS}
 
 
 def _folder_state(path: Path, config: RunConfig) -> str:
