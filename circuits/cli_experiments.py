@@ -391,7 +391,7 @@ SWEEP_OPTIONS = [
             "for the sweep)."),
     _option("workers", Optional[int], None, "Local worker processes (default: stacked ensembles in this process, reference-engine "
             "members in one worker per core)."),
-    _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the workers; "
+    _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the workers, 1 on Ray; "
             "the same value gives the same bits on either backend)."),
     _option("max_ensemble", int, 64, "Members per stacked ensemble at most."),
     _option("analyze", bool, False, "Also analyse every finished member and record its phase boundaries."),

@@ -299,3 +299,14 @@ def test_with_analyze_each_member_has_its_analysis_phases(tmp_path: Path) -> Non
     # Members finished in an earlier call keep their phase columns.
     again = circuits.sweep(out, {"weight_decay": [1.0, 3.0]}, base=base, analyze=True, workers=1)
     assert again.table[["memorisation_end"]].equals(first.table[["memorisation_end"]])
+
+
+def test_a_ray_stack_larger_than_the_cluster_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _ray_or_skip()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    with pytest.raises(ProtocolError, match="asks for 64 CPUs"):
+        circuits.sweep(tmp_path / "sw", {"weight_decay": [0.3]}, base=_base(), backend="ray", threads=64)
+    import ray
+
+    assert not ray.is_initialized()

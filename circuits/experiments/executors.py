@@ -328,6 +328,11 @@ class RayExecutor:
                          _node_ip_address="127.0.0.1", runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}})
             started = True
         try:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            need = max((job.threads for job in jobs), default=1)
+            if need > cpus:  # Ray would wait forever for a node that large
+                raise ProtocolError(f"a stack asks for {need} CPUs (--threads) but the Ray cluster has {cpus:g}; "
+                                    "use fewer --threads")
             remote = ray.remote(max_retries=0)(train_stack)
             refs = {}
             for i, job in enumerate(jobs):

@@ -233,8 +233,8 @@ def sweep(
     ``workers`` processes; default: the stacked ensembles in this process, and members the fused
     engine cannot stack in one worker process per core) or ``ray``
     (``address`` of a cluster, else ``RAY_ADDRESS``, else a local one started for the sweep).
-    ``threads``: torch threads per stack (default: the cores divided among the workers); the
-    same value gives the same bits on either backend. ``analyze``: also analyse each finished
+    ``threads``: torch threads per stack (default: the cores divided among the workers; 1 on
+    Ray); the same value gives the same bits on either backend. ``analyze``: also analyse each finished
     member (default measures) and record its phase boundaries. ``on_progress`` gets a
     :class:`SweepProgress` after every change; ``on_step`` every update (this process's stacks
     only: the in-process local executor); ``on_group(i, n_stacks, n_members)`` as stack ``i``
@@ -277,7 +277,12 @@ def sweep(
         # engine) in worker processes, one per core.
         alone = sum(todo[idx[0]].config.train.engine != "fused" for idx in stacks)
         n_workers = workers if workers is not None else (min(alone, _cores()) if alone >= 2 else 1)
-        n_threads = threads if threads is not None else max(1, _cores() // n_workers)
+        if backend == "ray":
+            # Many one-CPU tasks spread over a cluster's nodes; a local Ray gets this machine's cores.
+            n_threads, ray_cores = (threads if threads is not None else 1), _cores()
+        else:
+            n_threads = threads if threads is not None else max(1, _cores() // n_workers)
+            ray_cores = None
         jobs = [StackJob(tuple(todo[i].config for i in idx), tuple(str(paths[todo[i].name]) for i in idx),
                          n_threads, device, analyze) for idx in stacks]
         by_name = {row["name"]: row for row in rows}
@@ -330,7 +335,7 @@ def sweep(
 
         write_index()
         report()
-        executor = make_executor(backend, workers=n_workers, address=address, cores=n_workers * n_threads)
+        executor = make_executor(backend, workers=n_workers, address=address, cores=ray_cores)
         executor.run(jobs, on_done, on_start=on_start, on_step=on_step)
         table = _index_frame(rows)
         write_index()
