@@ -310,3 +310,17 @@ def test_a_ray_stack_larger_than_the_cluster_is_refused(tmp_path: Path, monkeypa
     import ray
 
     assert not ray.is_initialized()
+
+
+def test_the_summary_gives_the_time_to_generalise_per_axis_value(tmp_path: Path) -> None:
+    from circuits.stats import interval
+
+    # design.md's CI science size (p = 31), at a learning rate that generalises within 300 epochs.
+    base = circuits.preset("quick").replace(p=31, d_model=32, n_heads=4, d_mlp=128, lr=1e-2, weight_decay=1.0,
+                                            epochs=300, checkpoint_every=100)
+    result = circuits.sweep(tmp_path / "sw", {"frac": [0.5, 0.8]}, base=base, seeds=2, workers=1)
+    per = json.loads((tmp_path / "sw" / "sweep.json").read_text())["epochs_to_test_95_by_axis"]["frac"]
+    for frac in (0.5, 0.8):
+        hits = result.table[result.table.frac == frac].epochs_to_test_95.dropna().tolist()
+        assert per[f"{frac:g}"] == {"members": 2, "reached": len(hits), **interval(hits)}
+    assert per["0.8"]["reached"] >= 1  # so the interval is over real values

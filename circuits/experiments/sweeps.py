@@ -353,10 +353,30 @@ def sweep(
         summary["zone_counts"] = {str(k): int(v) for k, v in table.zone.dropna().value_counts().items()}
     if "liu_phase" in table:
         summary["liu_phase_counts"] = {str(k): int(v) for k, v in table.liu_phase.dropna().value_counts().items()}
+    summary["epochs_to_test_95_by_axis"] = _time_by_axis(table, axes)
     figures = _figures(table, axes)
     # The index is the table (written above); the summary goes beside it.
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return ExperimentResult(table, figures[0], summary, path=out, name="sweep", extra_figures=tuple(figures[1:]))
+
+
+def _time_by_axis(table: Any, axes: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per grid axis and value: the finished members, how many reached 95% test accuracy, and the
+    mean epoch they did with its Student-t 95% interval (the curves' numbers)."""
+    from circuits.stats import interval
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    if "epochs_to_test_95" not in table:
+        return out
+    done = table[table.status == "done"]
+    for a in axes:
+        per: dict[str, dict[str, Any]] = {}
+        for value, part in done.groupby(a, sort=True):
+            hits = [float(v) for v in part.epochs_to_test_95 if v == v]
+            per[f"{value:g}" if isinstance(value, float) else str(value)] = {
+                "members": int(len(part)), "reached": len(hits), **interval(hits)}
+        out[a] = per
+    return out
 
 
 def _analysis_phases(path: Path) -> dict[str, Any]:
