@@ -422,8 +422,9 @@ def _figures(table: Any, axes: list[str]) -> list[Any]:
         figures.append(plot_zone_map(done, x, y, zone="liu_phase", title="Liu et al.'s phase"))
         figures.append(plot_phase_diagram(done, "test_acc", x, y))
         if done.epochs_to_test_99.notna().any():
-            figures.append(plot_phase_diagram(done.dropna(subset=["epochs_to_test_99"]), "epochs_to_test_99", x, y,
-                                              log_color=True))
+            # Every cell of the grid, blank where no run reached 99%: the mean over those that did.
+            figures.append(plot_phase_diagram(done, "epochs_to_test_99", x, y, log_color=True,
+                                              title="Epochs to 99% test accuracy (mean over the runs that got there)"))
     if len(done) and "epochs_to_test_95" in done:
         for a in grid_axes:
             figures.append(plot_sweep_curve(done, a, "epochs_to_test_95"))
