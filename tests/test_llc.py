@@ -210,7 +210,13 @@ def test_the_llc_family_on_the_tiny_run_samples_every_kth_checkpoint_repeatably(
     # Not in the default selection; bad settings refused before anything is written.
     assert "llc" not in [f.name for f in select()] and "llc" in [f.name for f in select(["all"])]
     for bad, why in ((["llc.chains=0"], "positive integer"), (["llc.lr=-1"], "positive number"),
-                     (["llc.gamma=1"], "no option 'gamma'.*llc.localization")):
+                     (["llc.gamma=1"], "no option 'gamma'.*llc.localization"),
+                     (["llc.seed=-1"], "non-negative integer"), (["llc.burn_in=-5"], "non-negative integer")):
         with pytest.raises(ValueError, match=why):
             analyze(tiny_run, out=tmp_path / "bad", measures=["llc"], options=bad)
     assert not (tmp_path / "bad").exists()
+    # A seed, a burn-in and nβ (0: n / log n) may be 0, from the command line too.
+    from circuits.measures.registry import parse_options
+
+    assert parse_options(["llc.seed=0", "llc.burn_in=0", "llc.nbeta=0"]) == {"llc": {"seed": 0, "burn_in": 0, "nbeta": 0.0}}
+    assert parse_options(["oinfo.seed=0"]) == {"oinfo": {"seed": 0}}

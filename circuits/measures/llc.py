@@ -295,6 +295,7 @@ class LocalLearningCoefficient(Family):
         "every": 1, "chains": 4, "draws": 200, "burn_in": 100, "lr": 1e-4, "localization": 1000.0,
         "nbeta": 0.0, "batch_size": 256, "seed": 1,
     }
+    zero_allowed = frozenset({"burn_in", "nbeta", "seed"})
     """``nbeta`` 0 (its default) is n / log n of the run's training set; ``batch_size`` at least
     the training set's size means full-batch steps. See docs/measures.md for the calibration."""
     columns = (

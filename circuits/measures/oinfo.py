@@ -216,6 +216,7 @@ class OInformation(Family):
     doc = "O-information of the MLP's Ward neuron groups: synergy, redundancy (Clauw et al. 2024)"
     default = False
     options = {"groups": 10, "every": 1, "seed": 1, "bias_correct": True}
+    zero_allowed = frozenset({"seed"})
     columns = (
         Column("oinfo_synergy", "the most negative O-information over every multiplet of neuron groups "
                "(more negative: more synergy)", "bits"),

@@ -246,6 +246,9 @@ class Family:
     """Its settings and their defaults (``{"every": 1}``); a run's analysis may set them
     (``analyze(run, options={"oinfo.every": 10})``, ``circuits analyze --option oinfo.every=10``)
     and records them; rows are reused only under the same settings."""
+    zero_allowed: ClassVar[frozenset[str]] = frozenset()
+    """Numeric settings that may be 0 (a seed, a burn-in, a 0 that means "automatic"); the
+    others must be positive."""
     dynamic_columns: ClassVar[tuple[str, str] | None] = None
     """``(prefix, doc)`` of columns named ``<prefix><something>``."""
 
@@ -309,8 +312,9 @@ def family(name: str) -> Family:
 def parse_options(options: Mapping[str, Any] | Iterable[str] | None) -> dict[str, dict[str, Any]]:
     """Family settings, given as ``{"oinfo.every": 10}`` or as ``["oinfo.every=10", ...]``
     (the CLI's ``--option``), checked against the families' declared options and converted to
-    the type of each default: ``{"oinfo": {"every": 10}}``; a numeric setting must be positive
-    (every setting so far is a count or a tolerance). A ValueError names a bad one."""
+    the type of each default: ``{"oinfo": {"every": 10}}``; a numeric setting must be positive,
+    or at least 0 where the family allows it (``Family.zero_allowed``: seeds, a burn-in, a 0 that
+    means automatic). A ValueError names a bad one."""
     if options is None:
         return {}
     items: list[tuple[str, Any]] = []
@@ -331,11 +335,11 @@ def parse_options(options: Mapping[str, Any] | Iterable[str] | None) -> dict[str
         if name not in fam.options:
             known = ", ".join(f"{fam.name}.{o}" for o in fam.options) or "none"
             raise ValueError(f"the {fam.name} measures have no option {name!r} (theirs: {known})")
-        out.setdefault(fam.name, {})[name] = _convert(fam.options[name], value, key)
+        out.setdefault(fam.name, {})[name] = _convert(fam.options[name], value, key, name in fam.zero_allowed)
     return out
 
 
-def _convert(default: Any, value: Any, key: str) -> Any:
+def _convert(default: Any, value: Any, key: str, zero: bool = False) -> Any:
     """``value`` as the type of ``default`` (an option given as text on the command line)."""
     kind = type(default)
     what = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind.__name__)
@@ -349,8 +353,9 @@ def _convert(default: Any, value: Any, key: str) -> Any:
         converted = kind(value)
     except (TypeError, ValueError):
         raise ValueError(f"option {key}={value!r}: expected {what}") from None
-    if kind in (int, float) and not converted > 0:
-        raise ValueError(f"option {key}={value!r}: expected a positive {what.split()[-1]}")
+    if kind in (int, float) and not (converted >= 0 if zero else converted > 0):
+        raise ValueError(f"option {key}={value!r}: expected a {'non-negative' if zero else 'positive'} "
+                         f"{what.split()[-1]}")
     return converted
 
 
