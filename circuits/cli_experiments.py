@@ -85,6 +85,7 @@ def _launch(
     from circuits.trainer import TrainingInterrupted
 
     out, device, log_to = kw.pop("out"), kw.pop("device"), kw.pop("log_to")
+    executor = _executor(kw.pop("backend"), kw.pop("address"), kw.pop("workers"), kw.pop("threads"))
     base = config_from_kwargs(kw)
     try:
         resolve_device(device, base.train.engine)
@@ -96,7 +97,7 @@ def _launch(
         with _Progress(protocol) as progress:
             on_step = with_loggers(progress.step, log_to, base, out)
             result = func(out, base=base, device=device, on_group=progress.group, on_step=on_step,
-                          **params, **extra)
+                          executor=executor, **params, **extra)
     except TrainingInterrupted:
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
@@ -107,6 +108,20 @@ def _launch(
     for k, value in result.summary.items():
         if not isinstance(value, (dict, list)):
             typer.echo(f"  {k}: {value}")
+
+
+def _executor(backend: str, address: str | None, workers: int | None, threads: int | None) -> Any:
+    """None (the protocol trains in this process) unless --backend ray or --workers asks otherwise."""
+    from circuits.experiments.executors import BACKENDS, make_executor
+
+    if backend not in BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    if backend == "local" and workers is None and threads is None:
+        return None
+    return make_executor(backend, workers=workers or 1, address=address, threads=threads)
 
 
 def _option(name: str, annotation: Any, default: Any, help: str) -> inspect.Parameter:
@@ -123,9 +138,19 @@ _SIZES = _option("sizes", str, ..., "Training-set sizes D, comma-separated (e.g.
 _WIDTHS = _option("widths", str, ..., "Model widths d_model, comma-separated (d_mlp scales with them).")
 
 
+_BACKEND = _option("backend", str, "local", "Where stacks train: local (this machine) or ray (circuits[ray]).")
+_ADDRESS = _option("address", Optional[str], None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray "
+                   "started for the run).")
+_WORKERS = _option("workers", Optional[int], None, "Local worker processes (default: the stacks train in this "
+                   "process).")
+_THREADS = _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the "
+                   "workers, 1 on Ray; the same value gives the same bits on either backend).")
+
+
 def _command(name: str, doc: str, extra: list[inspect.Parameter]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def register(func: Callable[..., None]) -> Callable[..., None]:
-        set_signature(func, [_OUT, *extra, _DEVICE, _LOG_TO, *config_parameters()])
+        set_signature(func, [_OUT, *extra, _DEVICE, _LOG_TO, _BACKEND, _ADDRESS, _WORKERS, _THREADS,
+                             *config_parameters()])
         func.__doc__ = doc
         app.command(name)(func)
         return func
@@ -386,9 +411,8 @@ SWEEP_OPTIONS = [
     _option("grid_file", Optional[Path], None, "A TOML or JSON file with [grid] (field = [values]) or points "
             "(a list of field = value tables), and optionally seeds."),
     _option("seeds", Optional[int], None, "Replicate seeds per grid point (seed s moves the init and the split by s)."),
-    _option("backend", str, "local", "Where stacks train: local (this machine) or ray (circuits[ray])."),
-    _option("address", Optional[str], None, "Ray cluster address (default: RAY_ADDRESS, else a local Ray started "
-            "for the sweep)."),
+    _BACKEND,
+    _ADDRESS,
     _option("workers", Optional[int], None, "Local worker processes (default: stacked ensembles in this process, reference-engine "
             "members in one worker per core)."),
     _option("threads", Optional[int], None, "Torch threads per stack (default: the cores shared among the workers, 1 on Ray; "

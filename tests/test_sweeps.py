@@ -29,7 +29,7 @@ TINY_FLAGS = ["--preset", "quick-v1", "--p", "7", "--frac", "0.5", "--d-model", 
 
 
 def _base(**kw: object) -> circuits.RunConfig:
-    return tiny_config(p=7, epochs=40, **kw)
+    return tiny_config(**{"p": 7, "epochs": 40, **kw})
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -324,3 +324,25 @@ def test_the_summary_gives_the_time_to_generalise_per_axis_value(tmp_path: Path)
         hits = result.table[result.table.frac == frac].epochs_to_test_95.dropna().tolist()
         assert per[f"{frac:g}"] == {"members": 2, "reached": len(hits), **interval(hits)}
     assert per["0.8"]["reached"] >= 1  # so the interval is over real values
+
+
+def test_a_protocol_on_worker_processes_writes_what_it_writes_in_process(tmp_path: Path) -> None:
+    from circuits.experiments import memorisation_capacity
+    from circuits.experiments.executors import LocalExecutor
+
+    base = _base(epochs=30)
+    # Two widths: two stacks, so two worker processes.
+    here = memorisation_capacity(tmp_path / "here", widths=[16, 32], base=base, seeds=1)
+    there = memorisation_capacity(tmp_path / "there", widths=[16, 32], base=base, seeds=1,
+                                  executor=LocalExecutor(workers=2, threads=here_threads()))
+    assert there.table.equals(here.table)
+    assert _files(tmp_path / "there" / "runs") == _files(tmp_path / "here" / "runs")
+    # The CLI's --workers and --backend reach the protocol; a bad one is one line.
+    r = run_cli("experiment", "dcrit", "--sizes", "10", "--seeds", "1", "--backend", "slurm", *TINY_FLAGS)
+    assert r.returncode == 2 and "--backend 'slurm'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def here_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

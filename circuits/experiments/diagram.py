@@ -41,6 +41,7 @@ def phase_diagram(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Train every combination of ``grid`` (config field -> values) x seeds; map the outcomes.
 
@@ -64,7 +65,8 @@ def phase_diagram(
     if bad:  # a protocol refuses a bad grid before it trains anything
         raise ProtocolError(f"grid point {bad[0].values} is not a valid config: {bad[0].error.split(': ', 1)[1]}")
     # The runs train through the sweep machinery (the same stacks, index.csv, resumption).
-    swept = sweep(out, values, base=base, seeds=reps, device=device, on_step=on_step, on_group=on_group)
+    swept = sweep(out, values, base=base, seeds=reps, device=device, on_step=on_step, on_group=on_group,
+                  executor=executor)
     failed = swept.table[swept.table.status != "done"]
     if len(failed):
         row = failed.iloc[0]

@@ -76,6 +76,7 @@ def reference_circuits(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Train the two reference networks of Varma et al. (2023, App. B) and split each one.
 
@@ -99,7 +100,8 @@ def reference_circuits(
                                (("kind", "mem"), ("seed", s), ("dataset_size", mem_size))))
         gen = _seeded(base, s, random_labels=False, frac=gen_frac)
         members.append(Member(f"gen-s{s}", gen, (("kind", "gen"), ("seed", s), ("dataset_size", gen.task.n_train))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     # Logits with no structure put 1/sqrt(n + 1) of their norm in the all-frequency span of
     # the task's view (n = p for add and sub, p - 1 for mul and div) by chance.
@@ -131,6 +133,7 @@ def critical_dataset_size(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """D_crit: where the memorising circuit's converged norm overtakes the generalising one's.
 
@@ -155,7 +158,8 @@ def critical_dataset_size(
                                   (("circuit", "mem"), ("dataset_size", d), ("seed", s))))
             members.append(Member(f"gen-d{d}-s{s}", _seeded(base, s, random_labels=False, train_size=d),
                                   (("circuit", "gen"), ("dataset_size", d), ("seed", s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     gen_ok = (table.circuit == "gen") & (table.gen_share > GEN_ONLY_SHARE)
     table["gen_only"] = np.where(table.circuit == "gen", gen_ok, False)

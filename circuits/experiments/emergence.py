@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from circuits.config import RunConfig, preset
 from circuits.errors import ProtocolError
@@ -44,6 +45,7 @@ def emergence(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Train the operation of ``base`` with ``m`` memorisation pairs mixed in, for every width
     and every ``m`` of ``mem_sizes`` (0: alone), over ``seeds``; on the reference engine (the
@@ -68,7 +70,8 @@ def emergence(
             for m in mem_sizes:
                 cfg = _seeded(width_config(base, w), s, mix_mem=m, split_mlp=bool(split_mlp and m))
                 members.append(Member(f"emg-w{w}-m{m}-s{s}", cfg, (("d_model", w), ("mem_size", m), ("seed", s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     table["best_test_acc"] = [float(r.metrics.test_acc.max()) for r in runs]
     counts = {w: parameter_count(width_config(base, w)) for w in widths}

@@ -183,10 +183,12 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, workers: int = 1) -> None:
+    def __init__(self, workers: int = 1, threads: int | None = None) -> None:
         if workers < 1:
             raise ProtocolError(f"workers must be at least 1, got {workers}")
         self.workers = workers
+        #: Torch threads per stack when a caller does not set them (the cores shared among the workers).
+        self.threads = threads if threads is not None else max(1, _cores() // workers)
 
     def run(self, jobs: Sequence[StackJob], on_done: Done, on_start: Callable[[int], None] | None = None,
             on_step: Callable[[Any], None] | None = None) -> None:
@@ -302,7 +304,7 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cores: int | None = None) -> None:
+    def __init__(self, address: str | None = None, cores: int | None = None, threads: int | None = None) -> None:
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -312,6 +314,8 @@ class RayExecutor:
             ) from None
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.cores = cores
+        #: Torch threads (Ray CPUs) per stack when a caller does not set them.
+        self.threads = threads if threads is not None else 1
 
     def run(self, jobs: Sequence[StackJob], on_done: Done, on_start: Callable[[int], None] | None = None,
             on_step: Callable[[Any], None] | None = None) -> None:
@@ -359,10 +363,10 @@ class RayExecutor:
 
 
 def make_executor(backend: str, workers: int = 1, address: str | None = None,
-                  cores: int | None = None) -> LocalExecutor | RayExecutor:
-    """The executor called ``backend`` (``local`` or ``ray``)."""
+                  cores: int | None = None, threads: int | None = None) -> LocalExecutor | RayExecutor:
+    """The executor called ``backend`` (``local`` or ``ray``); ``threads`` per stack by default."""
     if backend == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, threads)
     if backend == "ray":
-        return RayExecutor(address, cores)
+        return RayExecutor(address, cores, threads)
     raise ProtocolError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

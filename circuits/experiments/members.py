@@ -103,13 +103,17 @@ def run_members(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> list[Run]:
     """Train every member into ``<out>/runs/<name>``, as few stacked ensembles as shapes allow.
 
     Finished members are skipped, so calling it again after a kill resumes the protocol.
     ``on_group(group, n_groups, n_members)`` is called before each ensemble starts and
     ``on_step`` after every update of it; ``device`` is where the ensembles compute (``"cuda"``;
-    default the CPU). Returns the runs in the members' order.
+    default the CPU). ``executor`` (:func:`circuits.experiments.executors.make_executor`: local
+    worker processes or Ray) trains the stacks elsewhere, as a sweep's; default: this process.
+    A member that fails or diverges there raises :class:`ProtocolError` once the others are done.
+    Returns the runs in the members' order.
     """
     names = [m.name for m in members]
     for name in names:  # each becomes a folder under <out>/runs/
@@ -126,6 +130,9 @@ def run_members(
     todo = [m for m in members if not _is_done(paths[m.name], m.config)]
     # The same split into stacks as a sweep's executors (circuits.experiments.executors).
     chunks = [[todo[i] for i in idx] for idx in plan_stacks([m.config for m in todo], max_ensemble)]
+    if executor is not None and chunks:
+        _run_elsewhere(executor, chunks, paths, device, on_group)
+        return [load_run(paths[m.name]) for m in members]
     for i, chunk in enumerate(chunks):
         if on_group is not None:
             on_group(i, len(chunks), len(chunk))
@@ -137,6 +144,26 @@ def run_members(
         train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step,
                        device=device)
     return [load_run(paths[m.name]) for m in members]
+
+
+def _run_elsewhere(executor: Any, chunks: list[list[Member]], paths: dict[str, Path], device: str | None,
+                   on_group: Callable[[int, int, int], None] | None) -> None:
+    from circuits.experiments.executors import StackJob
+
+    jobs = [StackJob(tuple(m.config for m in chunk), tuple(str(paths[m.name]) for m in chunk),
+                     executor.threads, device) for chunk in chunks]
+    bad: list[str] = []
+
+    def on_start(i: int) -> None:
+        if on_group is not None:
+            on_group(i, len(jobs), len(jobs[i].paths))
+
+    def on_done(i: int, outcomes: list[Any]) -> None:
+        bad.extend(f"{Path(o.path).name} {o.status}: {o.error}" for o in outcomes if o.status != "done")
+
+    executor.run(jobs, on_done, on_start=on_start)
+    if bad:
+        raise ProtocolError(f"{len(bad)} member(s) did not finish (the others did): " + "; ".join(bad[:3]))
 
 
 def _train_alone(

@@ -223,6 +223,7 @@ def sweep(
     on_progress: Callable[[SweepProgress], None] | None = None,
     on_step: Callable[[Any], None] | None = None,
     on_group: Callable[[int, int, int], None] | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Train every member of ``grid`` x ``seeds`` under ``out``; the index as a pandas table.
 
@@ -238,7 +239,9 @@ def sweep(
     member (default measures) and record its phase boundaries. ``on_progress`` gets a
     :class:`SweepProgress` after every change; ``on_step`` every update (this process's stacks
     only: the in-process local executor); ``on_group(i, n_stacks, n_members)`` as stack ``i``
-    starts.
+    starts. ``executor``: an executor already made
+    (:func:`circuits.experiments.executors.make_executor`), in place of ``backend``, ``workers``
+    and ``address``; its ``threads`` unless ``threads`` is given.
 
     Returns an :class:`ExperimentResult` whose table is the index (``<out>/index.csv``) and whose
     figures map the outcome over the first two axes (zone, Liu phase, test accuracy, epochs to 99%
@@ -277,7 +280,9 @@ def sweep(
         # engine) in worker processes, one per core.
         alone = sum(todo[idx[0]].config.train.engine != "fused" for idx in stacks)
         n_workers = workers if workers is not None else (min(alone, _cores()) if alone >= 2 else 1)
-        if backend == "ray":
+        if executor is not None:
+            n_threads, ray_cores = (threads if threads is not None else executor.threads), None
+        elif backend == "ray":
             # Many one-CPU tasks spread over a cluster's nodes; a local Ray gets this machine's cores.
             n_threads, ray_cores = (threads if threads is not None else 1), _cores()
         else:
@@ -335,7 +340,9 @@ def sweep(
 
         write_index()
         report()
-        executor = make_executor(backend, workers=n_workers, address=address, cores=ray_cores)
+        if executor is None:
+            executor = make_executor(backend, workers=n_workers, address=address, cores=ray_cores)
+        backend = executor.name
         executor.run(jobs, on_done, on_start=on_start, on_step=on_step)
         table = _index_frame(rows)
         write_index()

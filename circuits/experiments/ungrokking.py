@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -58,6 +58,7 @@ def ungrokking(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Continue a grokked network on random subsets of its training set (Varma et al. 2023, Fig. 7).
 
@@ -88,7 +89,8 @@ def ungrokking(
                 f"use sizes up to {pool}"
             )
     if parent_run is None:
-        parent_run = run_members([Member("parent", parent_config)], out, on_group=on_group, on_step=on_step, device=device)[0]
+        parent_run = run_members([Member("parent", parent_config)], out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)[0]
     if not parent_run.epochs:
         raise ProtocolError(f"parent run {parent_run.path} has no checkpoints yet")
     pc = parent_run.config
@@ -116,7 +118,8 @@ def ungrokking(
                 preset="ungrok",
             )
             members.append(Member(f"ungrok-d{d}-s{s}", cfg, (("dataset_size", d), ("seed", s))))
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     mean = table.groupby("dataset_size").test_acc.mean()
     summary = {
@@ -188,6 +191,7 @@ def semi_grokking(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Train from scratch near D_crit for a long time and record partial, delayed generalisation.
 
@@ -205,7 +209,8 @@ def semi_grokking(
         Member(f"semi-d{d}-s{s}", _seeded(base, s, random_labels=False, train_size=d), (("dataset_size", d), ("seed", s)))
         for s in _seeds(seeds) for d in grid
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     events = add_curve_events(table, runs)
     table["semi_grokked"] = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,6 +112,7 @@ def memorisation_capacity(
     on_group: Callable[[int, int, int], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Capacity D_mem per width: train accuracy x pairs on the fully random-labelled table.
 
@@ -124,7 +126,8 @@ def memorisation_capacity(
                (("d_model", w), ("seed", s)))
         for s in _seeds(seeds) for w in check_grid("width", widths)
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     table["capacity"] = table.train_acc * base.task.n_pairs
     means = table.groupby("d_model").capacity.mean()
@@ -162,6 +165,7 @@ def zones(
     on_step: Callable[[StepInfo], None] | None = None,
     device: str | None = None,
     capacity: Mapping[int, float] | None = None,
+    executor: Any = None,
 ) -> ExperimentResult:
     """Classify every (width, training-set size) run into Huang et al.'s zones and map them.
 
@@ -184,7 +188,8 @@ def zones(
                (("d_model", w), ("dataset_size", d), ("seed", s)))
         for s in _seeds(seeds) for w in check_grid("width", widths) for d in size_grid
     ]
-    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device)
+    runs = run_members(members, out, on_group=on_group, on_step=on_step, device=device,
+                       executor=executor)
     table = member_table(members, runs)
     events = add_curve_events(table, runs)
     table["norm_change"] = [_norm_change(r, ev["fit_epoch"]) for r, ev in zip(runs, events)]
