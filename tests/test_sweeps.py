@@ -113,6 +113,9 @@ def test_a_bad_member_is_recorded_and_the_others_finish(tmp_path: Path) -> None:
     stamps = _stamps(out / "runs" / "frac0.5-lr0.01")
     again = run_cli("sweep", "--out", str(out), "--grid", "frac=0.5,1.5", "--grid", "lr=0.01,1e6", *TINY_FLAGS)
     assert again.returncode == 1 and _stamps(out / "runs" / "frac0.5-lr0.01") == stamps
+    index = pd.read_csv(out / INDEX_FILE).set_index("name")
+    assert index.loc["frac0.5-lr1000000.0", "status"] == "diverged"
+    assert "earlier call" in index.loc["frac0.5-lr1000000.0", "error"] and "lr 1e+06" in index.loc["frac0.5-lr1000000.0", "error"]
 
 
 def test_another_sweep_in_the_same_folder_is_refused(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from circuits.experiments.members import (
 from circuits.experiments.ungrokking import curve_events
 from circuits.experiments.zones import classify_zone
 from circuits.measures.phases import liu_phase
-from circuits.store import atomic_write_bytes, safe_name_part
+from circuits.store import RunStore, atomic_write_bytes, safe_name_part
 from circuits.trainer import with_init_digest
 
 __all__ = ["sweep", "sweep_points", "SweepProgress", "INDEX_FILE", "SPEC_FILE", "SUMMARY_FILE", "OUTCOME_LEVELS"]
@@ -270,7 +270,9 @@ def sweep(
                 if analyze:  # finished in an earlier call: its analysis is reused where it exists
                     row.update(_analysis_phases(paths[pt.name]))
             elif state == "diverged":
-                row.update(status="diverged", error="diverged in an earlier call; rerun the member with --force")
+                mark = RunStore(paths[pt.name]).diverged() or {}
+                row.update(status="diverged", error=f"the train loss became non-finite at epoch {mark.get('epoch')} "
+                           f"(lr {mark.get('lr', 0):g}) in an earlier call; move its folder away to train it again")
                 row.update(_outcome_row(paths[pt.name], pt.config))
             else:
                 todo.append(pt)
