@@ -60,6 +60,21 @@ def stop_at(epoch: int):  # noqa: ANN201
     return on_step
 
 
+def stopped_and_resumed(config: RunConfig, out: Path, epoch: int) -> circuits.Run:
+    """Train ``config`` into ``out``, stopped after ``epoch`` as a Ctrl-C would, then resumed."""
+    with pytest.raises(KeyboardInterrupt):
+        circuits.train(config, out=out, on_step=stop_at(epoch))
+    return circuits.train(config, out=out)
+
+
+def assert_same_weights(a: circuits.Run, b: circuits.Run) -> None:
+    """Both runs have the same checkpoints, each equal bit for bit (the epoch named if not)."""
+    assert a.epochs == b.epochs
+    for e in a.epochs:
+        x, y = a.state_dict(e), b.state_dict(e)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"epoch {e} differs"
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     # Tests that draw random weights do so from a known state.

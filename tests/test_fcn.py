@@ -15,7 +15,7 @@ import circuits
 from circuits.analysis import analyze
 from circuits.config import ConfigError, preset
 from circuits.model import FullyConnected, make_model
-from tests.conftest import run_cli, stop_at, tiny_config
+from tests.conftest import assert_same_weights, run_cli, stopped_and_resumed, tiny_config
 
 
 def fcn_config(**overrides: object) -> circuits.RunConfig:
@@ -75,12 +75,7 @@ def test_the_clauw_preset_is_their_setting() -> None:
 def test_it_trains_resumes_bitwise_and_is_analysed_with_oinfo(tmp_path: Path) -> None:
     cfg = fcn_config()
     full = circuits.train(cfg, out=tmp_path / "full")
-    with pytest.raises(KeyboardInterrupt):
-        circuits.train(cfg, out=tmp_path / "part", on_step=stop_at(12))
-    resumed = circuits.train(cfg, out=tmp_path / "part")
-    for e in full.epochs:
-        a, b = full.state_dict(e), resumed.state_dict(e)
-        assert all(torch.equal(a[k], b[k]) for k in a), e
+    assert_same_weights(full, stopped_and_resumed(cfg, tmp_path / "part", 12))
     assert full.metrics.train_acc.iloc[-1] > full.metrics.train_acc.iloc[0]  # it learns
     assert isinstance(full.model(), FullyConnected)
     a = analyze(full, out=tmp_path / "a", measures=["default", "oinfo"], options={"oinfo.groups": 4})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import circuits
 from circuits.config import ConfigError
 from circuits.model import make_model
-from tests.conftest import run_cli, stop_at, tiny_config
+from tests.conftest import assert_same_weights, run_cli, stopped_and_resumed, tiny_config
 
 
 def power_config(**overrides: object):  # noqa: ANN201
@@ -56,12 +56,8 @@ def test_a_power_run_trains_and_resumes_bitwise(tmp_path: Path) -> None:
     full = circuits.train(cfg, out=tmp_path / "full")
     assert torch.equal(torch.get_rng_state(), caller)  # the notebook's generator is not moved
     assert full.metrics.train_loss.iloc[-1] < full.metrics.train_loss.iloc[0]
-    with pytest.raises(KeyboardInterrupt):
-        circuits.train(cfg, out=tmp_path / "part", on_step=stop_at(17))
-    resumed = circuits.train(cfg, out=tmp_path / "part")
-    for e in full.epochs:
-        a, b = full.state_dict(e), resumed.state_dict(e)
-        assert all(torch.equal(a[k], b[k]) for k in a), e
+    resumed = stopped_and_resumed(cfg, tmp_path / "part", 17)
+    assert_same_weights(full, resumed)
     assert resumed.metrics.equals(full.metrics)
     # Dropout changed the training: without it the weights differ.
     plain = circuits.train(power_config().replace(dropout=0.0), out=tmp_path / "plain")

@@ -19,7 +19,7 @@ import pytest
 import circuits
 from circuits.errors import ProtocolError
 from circuits.experiments.sweeps import INDEX_FILE, sweep_points
-from tests.conftest import REPO, run_cli, tiny_config
+from tests.conftest import REPO, assert_same_weights, run_cli, tiny_config
 
 GRID = {"weight_decay": [0.3, 1.0], "d_mlp": [64, 96]}
 TINY_FLAGS = ["--preset", "quick-v1", "--p", "7", "--frac", "0.5", "--d-model", "32", "--n-heads", "4", "--d-mlp", "64",
@@ -183,14 +183,7 @@ def test_a_killed_sweep_reruns_only_the_unfinished_members(tmp_path: Path) -> No
     assert (index.status == "done").all()
     # The resumed member equals the same run trained without a stop.
     alone = circuits.train(circuits.load_run(long_).config, out=tmp_path / "alone")
-    for e in alone.epochs:
-        assert _same(alone.state_dict(e), circuits.load_run(long_).state_dict(e))
-
-
-def _same(a: dict, b: dict) -> bool:
-    import torch
-
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(alone, circuits.load_run(long_))
 
 
 def _ray_or_skip() -> None:
