@@ -30,6 +30,7 @@ __all__ = [
     "progress_bar",
     "import_run",
     "sweep",
+    "load_sweep",
 ]
 
 _LAZY = {
@@ -52,6 +53,7 @@ _LAZY = {
     "progress_bar": "circuits.progress",
     "import_run": "circuits.importer",
     "sweep": "circuits.experiments.sweeps",
+    "load_sweep": "circuits.experiments.sweeps",
 }
 
 if TYPE_CHECKING:
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
     from circuits.tasks import make_task
     from circuits.progress import progress_bar
     from circuits.importer import import_run
-    from circuits.experiments.sweeps import sweep
+    from circuits.experiments.sweeps import load_sweep, sweep
 
 
 #: Submodules reachable as attributes (``circuits.fourier``, ``circuits.measures``, ...),

@@ -342,3 +342,20 @@ def here_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def test_a_notebook_loads_a_sweep_back(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    done = circuits.sweep(out, {"weight_decay": [0.3, 1.0], "lr": [0.01]}, base=_base(), seeds=2, workers=1)
+    sw = circuits.load_sweep(out)
+    assert sw.table.equals(pd.read_csv(out / INDEX_FILE)) and sw.summary == done.summary
+    assert sw.spec["grid"] == {"weight_decay": [0.3, 1.0], "lr": [0.01]} and sw.spec["seeds"] == 2
+    runs = sw.runs()
+    assert sorted(runs) == sorted(done.table.name)
+    first = done.table.name[0]
+    assert runs[first].path == out / "runs" / first and runs[first].is_complete
+    assert [f.layout.title.text for f in sw.figures()] == [f.layout.title.text for f in (done.figure, *done.extra_figures)]
+    with pytest.raises(KeyError, match="no member 'nope'"):
+        sw.run("nope")
+    with pytest.raises(ProtocolError, match="not a sweep folder"):
+        circuits.load_sweep(out / "runs")

@@ -46,7 +46,7 @@ from circuits.measures.phases import liu_phase
 from circuits.store import RunStore, atomic_write_bytes, safe_name_part
 from circuits.trainer import with_init_digest
 
-__all__ = ["sweep", "sweep_points", "SweepProgress", "INDEX_FILE", "SPEC_FILE", "SUMMARY_FILE", "OUTCOME_LEVELS"]
+__all__ = ["sweep", "load_sweep", "Sweep", "sweep_points", "SweepProgress", "INDEX_FILE", "SPEC_FILE", "SUMMARY_FILE", "OUTCOME_LEVELS"]
 
 #: The member table of a sweep folder.
 INDEX_FILE = "index.csv"
@@ -367,6 +367,62 @@ def sweep(
     # The index is the table (written above); the summary goes beside it.
     atomic_write_bytes(out / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
     return ExperimentResult(table, figures[0], summary, path=out, name="sweep", extra_figures=tuple(figures[1:]))
+
+
+@dataclass
+class Sweep:
+    """A sweep folder read back (:func:`load_sweep`): its index as a pandas table, what was swept,
+    its summary, and its members' runs."""
+
+    path: Path
+    table: Any
+    spec: dict[str, Any]
+    summary: dict[str, Any]
+
+    def run(self, name: str) -> Any:
+        """The member ``name``'s run (:func:`circuits.load_run`)."""
+        from circuits.run import load_run
+
+        if name not in set(self.table["name"]):
+            raise KeyError(f"no member {name!r} in {self.path}; its members are in the table's name column")
+        return load_run(self.path / RUNS_DIR / name)
+
+    def runs(self, status: str = "done") -> dict[str, Any]:
+        """Every member with that ``status`` (``done``, ``diverged``, ...) as name -> run."""
+        return {n: self.run(n) for n in self.table.loc[self.table.status == status, "name"]}
+
+    def figures(self) -> list[Any]:
+        """The maps and curves of the sweep page, drawn from the index."""
+        # The summary keeps the axes in the grid's order (the spec's JSON sorts its keys).
+        axes = self.summary.get("axes") or _axes_of(self.spec)
+        return _figures(self.table, axes)
+
+
+def _axes_of(spec: dict[str, Any]) -> list[str]:
+    grid = spec.get("grid")
+    axes = list(grid) if isinstance(grid, dict) else list(dict.fromkeys(k for p in grid or [] for k in p))
+    if spec.get("seeds") is not None:
+        axes.append("replicate" if "seed" in axes else "seed")
+    return axes
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """A sweep folder written by :func:`sweep` (or ``circuits sweep``), for a notebook: the index
+    (one row per member), the spec, the summary and the members' runs. A folder without a sweep's
+    files is named in the error."""
+    import pandas as pd
+
+    path = Path(path)
+    missing = [f for f in (SPEC_FILE, INDEX_FILE) if not (path / f).is_file()]
+    if missing:
+        raise ProtocolError(f"{path} is not a sweep folder (no {' or '.join(missing)}); give the --out of a sweep")
+    try:
+        spec = json.loads((path / SPEC_FILE).read_text())
+        summary = json.loads((path / SUMMARY_FILE).read_text()) if (path / SUMMARY_FILE).is_file() else {}
+        table = pd.read_csv(path / INDEX_FILE)
+    except (OSError, ValueError) as e:
+        raise ProtocolError(f"{path}: a sweep file is damaged ({e}); rerun the sweep's command to rewrite it") from None
+    return Sweep(path, table, spec, summary)
 
 
 def _time_by_axis(table: Any, axes: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
