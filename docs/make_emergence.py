@@ -13,7 +13,7 @@ their 3,000-6,000 against 3,000), one layer at widths ``--widths`` (d_mlp = 4 d_
 lr 3e-3, weight decay 1, ``--epochs`` full-batch epochs, reference engine. Both variants: one
 shared MLP, and the split MLP (``--split-mlp``, their App. B). Resumable.
 
-    python docs/make_emergence.py --seeds 3 --out checkpoints/emergence
+    python docs/make_emergence.py --seeds 3 --out checkpoints/emergence [--workers N]
     # their scale (a GPU): --p 113 --train-size 3000 --mem-sizes 0,3000,6000 --widths 64,128,256,512,1024
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from circuits.config import preset
 from circuits.experiments import emergence
+from circuits.experiments.executors import LocalExecutor
 
 
 def main() -> None:
@@ -36,7 +37,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("checkpoints/emergence"))
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (each run is a stack of one)")
     args = ap.parse_args()
+    # Reference-engine runs cannot stack: on a machine with cores to spare they train side by side.
+    executor = LocalExecutor(workers=args.workers, threads=1) if args.workers > 1 else None
     base = preset("quick-v1").replace(
         p=args.p, train_size=args.train_size, d_model=32, n_heads=4, d_mlp=128, lr=3e-3, epochs=args.epochs,
         checkpoint_every=500, checkpoint_early_until=0, log_every=50, preset="emergence",
@@ -45,7 +49,7 @@ def main() -> None:
     for split in (False, True):
         name = "split" if split else "shared"
         res = emergence(args.out / name, widths=args.widths, mem_sizes=args.mem_sizes, base=base, seeds=args.seeds,
-                        split_mlp=split)
+                        split_mlp=split, executor=executor)
         report[name] = res.summary
         for m, info in res.summary["by_mem_size"].items():
             cells = {w: (round(c["mean"], 3), None if c["ci95"] is None else round(c["ci95"], 3))
