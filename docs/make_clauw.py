@@ -36,7 +36,7 @@ from circuits.stats import interval
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--wds", type=float, nargs="*", default=[0.1, 2.0, 10.0, 50.0])
+    ap.add_argument("--wds", type=float, nargs="*", default=[2.0, 10.0, 50.0, 0.1])
     ap.add_argument("--epochs", type=int, default=4000)
     ap.add_argument("--every", type=int, default=2, help="O-information on every k-th checkpoint")
     ap.add_argument("--out", type=Path, default=Path("checkpoints/clauw"))
@@ -53,10 +53,18 @@ def main() -> None:
             m = a.measures.dropna(subset=["oinfo_synergy"])
             i = int(np.argmin(m.oinfo_synergy.to_numpy()))
             peak_epoch, peak = int(m.epoch.iloc[i]), float(m.oinfo_synergy.iloc[i])
+            # The random initialisation has synergy of its own: the peak that training makes is
+            # the most negative value after epoch 0.
+            trained = m[m.epoch > 0]
+            j = int(np.argmin(trained.oinfo_synergy.to_numpy()))
+            t_epoch, t_peak = int(trained.epoch.iloc[j]), float(trained.oinfo_synergy.iloc[j])
             t50, t90 = run.first_epoch("test_acc", 0.5), run.first_epoch("test_acc", 0.9)
             rows.append({"seed": s, "peak_epoch": peak_epoch, "peak_bits": peak,
                          "peak_size": int(m.oinfo_synergy_size.iloc[i]), "test50": t50, "test90": t90,
                          "train99": run.first_epoch("train_acc", 0.99),
+                         "init_synergy": float(m.oinfo_synergy.iloc[0]) if m.epoch.iloc[0] == 0 else None,
+                         "trained_peak_epoch": t_epoch, "trained_peak_bits": t_peak,
+                         "trained_peak_before_test50": t50 is not None and t_epoch < t50,
                          "peak_before_test50": t50 is not None and peak_epoch < t50,
                          "final_test_acc": float(run.metrics.test_acc.iloc[-1]),
                          "max_redundancy": float(m.oinfo_redundancy.max())})
@@ -65,6 +73,9 @@ def main() -> None:
         report[f"{wd:g}"] = {
             "runs": len(rows), "grokked": len(grokked),
             "peak_before_test50": sum(r["peak_before_test50"] for r in rows),
+            "trained_peak_before_test50": sum(r["trained_peak_before_test50"] for r in rows),
+            "trained_peak_bits": interval([r["trained_peak_bits"] for r in rows]),
+            "trained_peak_epoch": interval([r["trained_peak_epoch"] for r in rows]),
             "peak_bits": interval([r["peak_bits"] for r in rows]),
             "peak_epoch": interval([r["peak_epoch"] for r in rows]),
             "test90": interval([r["test90"] for r in grokked]) if grokked else None,
