@@ -82,7 +82,6 @@ def _launch(
     """Build the base config from the remaining flags, pick the folder, run ``func`` with a progress
     bar and print where its table and figure went. ``params`` (less ``unhashed``) name the folder."""
     from circuits.engine.ensemble import resolve_device
-    from circuits.trainer import TrainingInterrupted
 
     out, device, log_to = kw.pop("out"), kw.pop("device"), kw.pop("log_to")
     executor = _executor(kw.pop("backend"), kw.pop("address"), kw.pop("workers"), kw.pop("threads"))
@@ -98,7 +97,7 @@ def _launch(
             on_step = with_loggers(progress.step, log_to, base, out)
             result = func(out, base=base, device=device, on_group=progress.group, on_step=on_step,
                           executor=executor, **params, **extra)
-    except TrainingInterrupted:
+    except KeyboardInterrupt:  # TrainingInterrupted in this process, or Ctrl-C while workers train
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
     from circuits.report import write_experiment_page
@@ -350,10 +349,8 @@ class _SweepProgress:
 def sweep_command(**kw: Any) -> None:
     """Train a grid of config fields x seeds as run folders under one sweep folder, with an index
     table; rerun the same command to finish what a stop left."""
-    from circuits.errors import ProtocolError
     from circuits.experiments.executors import BACKENDS
     from circuits.experiments.sweeps import INDEX_FILE, sweep
-    from circuits.trainer import TrainingInterrupted
 
     specs, grid_file = kw.pop("grid"), kw.pop("grid_file")
     seeds, backend = kw.pop("seeds"), kw.pop("backend")
@@ -382,11 +379,9 @@ def sweep_command(**kw: Any) -> None:
         with _SweepProgress() as progress:
             result = sweep(out, grid, base=base, seeds=seeds, backend=backend, device=device,
                            on_progress=progress.update, **options)
-    except TrainingInterrupted:
+    except KeyboardInterrupt:  # TrainingInterrupted in this process, or Ctrl-C while workers train
         typer.echo(f"interrupted; state saved under {out}. Rerun the same command to resume.", err=True)
         raise typer.Exit(130) from None
-    except ProtocolError:
-        raise
     from circuits.report import write_experiment_page
 
     page = write_experiment_page(result)

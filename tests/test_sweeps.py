@@ -216,7 +216,9 @@ def test_local_workers_and_ray_write_the_same_index_and_the_same_bits(tmp_path: 
     assert _files(tmp_path / "ray" / "runs") == runs
 
 
-def _worker_pids() -> list[int]:
+def _worker_pids(parent: int | None = None) -> list[int]:
+    """The sweep worker processes whose parent is ``parent`` (default: this process)."""
+    parent = os.getpid() if parent is None else parent
     pids = []
     for proc in Path("/proc").iterdir():
         try:
@@ -226,7 +228,7 @@ def _worker_pids() -> list[int]:
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if b"circuits.experiments.worker" in cmd and int(stat[1]) == os.getpid():
+        if b"circuits.experiments.worker" in cmd and int(stat[1]) == parent:
             pids.append(int(proc.name))
     return pids
 
@@ -359,3 +361,34 @@ def test_a_notebook_loads_a_sweep_back(tmp_path: Path) -> None:
         sw.run("nope")
     with pytest.raises(ProtocolError, match="not a sweep folder"):
         circuits.load_sweep(out / "runs")
+
+
+def test_ctrl_c_stops_the_workers_cleanly_and_a_rerun_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    args = ["sweep", "--out", str(out), "--grid", "d-mlp=64,96", "--workers", "2", "--threads", "1",
+            *TINY_FLAGS, "--epochs", "800"]
+    proc = subprocess.Popen([sys.executable, "-m", "circuits.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    runs = [out / "runs" / "d_mlp64", out / "runs" / "d_mlp96"]
+    try:
+        # Wait for a state, not a time: both members training in their workers.
+        while not all(len(list((r / "checkpoints").glob("*.safetensors"))) >= 6 for r in runs):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGINT)  # to the sweep's process only: it stops its workers
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted; state saved" in err and "Traceback" not in err, err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # they exited (saving first)
+    index = pd.read_csv(out / INDEX_FILE)
+    assert set(index.status) <= {"interrupted", "done"} and "interrupted" in set(index.status)
+    for r in runs:  # each kept a consistent resume point
+        run = circuits.load_run(r)
+        assert run.store.diverged() is None and run.epochs[-1] <= 800
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert (pd.read_csv(out / INDEX_FILE).status == "done").all()

@@ -50,8 +50,9 @@ class StackJob:
 
 @dataclass
 class MemberOutcome:
-    """What became of one member: ``status`` ``done``, ``diverged`` or ``failed``, the error
-    text, and (``analyze``) the analysis' phase boundaries."""
+    """What became of one member: ``status`` ``done``, ``diverged``, ``failed`` or ``interrupted``
+    (Ctrl-C reached its worker; its state is saved), the error text, and (``analyze``) the
+    analysis' phase boundaries."""
 
     path: str
     status: str
@@ -232,10 +233,16 @@ class LocalExecutor:
                     del busy[i]
                     on_done(i, w.outcomes(jobs[i]))
             except BaseException:
-                # Ctrl-C reached the workers too (one process group): let them save, then stop.
+                # Ctrl-C here: each worker stops as Ctrl-C stops a run (it saves, then exits). A
+                # terminal's Ctrl-C reached them already; a second SIGINT only sets the same flag.
+                import signal
+
+                for w in workers:
+                    if w.alive:
+                        w.proc.send_signal(signal.SIGINT)
                 for w in workers:
                     try:
-                        w.proc.wait(timeout=60)
+                        w.proc.wait(timeout=120)
                     except subprocess.TimeoutExpired:
                         w.proc.kill()
                 raise
@@ -293,6 +300,9 @@ def _read_outcomes(job: StackJob, code: int | None, result: Path | None, log: Pa
     if code == 0 and result is not None and result.is_file():
         return [MemberOutcome(**o) for o in json.loads(result.read_text())]
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+    if lines and "TrainingInterrupted" in lines[-1]:
+        # Ctrl-C reached the worker: its members saved their state and resume on a rerun.
+        return [MemberOutcome(p, "interrupted", lines[-1].split(": ", 1)[-1].strip()) for p in job.paths]
     why = f"the worker process exited with code {code}" + (f": {lines[-1].strip()}" if lines else "")
     return [MemberOutcome(p, "failed", why) for p in job.paths]
 

@@ -8,7 +8,7 @@ size, 11 seeds a cell). :func:`sweep` trains every member of such a grid, in sta
 * ``<out>/runs/<member>/``: an ordinary run folder per member (``circuits analyze`` and the
   dashboards read it as any run);
 * ``<out>/index.csv``: one row per member (its grid values, ``status`` pending / running / done
-  / diverged / failed, ``error``, and the outcome metrics), rewritten atomically whenever a stack
+  / diverged / failed / interrupted, ``error``, and the outcome metrics), rewritten atomically whenever a stack
   starts or finishes, with no timing or host columns, so two executors write the same table;
 * ``<out>/spec.json``: what was swept (base config, grid, seeds), so a rerun of the same command
   resumes (finished members are kept, unfinished ones continue from their last checkpoint, failed
@@ -345,9 +345,21 @@ def sweep(
         if executor is None:
             executor = make_executor(backend, workers=n_workers, address=address, cores=ray_cores)
         backend = executor.name
-        executor.run(jobs, on_done, on_start=on_start, on_step=on_step)
+        try:
+            executor.run(jobs, on_done, on_start=on_start, on_step=on_step)
+        except KeyboardInterrupt:
+            # The members in flight saved their state (a Ctrl-C stops a run that way): the index
+            # says so, and a rerun resumes them.
+            for row in rows:
+                if row["status"] == "running":
+                    row.update(status="interrupted", error="interrupted; rerun to resume")
+            write_index()
+            raise
         table = _index_frame(rows)
         write_index()
+        if (table.status == "interrupted").any():
+            # Ctrl-C stopped workers (their state is saved): the sweep stops as this process would.
+            raise KeyboardInterrupt(f"sweep interrupted; rerun the same call to resume ({out / INDEX_FILE})")
     axes = list(dict.fromkeys(k for pt in points for k in pt.values))
     summary = {
         "members": len(rows),
