@@ -159,10 +159,10 @@ def test_points_that_spell_one_folder_are_refused() -> None:
 def test_a_killed_sweep_reruns_only_the_unfinished_members(tmp_path: Path) -> None:
     # Two stacks (different schedules): the short one finishes, the long one is killed mid-way.
     out = tmp_path / "sw"
-    args = [sys.executable, "-m", "circuits.cli", "sweep", "--out", str(out), "--grid", "epochs=40,800",
+    args = [sys.executable, "-m", "circuits.cli", "sweep", "--out", str(out), "--grid", "epochs=40,400",
             "--workers", "1", "--threads", "1", *TINY_FLAGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    short, long_ = out / "runs" / "epochs40", out / "runs" / "epochs800"
+    short, long_ = out / "runs" / "epochs40", out / "runs" / "epochs400"
     try:
         # Wait for a state, not a time: the short member done, the long one with checkpoints.
         while not ((out / INDEX_FILE).is_file() and "done" in (out / INDEX_FILE).read_text()
@@ -173,10 +173,10 @@ def test_a_killed_sweep_reruns_only_the_unfinished_members(tmp_path: Path) -> No
     finally:
         proc.wait()
     index = pd.read_csv(out / INDEX_FILE).set_index("name")
-    assert index.loc["epochs40", "status"] == "done" and index.loc["epochs800", "status"] == "running"
+    assert index.loc["epochs40", "status"] == "done" and index.loc["epochs400", "status"] == "running"
     assert not circuits.load_run(long_).is_complete
     kept, stamps = _files(short), _stamps(short)
-    r = run_cli("sweep", "--out", str(out), "--grid", "epochs=40,800", "--workers", "1", "--threads", "1", *TINY_FLAGS)
+    r = run_cli("sweep", "--out", str(out), "--grid", "epochs=40,400", "--workers", "1", "--threads", "1", *TINY_FLAGS)
     assert r.returncode == 0, r.stderr
     assert _files(short) == kept and _stamps(short) == stamps  # the finished member was not touched
     index = pd.read_csv(out / INDEX_FILE)
@@ -200,20 +200,16 @@ def test_local_workers_and_ray_write_the_same_index_and_the_same_bits(tmp_path: 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local Ray only, never another address
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     grid = {"d_mlp": [64, 96], "weight_decay": [0.3, 1.0]}
-    # Two stacks each way: in this process, in two worker processes, as two Ray tasks.
-    one = circuits.sweep(tmp_path / "one", grid, base=_base(), seeds=2, workers=1, threads=1)
+    # Two stacks each way: in two worker processes, as two Ray tasks.
+    # (This process against worker processes: the protocol test below.)
     two = circuits.sweep(tmp_path / "two", grid, base=_base(), seeds=2, workers=2, threads=1)
     ray = circuits.sweep(tmp_path / "ray", grid, base=_base(), seeds=2, backend="ray", threads=1)
     import ray as ray_module
 
     assert not ray_module.is_initialized()  # the local instance was shut down
-    assert one.summary["stacks"] == two.summary["stacks"] == ray.summary["stacks"] == 2
-    reference = (tmp_path / "one" / INDEX_FILE).read_bytes()
-    assert (tmp_path / "two" / INDEX_FILE).read_bytes() == reference
-    assert (tmp_path / "ray" / INDEX_FILE).read_bytes() == reference
-    runs = _files(tmp_path / "one" / "runs")
-    assert _files(tmp_path / "two" / "runs") == runs
-    assert _files(tmp_path / "ray" / "runs") == runs
+    assert two.summary["stacks"] == ray.summary["stacks"] == 2
+    assert (tmp_path / "ray" / INDEX_FILE).read_bytes() == (tmp_path / "two" / INDEX_FILE).read_bytes()
+    assert _files(tmp_path / "ray" / "runs") == _files(tmp_path / "two" / "runs")
 
 
 def _worker_pids(parent: int | None = None) -> list[int]:
@@ -366,13 +362,13 @@ def test_a_notebook_loads_a_sweep_back(tmp_path: Path) -> None:
 def test_ctrl_c_stops_the_workers_cleanly_and_a_rerun_finishes(tmp_path: Path) -> None:
     out = tmp_path / "sw"
     args = ["sweep", "--out", str(out), "--grid", "d-mlp=64,96", "--workers", "2", "--threads", "1",
-            *TINY_FLAGS, "--epochs", "800"]
+            *TINY_FLAGS, "--epochs", "400"]
     proc = subprocess.Popen([sys.executable, "-m", "circuits.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     runs = [out / "runs" / "d_mlp64", out / "runs" / "d_mlp96"]
     try:
         # Wait for a state, not a time: both members training in their workers.
-        while not all(len(list((r / "checkpoints").glob("*.safetensors"))) >= 6 for r in runs):
+        while not all(len(list((r / "checkpoints").glob("*.safetensors"))) >= 5 for r in runs):
             assert proc.poll() is None, proc.stderr.read()
             time.sleep(0.05)
         workers = _worker_pids(proc.pid)
@@ -388,7 +384,7 @@ def test_ctrl_c_stops_the_workers_cleanly_and_a_rerun_finishes(tmp_path: Path) -
     assert set(index.status) <= {"interrupted", "done"} and "interrupted" in set(index.status)
     for r in runs:  # each kept a consistent resume point
         run = circuits.load_run(r)
-        assert run.store.diverged() is None and run.epochs[-1] <= 800
-    again = run_cli(*args)
+        assert run.store.diverged() is None and run.epochs[-1] <= 400
+    again = run_cli(*args[:5], "--workers", "1", *args[7:])  # the same sweep, finished in one process
     assert again.returncode == 0, again.stderr
     assert (pd.read_csv(out / INDEX_FILE).status == "done").all()
