@@ -260,7 +260,21 @@ def require_run_dir(path: Path) -> None:
     if not path.exists():
         raise RunFolderError(f"run folder {path} does not exist")
     if not (path / CONFIG_FILE).is_file():
-        raise RunFolderError(f"{path} is not a run folder: {CONFIG_FILE} is missing")
+        raise RunFolderError(f"{path} is not a run folder: {CONFIG_FILE} is missing" + _runs_hint(path))
+
+
+#: Sub-folder of a sweep's or a protocol's folder that holds its run folders, one per member.
+RUNS_DIR = "runs"
+
+
+def _runs_hint(path: Path) -> str:
+    # A sweep's or a protocol's folder keeps its runs under runs/: say so, and name one.
+    runs = path / RUNS_DIR
+    members = sorted(p.name for p in runs.iterdir() if (p / CONFIG_FILE).is_file()) if runs.is_dir() else []
+    if not members:
+        return ""
+    return (f"; it holds {len(members)} run folder(s) under runs/ (a sweep or protocol folder): give one, "
+            f"such as {runs / members[0]}")
 
 
 def _torch():  # noqa: ANN202 - torch loads on first use (see the module docstring)
@@ -364,7 +378,7 @@ class RunStore:
         """The run's config; RunFolderError when the folder holds no readable run."""
         path = self.root / CONFIG_FILE
         if not path.is_file():
-            raise RunFolderError(f"{self.root} is not a run folder: {CONFIG_FILE} is missing")
+            raise RunFolderError(f"{self.root} is not a run folder: {CONFIG_FILE} is missing" + _runs_hint(self.root))
         try:
             doc = json.loads(path.read_text())
             return RunConfig.from_dict(doc["config"])

@@ -27,7 +27,7 @@ from circuits.measures.frequencies import key_frequencies, neuron_frequency_frac
 from circuits.measures.norms import weight_norm_sq
 from circuits.model import make_model
 from circuits.run import Run, load_run, train_ensemble
-from circuits.store import CONFIG_FILE, atomic_write_bytes, is_safe_name
+from circuits.store import CONFIG_FILE, RUNS_DIR, atomic_write_bytes, is_safe_name
 from circuits.tasks import MixtureTask
 from circuits.trainer import StepInfo, split_metrics, with_init_digest
 
@@ -46,8 +46,6 @@ __all__ = [
     "check_grid",
 ]
 
-#: Sub-folder of a protocol's output that holds its run folders, one per member.
-RUNS_DIR = "runs"
 
 #: Members per ensemble: 64 nanda-sized members peak at 4.8 GB (docs/benchmarks.md).
 MAX_ENSEMBLE = 64
