@@ -129,7 +129,9 @@ def test_another_sweep_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     for args, msg in ((["--grid", "widht=1,2"], "unknown config field 'widht'"),
                       ([], "a sweep needs a grid"),
                       (["--grid", "lr=0.1", "--backend", "slurm"], "--backend 'slurm'"),
-                      (["--grid", "lr=0.1", "--workers", "0"], "--workers must be at least 1")):
+                      (["--grid", "lr=0.1", "--workers", "0"], "--workers must be at least 1"),
+                      (["--grid", "d_mlp=64,96", "--workers", "2", "--threads", str(os.cpu_count() or 1)],
+                       "torch threads on")):
         r = run_cli("sweep", "--out", str(tmp_path / "other"), *args, *TINY_FLAGS)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 

@@ -290,6 +290,10 @@ def sweep(
         else:
             n_threads = threads if threads is not None else max(1, _cores() // n_workers)
             ray_cores = None
+            busy = min(n_workers, len(stacks)) * n_threads
+            if busy > _cores() and len(stacks) > 1:  # oversubscribed torch threads slow every run 5x or more
+                raise ProtocolError(f"{min(n_workers, len(stacks))} workers x {n_threads} threads would run {busy} "
+                                    f"torch threads on {_cores()} cores; lower --workers or --threads")
         jobs = [StackJob(tuple(todo[i].config for i in idx), tuple(str(paths[todo[i].name]) for i in idx),
                          n_threads, device, analyze) for idx in stacks]
         by_name = {row["name"]: row for row in rows}
