@@ -180,11 +180,17 @@ app.command("train")(_train)
 
 
 @app.command("info")
-def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+def info(run_dir: Path = typer.Argument(..., help="A run folder (or a sweep folder).")) -> None:
     """Print a run's config, checkpoints and final metrics, and check every file of the run.
 
-    Exit 1 when anything is damaged (each problem on a line of its own, with the fix).
+    Exit 1 when anything is damaged (each problem on a line of its own, with the fix). Given a
+    sweep's folder, print its members by status instead (and the failed ones' errors).
     """
+    from circuits.experiments.sweeps import INDEX_FILE, SPEC_FILE
+
+    if (run_dir / SPEC_FILE).is_file() and (run_dir / INDEX_FILE).is_file():
+        _sweep_info(run_dir)
+        return
     require_run_dir(run_dir)
     from circuits.errors import RunFolderError
     from circuits.run import load_run
@@ -252,6 +258,24 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
         typer.echo(line)
     if problems:
         raise typer.Exit(1)
+
+
+def _sweep_info(path: Path) -> None:
+    from circuits.experiments.sweeps import INDEX_FILE, load_sweep
+    from circuits.store import RUNS_DIR
+
+    sw = load_sweep(path)
+    t = sw.table
+    counts = t.status.value_counts()
+    axes = sw.summary.get("axes") or [c for c in t.columns if c not in ("name", "status", "error")][:2]
+    typer.echo(f"sweep     {path}   {len(t)} members over {', '.join(axes)}")
+    typer.echo("status    " + ", ".join(f"{k} {int(v)}" for k, v in counts.items()))
+    for key in ("zone", "liu_phase"):
+        if key in t and t[key].notna().any():
+            typer.echo(f"{key:<9} " + ", ".join(f"{k} {int(v)}" for k, v in t[key].value_counts().items()))
+    for _, row in t[t.status.isin(["failed", "diverged", "interrupted"])].iterrows():
+        typer.echo(f"  {row['name']}: {row['status']}: {row['error']}")
+    typer.echo(f"index     {path / INDEX_FILE}   (a member: circuits info {path / RUNS_DIR / t.name.iloc[0]})")
 
 
 @app.command("reindex")

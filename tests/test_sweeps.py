@@ -359,9 +359,13 @@ def test_a_notebook_loads_a_sweep_back(tmp_path: Path) -> None:
         sw.run("nope")
     with pytest.raises(ProtocolError, match="not a sweep folder"):
         circuits.load_sweep(out / "runs")
-    # Given the sweep folder where a run folder is wanted, the CLI names one of its runs.
-    r = run_cli("info", str(out))
+    # Given the sweep folder where a run folder is wanted, the CLI names one of its runs ...
+    r = run_cli("analyze", str(out))
     assert r.returncode == 2 and "holds 4 run folder(s) under runs/" in r.stderr and str(out / "runs" / first) in r.stderr
+    # ... and `circuits info` describes the sweep.
+    r = run_cli("info", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "4 members over weight_decay, lr, seed" in r.stdout and "status    done 4" in r.stdout
 
 
 def test_ctrl_c_stops_the_workers_cleanly_and_a_rerun_finishes(tmp_path: Path) -> None:
