@@ -267,8 +267,7 @@ def _sweep_info(path: Path) -> None:
     sw = load_sweep(path)
     t = sw.table
     counts = t.status.value_counts()
-    axes = sw.summary.get("axes") or [c for c in t.columns if c not in ("name", "status", "error")][:2]
-    typer.echo(f"sweep     {path}   {len(t)} members over {', '.join(axes)}")
+    typer.echo(f"sweep     {path}   {len(t)} members over {', '.join(sw.axes)}")
     typer.echo("status    " + ", ".join(f"{k} {int(v)}" for k, v in counts.items()))
     for key in ("zone", "liu_phase"):
         if key in t and t[key].notna().any():

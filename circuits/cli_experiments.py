@@ -109,15 +109,22 @@ def _launch(
             typer.echo(f"  {k}: {value}")
 
 
-def _executor(backend: str, address: str | None, workers: int | None, threads: int | None) -> Any:
-    """None (the protocol trains in this process) unless --backend ray or --workers asks otherwise."""
-    from circuits.experiments.executors import BACKENDS, make_executor
+def _check_run_options(backend: str, **counts: int | None) -> None:
+    """--backend names an executor; --workers, --threads (and the like) are at least 1."""
+    from circuits.experiments.executors import BACKENDS
 
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    for name, value in (("workers", workers), ("threads", threads)):
+    for name, value in counts.items():
         if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _executor(backend: str, address: str | None, workers: int | None, threads: int | None) -> Any:
+    """None (the protocol trains in this process) unless --backend ray or --workers asks otherwise."""
+    from circuits.experiments.executors import make_executor
+
+    _check_run_options(backend, workers=workers, threads=threads)
     if backend == "local" and workers is None and threads is None:
         return None
     return make_executor(backend, workers=workers or 1, address=address, threads=threads)
@@ -349,13 +356,11 @@ class _SweepProgress:
 def sweep_command(**kw: Any) -> None:
     """Train a grid of config fields x seeds as run folders under one sweep folder, with an index
     table; rerun the same command to finish what a stop left."""
-    from circuits.experiments.executors import BACKENDS
     from circuits.experiments.sweeps import INDEX_FILE, sweep
 
     specs, grid_file = kw.pop("grid"), kw.pop("grid_file")
     seeds, backend = kw.pop("seeds"), kw.pop("backend")
-    if backend not in BACKENDS:
-        raise UserError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    _check_run_options(backend, workers=kw["workers"], threads=kw["threads"], max_ensemble=kw["max_ensemble"])
     if grid_file is not None and specs:
         raise UserError("give the grid by --grid flags or by --grid-file, not both")
     if grid_file is not None:
@@ -366,9 +371,6 @@ def sweep_command(**kw: Any) -> None:
         grid = _grid(specs)
     else:
         raise UserError("a sweep needs a grid: --grid FIELD=V1,V2 (repeatable) or --grid-file FILE.toml")
-    for name, value in (("workers", kw["workers"]), ("threads", kw["threads"]), ("max_ensemble", kw["max_ensemble"])):
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if seeds is not None and isinstance(seeds, int) and seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     out, device = kw.pop("out"), kw.pop("device")

@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from circuits.errors import MissingExtra, ProtocolError
 
-__all__ = ["StackJob", "MemberOutcome", "plan_stacks", "train_stack", "LocalExecutor", "RayExecutor",
-           "make_executor", "BACKENDS"]
+__all__ = ["StackJob", "MemberOutcome", "plan_stacks", "train_stack", "torch_threads", "diverged_error",
+           "analysis_phases", "LocalExecutor", "RayExecutor", "make_executor", "BACKENDS"]
 
 #: The executors :func:`make_executor` knows.
 BACKENDS = ("local", "ray")
@@ -83,22 +84,32 @@ def _error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on ``n`` torch threads, then restore the caller's count (the same thread
+    count gives the same bits whichever executor runs a stack)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train_stack(job: StackJob, on_step: Callable[[Any], None] | None = None) -> list[MemberOutcome]:
     """Train (or resume) one stack with ``job.threads`` torch threads; one outcome per member.
 
     Never raises for a member's own failure: a refused configuration or an error fails the
     members it touched, a non-finite loss marks the member diverged (its folder keeps the last
-    finite checkpoint). Ctrl-C still stops it."""
-    import torch
-
+    finite checkpoint). Ctrl-C still stops it (KeyboardInterrupt is not an Exception)."""
     from circuits.errors import TrainingDiverged
-    from circuits.run import load_run, train, train_ensemble
+    from circuits.run import train, train_ensemble
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(job.threads)))
     errors: dict[str, str] = {}
-    try:
-        configs, paths = list(job.configs), [Path(p) for p in job.paths]
+    configs, paths = list(job.configs), [Path(p) for p in job.paths]
+    with torch_threads(job.threads):
         try:
             if configs[0].train.engine == "fused":
                 train_ensemble(configs, paths, on_step=on_step, device=job.device)
@@ -108,45 +119,44 @@ def train_stack(job: StackJob, on_step: Callable[[Any], None] | None = None) -> 
                         train(config, out=path, on_step=on_step, device=job.device)
                     except TrainingDiverged:
                         pass  # read back from the folder's mark below
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
                     except Exception as e:  # noqa: BLE001 - recorded on this member, the others go on
                         errors[str(path)] = _error_line(e)
         except TrainingDiverged:
             pass
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except Exception as e:  # noqa: BLE001 - the whole stack failed; each member records why
             for path in paths:
                 errors.setdefault(str(path), _error_line(e))
-        outcomes = []
-        for path in paths:
-            outcomes.append(_outcome(path, errors.get(str(path)), job.analyze, load_run))
-        return outcomes
-    finally:
-        torch.set_num_threads(previous)
+        return [_outcome(path, errors.get(str(path)), job.analyze) for path in paths]
 
 
-def _outcome(path: Path, error: str | None, analyze: bool, load_run: Callable[[Path], Any]) -> MemberOutcome:
+def diverged_error(mark: dict[str, Any]) -> str:
+    """The error a diverged member records: where its loss went non-finite, at which lr."""
+    return f"the train loss became non-finite at epoch {mark['epoch']} (lr {mark['lr']:g})"
+
+
+def analysis_phases(run: Any) -> dict[str, Any]:
+    """The phase boundaries of the run's default analysis (reused where it exists)."""
+    from circuits.analysis import analyze as run_analysis
+
+    return dict(run_analysis(run).summary.get("phases") or {})
+
+
+def _outcome(path: Path, error: str | None, analyze: bool) -> MemberOutcome:
+    from circuits.run import load_run
     from circuits.store import RunStore
 
     if error is not None:
         return MemberOutcome(str(path), "failed", error)
     mark = RunStore(path).diverged()
     if mark is not None:
-        return MemberOutcome(str(path), "diverged",
-                             f"the train loss became non-finite at epoch {mark['epoch']} (lr {mark['lr']:g})")
+        return MemberOutcome(str(path), "diverged", diverged_error(mark))
     run = load_run(path)
     if not run.is_complete:
         return MemberOutcome(str(path), "failed", "training stopped before the last epoch")
     phases: dict[str, Any] = {}
     if analyze:
-        from circuits.analysis import analyze as run_analysis
-
         try:
-            phases = dict(run_analysis(run).summary.get("phases", {}) or {})
-        except (KeyboardInterrupt, SystemExit):
-            raise
+            phases = analysis_phases(run)
         except Exception as e:  # noqa: BLE001 - the run is fine; only its phases are missing
             return MemberOutcome(str(path), "done", f"analysis failed: {_error_line(e)}")
     return MemberOutcome(str(path), "done", None, phases)

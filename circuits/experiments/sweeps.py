@@ -33,7 +33,16 @@ from typing import Any
 from circuits.config import FIELD_OWNER, ConfigError, RunConfig, preset
 from circuits.errors import ProtocolError
 from circuits.experiments.efficiency import _seeded
-from circuits.experiments.executors import MemberOutcome, StackJob, _cores, make_executor, plan_stacks
+from circuits.experiments.executors import (
+    MemberOutcome,
+    StackJob,
+    _cores,
+    analysis_phases,
+    diverged_error,
+    make_executor,
+    plan_stacks,
+    torch_threads,
+)
 from circuits.experiments.members import (
     MAX_ENSEMBLE,
     RUNS_DIR,
@@ -43,7 +52,7 @@ from circuits.experiments.members import (
 from circuits.experiments.ungrokking import curve_events
 from circuits.experiments.zones import classify_zone
 from circuits.measures.phases import liu_phase
-from circuits.store import RunStore, atomic_write_bytes, safe_name_part
+from circuits.store import atomic_write_bytes, safe_name_part
 from circuits.trainer import with_init_digest
 
 __all__ = ["sweep", "load_sweep", "Sweep", "sweep_points", "SweepProgress", "INDEX_FILE", "SPEC_FILE", "SUMMARY_FILE", "OUTCOME_LEVELS"]
@@ -166,40 +175,23 @@ def _check_spec(out: Path, spec: dict[str, Any], members: set[str]) -> None:
     atomic_write_bytes(path, blob)
 
 
-def _epochs_to(metrics: Any, column: str, level: float) -> float:
-    hit = metrics.epoch[metrics[column] >= level]
-    return float(hit.iloc[0]) if len(hit) else math.nan
-
-
-def _outcome_row(path: Path, config: RunConfig) -> dict[str, Any]:
-    """The outcome metrics of a finished (or diverged) member, from its folder (on one torch
-    thread: the same bits whichever executor ran the member, and no spinning OpenMP threads
-    beside the workers)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _outcome_row_1(path, config)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _outcome_row_1(path: Path, config: RunConfig) -> dict[str, Any]:
-    from circuits.run import load_run
-
-    run = load_run(path)
+def _outcome_row(run: Any) -> dict[str, Any]:
+    """The outcome metrics of a finished (or diverged) member's run (on one torch thread: the
+    same bits whichever executor ran the member, and no spinning OpenMP threads beside the
+    workers)."""
     m = run.metrics
     row: dict[str, Any] = {"epochs_trained": int(run.epochs[-1])}
-    final = final_measures(run)
+    with torch_threads(1):
+        final = final_measures(run)
     for key in ("train_loss", "test_loss", "train_acc", "test_acc", "weight_norm"):
         row[key] = final.get(key)
     for split in ("train", "test"):
         for level in OUTCOME_LEVELS:
-            row[f"epochs_to_{split}_{round(level * 100)}"] = _epochs_to(m, f"{split}_acc", level)
+            hit = run.first_epoch(f"{split}_acc", level)
+            row[f"epochs_to_{split}_{round(level * 100)}"] = math.nan if hit is None else float(hit)
     events = curve_events(m.epoch, m.train_acc, m.test_acc)
     row["zone"] = classify_zone(events)
-    liu = liu_phase(m.epoch, m.train_acc, m.test_acc, budget=config.train.epochs)
+    liu = liu_phase(m.epoch, m.train_acc, m.test_acc, budget=run.config.train.epochs)
     row["liu_phase"] = liu["phase"]
     return row
 
@@ -251,6 +243,7 @@ def sweep(
     base = base or preset("quick")
     points = sweep_points(grid, base, seeds)
     from circuits.lock import hold_run_folder
+    from circuits.run import load_run
 
     with hold_run_folder(out, "sweeping into"):
         _check_spec(out, _spec(base, grid, seeds), {pt.name for pt in points})
@@ -264,16 +257,16 @@ def sweep(
                 row.update(status="failed", error=pt.error)
                 continue
             pt.config = with_init_digest(pt.config)
-            state = _folder_state(paths[pt.name], pt.config)
-            if state == "done":
-                row.update(status="done", **_outcome_row(paths[pt.name], pt.config))
+            run = _existing_run(paths[pt.name], pt.config)
+            mark = None if run is None else run.store.diverged()
+            if mark is not None:
+                row.update(status="diverged", error=f"{diverged_error(mark)} in an earlier call; move its folder away "
+                           "to train it again", **_outcome_row(run))
+            elif run is not None and run.is_complete:
+                row.update(status="done", **_outcome_row(run))
                 if analyze:  # finished in an earlier call: its analysis is reused where it exists
-                    row.update(_analysis_phases(paths[pt.name]))
-            elif state == "diverged":
-                mark = RunStore(paths[pt.name]).diverged() or {}
-                row.update(status="diverged", error=f"the train loss became non-finite at epoch {mark.get('epoch')} "
-                           f"(lr {mark.get('lr', 0):g}) in an earlier call; move its folder away to train it again")
-                row.update(_outcome_row(paths[pt.name], pt.config))
+                    phases = analysis_phases(run)
+                    row.update({k: phases.get(k) for k in _PHASE_COLUMNS})
             else:
                 todo.append(pt)
         stacks = plan_stacks([pt.config for pt in todo], max_ensemble)
@@ -329,12 +322,12 @@ def sweep(
         def on_done(i: int, outcomes: list[MemberOutcome]) -> None:
             nonlocal finished_members
             running.discard(i)
-            for config, o in zip(jobs[i].configs, outcomes):
+            for o in outcomes:
                 row = by_name[Path(o.path).name]
                 row.update(status=o.status, error=o.error)
                 if o.status in ("done", "diverged"):
                     try:
-                        row.update(_outcome_row(Path(o.path), config))
+                        row.update(_outcome_row(load_run(o.path)))
                     except Exception as e:  # noqa: BLE001 - a member whose folder cannot be read back
                         row.update(status="failed", error=f"{type(e).__name__}: {e}")
                 if analyze and o.status == "done":
@@ -407,11 +400,16 @@ class Sweep:
         """Every member with that ``status`` (``done``, ``diverged``, ...) as name -> run."""
         return {n: self.run(n) for n in self.table.loc[self.table.status == status, "name"]}
 
+    @property
+    def axes(self) -> list[str]:
+        """The swept fields in the grid's order, then the replicate column if any."""
+        # The summary keeps the grid's order (the spec's JSON sorts its keys); a sweep stopped
+        # before its summary was written falls back on the spec.
+        return self.summary.get("axes") or _axes_of(self.spec)
+
     def figures(self) -> list[Any]:
         """The maps and curves of the sweep page, drawn from the index."""
-        # The summary keeps the axes in the grid's order (the spec's JSON sorts its keys).
-        axes = self.summary.get("axes") or _axes_of(self.spec)
-        return _figures(self.table, axes)
+        return _figures(self.table, self.axes)
 
 
 def _axes_of(spec: dict[str, Any]) -> list[str]:
@@ -460,26 +458,18 @@ def _time_by_axis(table: Any, axes: list[str]) -> dict[str, dict[str, dict[str, 
     return out
 
 
-def _analysis_phases(path: Path) -> dict[str, Any]:
-    from circuits.analysis import analyze as run_analysis
+def _existing_run(path: Path, config: RunConfig) -> Any:
+    """The run already in a member's folder (None when there is none yet); a run of another
+    config there is refused."""
     from circuits.run import load_run
-
-    phases = run_analysis(load_run(path)).summary.get("phases") or {}
-    return {k: phases.get(k) for k in _PHASE_COLUMNS}
-
-
-def _folder_state(path: Path, config: RunConfig) -> str:
-    from circuits.run import load_run
-    from circuits.store import CONFIG_FILE, RunStore
+    from circuits.store import CONFIG_FILE
 
     if not (path / CONFIG_FILE).is_file():
-        return "todo"
-    if RunStore(path).diverged() is not None:
-        return "diverged"
+        return None
     run = load_run(path)
-    if run.config.science_dict != config.science_dict:
+    if run.store.diverged() is None and run.config.science_dict != config.science_dict:
         raise ProtocolError(f"{path} holds a run of another config; move it away or choose another --out")
-    return "done" if run.is_complete else "todo"
+    return run
 
 
 def _index_frame(rows: list[dict[str, Any]]) -> Any:
