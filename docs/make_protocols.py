@@ -90,10 +90,11 @@ def main() -> None:
     semi = sizes(args.semi_sizes)
     step("semigrok", lambda: semi_grokking(args.out / "semigrok", sizes=semi, base=base_config(20000, args.p),
                                            seeds=seeds(2)))
-    step("capacity", lambda: memorisation_capacity(args.out / "capacity", widths=[4, 8, 12, 16, 24, 32], base=base,
-                                                   seeds=seeds(2)))
+    cap = step("capacity", lambda: memorisation_capacity(args.out / "capacity", widths=[4, 8, 12, 16, 24, 32],
+                                                         base=base, seeds=seeds(2)))
+    # The measured capacities tell Huang's capacity-bound progression from Liu's comprehension.
     step("zones", lambda: zones(args.out / "zones", widths=[8, 16, 32], sizes=sizes([100, 200, 300, 450, 650, 860]),
-                                base=base, seeds=seeds(1)))
+                                base=base, seeds=seeds(1), capacity=cap.summary["capacity_by_width"] if cap else None))
     write_page(args.out, args.p)
 
 

@@ -406,3 +406,14 @@ def test_every_knob_the_members_differ_in_is_a_table_column(tmp_path) -> None:  
     assert table.loc["plain", "weight_decay"] == 1.0 and table.loc["filtered", "weight_decay"] == 0.1
     assert list(table.grokfast) == ["none", "ema"]
     assert "lr" not in table and "p" not in table  # the same in every member: no column
+
+
+def test_zone_rule_calls_a_partial_generaliser_that_could_have_fit_confused() -> None:
+    # Never fits the training set, test accuracy partway up: capacity-bound progression only
+    # when the data exceed the width's measured capacity; within it the width failed to fit
+    # what it could memorise, Liu et al.'s confusion.
+    n = 40
+    partial = _curves([0.9] * n, [0.02] * 25 + [0.55] * 15)
+    assert classify_zone(partial, dataset_size=300, capacity=200.0) == "progression"
+    assert classify_zone(partial, dataset_size=300, capacity=500.0) == "confusion"
+    assert classify_zone(partial) == "progression"  # capacity unknown
