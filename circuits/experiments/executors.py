@@ -30,7 +30,7 @@ from typing import Any
 
 from circuits.errors import MissingExtra, ProtocolError
 
-__all__ = ["StackJob", "MemberOutcome", "plan_stacks", "train_stack", "torch_threads", "diverged_error",
+__all__ = ["StackJob", "MemberOutcome", "plan_stacks", "train_chunk", "train_stack", "torch_threads", "diverged_error",
            "analysis_phases", "LocalExecutor", "RayExecutor", "make_executor", "BACKENDS"]
 
 #: The executors :func:`make_executor` knows.
@@ -98,6 +98,31 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def train_chunk(
+    configs: Sequence[Any],
+    paths: Sequence[Path],
+    on_step: Callable[[Any], None] | None = None,
+    device: str | None = None,
+    on_error: Callable[[Path, Exception], None] | None = None,
+) -> None:
+    """Train (or resume) one stack in this process: fused configs as one stacked ensemble,
+    reference-engine ones each alone (they cannot stack). ``on_error(path, error)`` takes a
+    reference member's failure and the next member goes on; without it the failure raises.
+    The one place a stack meets the training loop, for every executor and for protocols."""
+    from circuits.run import train, train_ensemble
+
+    if configs[0].train.engine == "fused":
+        train_ensemble(list(configs), list(paths), on_step=on_step, device=device)
+        return
+    for config, path in zip(configs, paths):
+        try:
+            train(config, out=path, on_step=on_step, device=device)
+        except Exception as e:  # handed to on_error, or raised
+            if on_error is None:
+                raise
+            on_error(path, e)
+
+
 def train_stack(job: StackJob, on_step: Callable[[Any], None] | None = None) -> list[MemberOutcome]:
     """Train (or resume) one stack with ``job.threads`` torch threads; one outcome per member.
 
@@ -105,22 +130,17 @@ def train_stack(job: StackJob, on_step: Callable[[Any], None] | None = None) -> 
     members it touched, a non-finite loss marks the member diverged (its folder keeps the last
     finite checkpoint). Ctrl-C still stops it (KeyboardInterrupt is not an Exception)."""
     from circuits.errors import TrainingDiverged
-    from circuits.run import train, train_ensemble
 
     errors: dict[str, str] = {}
     configs, paths = list(job.configs), [Path(p) for p in job.paths]
+
+    def record(path: Path, e: Exception) -> None:
+        if not isinstance(e, TrainingDiverged):  # a divergence is read back from the folder's mark
+            errors[str(path)] = _error_line(e)
+
     with torch_threads(job.threads):
         try:
-            if configs[0].train.engine == "fused":
-                train_ensemble(configs, paths, on_step=on_step, device=job.device)
-            else:
-                for config, path in zip(configs, paths):
-                    try:
-                        train(config, out=path, on_step=on_step, device=job.device)
-                    except TrainingDiverged:
-                        pass  # read back from the folder's mark below
-                    except Exception as e:  # noqa: BLE001 - recorded on this member, the others go on
-                        errors[str(path)] = _error_line(e)
+            train_chunk(configs, paths, on_step=on_step, device=job.device, on_error=record)
         except TrainingDiverged:
             pass
         except Exception as e:  # noqa: BLE001 - the whole stack failed; each member records why

@@ -20,13 +20,13 @@ import torch
 
 from circuits.config import RunConfig, differing_fields, flat_fields
 from circuits.grid import grid_forward, grid_problem, stack_state_dicts
-from circuits.experiments.executors import plan_stacks
+from circuits.experiments.executors import plan_stacks, train_chunk
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
 from circuits.measures.norms import weight_norm_sq
 from circuits.model import make_model
-from circuits.run import Run, load_run, train_ensemble
+from circuits.run import Run, load_run
 from circuits.store import CONFIG_FILE, RUNS_DIR, atomic_write_bytes, is_safe_name
 from circuits.tasks import MixtureTask
 from circuits.trainer import StepInfo, split_metrics, with_init_digest
@@ -134,13 +134,7 @@ def run_members(
     for i, chunk in enumerate(chunks):
         if on_group is not None:
             on_group(i, len(chunks), len(chunk))
-        # engine="reference" runs cannot stack: each is a stack of one, trained through the same API.
-        if chunk[0].config.train.engine != "fused":
-            for m in chunk:
-                _train_alone(m, paths[m.name], on_step, device)
-            continue
-        train_ensemble([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step,
-                       device=device)
+        train_chunk([m.config for m in chunk], [paths[m.name] for m in chunk], on_step=on_step, device=device)
     return [load_run(paths[m.name]) for m in members]
 
 
@@ -162,15 +156,6 @@ def _run_elsewhere(executor: Any, chunks: list[list[Member]], paths: dict[str, P
     executor.run(jobs, on_done, on_start=on_start)
     if bad:
         raise ProtocolError(f"{len(bad)} member(s) did not finish (the others did): " + "; ".join(bad[:3]))
-
-
-def _train_alone(
-    member: Member, path: Path, on_step: Callable[[StepInfo], None] | None, device: str | None
-) -> None:
-    """Train one member on its own (reference engine: a device other than the CPU is refused)."""
-    from circuits.run import train
-
-    train(member.config, out=path, on_step=on_step, device=device)
 
 
 @torch.no_grad()
