@@ -53,7 +53,7 @@ ZONE_RULE = (
     "plateau test acc >= 0.95: grokking if it rose >= 2x later than train acc reached 0.99, "
     "else progression when D exceeds the width's measured capacity D_mem (or it is unknown) "
     "and comprehension when it does not; plateau in [0.1, 0.95): semi-grokking if train acc reached 0.99, else "
-    "progression (confusion when D is within the measured capacity); below 0.1: ungrokking if train acc reached 0.99, else confusion (plateau = "
+    "progression; below 0.1: ungrokking if train acc reached 0.99, else confusion (plateau = "
     "median test acc over the last 20% of logged epochs)"
 )
 
@@ -70,8 +70,7 @@ def classify_zone(
     :func:`memorisation_capacity`) and Liu et al.'s **comprehension** when they do not; with the
     capacity unknown it stays **progression** (the two are then not told apart). A plateau in
     [0.1, 0.95) is **semi-grokking** when the training set was fit (train accuracy >= 0.99 at
-    some epoch), else **progression** (capacity-bound: train and test rise together), or
-    **confusion** when the measured capacity says the width could have fit the data; below 0.1
+    some epoch), else **progression** (capacity-bound: train and test rise together); below 0.1
     a run that fit its training set is **ungrokking** (memorisation only) and one that did not
     is **confusion** (neither fits nor generalises).
     """
@@ -87,14 +86,9 @@ def classify_zone(
     fit = events.get("fit_epoch")
     fitted = fit is not None and fit == fit
     if plateau >= CHANCE_ACC:
-        # A partial plateau after the training set was fit is semi-grokking. Without a fit the
-        # model is capacity-bound (progression) only if the data exceed what it can memorise:
-        # a width that could fit them and did not is confused (Liu et al.), not bound.
-        if fitted:
-            return "semi-grokking"
-        if capacity is not None and dataset_size is not None and dataset_size <= capacity:
-            return "confusion"
-        return "progression"
+        # A partial plateau after the training set was fit is semi-grokking; without a fit the
+        # model is capacity-bound and learns train and test together: progression.
+        return "semi-grokking" if fitted else "progression"
     return "ungrokking" if fitted else "confusion"
 
 
