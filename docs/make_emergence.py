@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("checkpoints/emergence"))
+    ap.add_argument("--variants", nargs="*", choices=["shared", "split"], default=["shared", "split"])
     ap.add_argument("--workers", type=int, default=1, help="worker processes (each run is a stack of one)")
     args = ap.parse_args()
     # Reference-engine runs cannot stack: on a machine with cores to spare they train side by side.
@@ -50,8 +51,8 @@ def main() -> None:
         checkpoint_every=500, checkpoint_early_until=0, log_every=50, preset="emergence",
     )
     report = {}
-    for split in (False, True):
-        name = "split" if split else "shared"
+    for name in args.variants:
+        split = name == "split"
         # The runs alone are not split: the split pass would train the shared pass's again.
         mem = [m for m in args.mem_sizes if m] if split else args.mem_sizes
         res = emergence(args.out / name, widths=args.widths, mem_sizes=mem, base=base, seeds=args.seeds,
