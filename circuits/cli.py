@@ -180,16 +180,21 @@ app.command("train")(_train)
 
 
 @app.command("info")
-def info(run_dir: Path = typer.Argument(..., help="A run folder (or a sweep folder).")) -> None:
+def info(run_dir: Path = typer.Argument(..., help="A run folder (or a sweep's or a protocol's folder).")) -> None:
     """Print a run's config, checkpoints and final metrics, and check every file of the run.
 
     Exit 1 when anything is damaged (each problem on a line of its own, with the fix). Given a
-    sweep's folder, print its members by status instead (and the failed ones' errors).
+    sweep's folder, print its members by status instead (and the failed ones' errors); given a
+    protocol's folder (``circuits experiment ... --out``), its members by status and its result.
     """
     from circuits.experiments.sweeps import INDEX_FILE, SPEC_FILE
+    from circuits.store import RUNS_DIR
 
     if (run_dir / SPEC_FILE).is_file() and (run_dir / INDEX_FILE).is_file():
         _sweep_info(run_dir)
+        return
+    if not (run_dir / "config.json").exists() and (run_dir / RUNS_DIR).is_dir():
+        _protocol_info(run_dir)
         return
     require_run_dir(run_dir)
     from circuits.errors import RunFolderError
@@ -275,6 +280,52 @@ def _sweep_info(path: Path) -> None:
     for _, row in t[t.status.isin(["failed", "diverged", "interrupted"])].iterrows():
         typer.echo(f"  {row['name']}: {row['status']}: {row['error']}")
     typer.echo(f"index     {path / INDEX_FILE}   (a member: circuits info {path / RUNS_DIR / t.name.iloc[0]})")
+
+
+def _protocol_info(path: Path) -> None:
+    """A protocol's folder: its run folders by status, and the result it wrote when it finished."""
+    import json
+
+    from circuits.errors import RunFolderError
+    from circuits.run import load_run
+    from circuits.store import RUNS_DIR
+
+    counts: dict[str, int] = {}
+    members = sorted(d for d in (path / RUNS_DIR).iterdir() if (d / "config.json").exists())
+    for d in members:
+        try:
+            run = load_run(d)
+            status = ("diverged" if run.store.diverged() is not None else
+                      "complete" if run.is_complete else "stopped" if run.epochs else "not started")
+        except (RunFolderError, ValueError, OSError) as e:
+            status = "damaged"
+            typer.echo(f"  {d.name}: damaged: {e}")
+        counts[status] = counts.get(status, 0) + 1
+    results = sorted(j for j in path.glob("*.json") if j.with_suffix(".csv").is_file())
+    name = results[0].stem if results else "?"
+    typer.echo(f"protocol  {path}   {name}, {len(members)} member run folder(s)")
+    typer.echo("status    " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "no members yet"))
+    if not results:
+        typer.echo("result    none yet: the protocol has not finished; rerun its command to resume it")
+    for j in results:
+        try:
+            summary = json.loads(j.read_text())
+        except (OSError, ValueError) as e:
+            typer.echo(f"result    {j} cannot be read ({e}); rerun the protocol's command to rewrite it")
+            continue
+        typer.echo(f"result    {j.with_suffix('.csv')}   (summary {j.name})")
+        for k, v in summary.items():
+            if isinstance(v, dict) and v and all(isinstance(x, (int, float, str, bool)) for x in v.values()):
+                v = ", ".join(f"{a} {_short(b)}" for a, b in v.items())  # counts, values by width, ...
+            elif not (isinstance(v, (int, float, str, bool)) or v is None):
+                continue  # nested tables: in the .json
+            typer.echo(f"  {k}: {_short(v)}")
+    if members:
+        typer.echo(f"a member: circuits info {members[0]}")
+
+
+def _short(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 @app.command("reindex")

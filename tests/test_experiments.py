@@ -365,6 +365,14 @@ def test_cli_zones_writes_table_and_figure_and_resumes(tmp_path) -> None:  # noq
     (tmp_path / "bad.json").write_text("{}")
     bad = run_cli(*args, "--capacity", str(tmp_path / "bad.json"))
     assert bad.returncode == 2 and "capacity_by_width" in bad.stderr and bad.stderr.strip().count("\n") == 0
+    # circuits info on the protocol's folder: its members by status and its result's summary.
+    info = run_cli("info", str(tmp_path))
+    assert info.returncode == 0, info.stderr
+    assert "status    complete 4" in info.stdout and "zone_counts: " in info.stdout
+    assert str(tmp_path / "zones.csv") in info.stdout
+    (tmp_path / "zones.csv").unlink()  # as before the protocol finished: runs, no result yet
+    info = run_cli("info", str(tmp_path))
+    assert info.returncode == 0 and "result    none yet" in info.stdout
 
 
 def test_phase_diagram_over_two_fields_and_its_cli(tmp_path) -> None:  # noqa: ANN001
