@@ -14,11 +14,12 @@ epochs, so it had no baseline to delay), memorisation pairs ``--mem-sizes`` (def
 inputs), one layer at widths
 ``--widths`` (d_mlp = 4 d_model, 4 heads), lr 3e-3, weight decay 1, ``--epochs`` full-batch
 epochs, reference engine. Both variants: one shared MLP, and the split MLP (their App. B); the
-runs alone are the same network in both, so the split pass trains only the mixtures and compares
-with the shared pass's runs alone. Resumable.
+runs alone are the same network in both, so the split pass trains only the mixtures (its rows
+are read against the shared pass's runs alone). Resumable.
 
-    python docs/make_emergence.py --seeds 3 --out checkpoints/emergence [--workers N]
-    # their scale (a GPU): --p 113 --train-size 3000 --mem-sizes 0,3000,6000 --widths 64,128,256,512,1024
+    python docs/make_emergence.py --seeds 3 --out checkpoints/emergence-600 [--workers N] [--widths 128]
+    # docs/reproductions.md, "Multi-task emergence", lists every pass run
+    # their scale (a GPU): --p 113 --train-size 3000 --mem-sizes 0 3000 6000 --widths 64 128 256 512 1024
 """
 
 from __future__ import annotations
