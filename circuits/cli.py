@@ -188,12 +188,12 @@ def info(run_dir: Path = typer.Argument(..., help="A run folder (or a sweep's or
     protocol's folder (``circuits experiment ... --out``), its members by status and its result.
     """
     from circuits.experiments.sweeps import INDEX_FILE, SPEC_FILE
-    from circuits.store import RUNS_DIR
+    from circuits.store import CONFIG_FILE, RUNS_DIR
 
     if (run_dir / SPEC_FILE).is_file() and (run_dir / INDEX_FILE).is_file():
         _sweep_info(run_dir)
         return
-    if not (run_dir / "config.json").exists() and (run_dir / RUNS_DIR).is_dir():
+    if not (run_dir / CONFIG_FILE).exists() and (run_dir / RUNS_DIR).is_dir():
         _protocol_info(run_dir)
         return
     require_run_dir(run_dir)
@@ -288,10 +288,10 @@ def _protocol_info(path: Path) -> None:
 
     from circuits.errors import RunFolderError
     from circuits.run import load_run
-    from circuits.store import RUNS_DIR
+    from circuits.store import member_run_folders
 
     counts: dict[str, int] = {}
-    members = sorted(d for d in (path / RUNS_DIR).iterdir() if (d / "config.json").exists())
+    members = member_run_folders(path)
     for d in members:
         try:
             run = load_run(d)

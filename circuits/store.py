@@ -73,6 +73,8 @@ __all__ = [
     "is_safe_name",
     "safe_name_part",
     "file_sha256",
+    "member_run_folders",
+    "RUNS_DIR",
 ]
 
 CONFIG_FILE = "config.json"
@@ -267,14 +269,20 @@ def require_run_dir(path: Path) -> None:
 RUNS_DIR = "runs"
 
 
+def member_run_folders(path: Path) -> list[Path]:
+    """The run folders a sweep's or a protocol's folder keeps under ``runs/``, sorted by name
+    (none when it has no ``runs/``)."""
+    runs = Path(path) / RUNS_DIR
+    return sorted(p for p in runs.iterdir() if (p / CONFIG_FILE).is_file()) if runs.is_dir() else []
+
+
 def _runs_hint(path: Path) -> str:
     # A sweep's or a protocol's folder keeps its runs under runs/: say so, and name one.
-    runs = path / RUNS_DIR
-    members = sorted(p.name for p in runs.iterdir() if (p / CONFIG_FILE).is_file()) if runs.is_dir() else []
+    members = member_run_folders(path)
     if not members:
         return ""
     return (f"; it holds {len(members)} run folder(s) under runs/ (a sweep or protocol folder): give one, "
-            f"such as {runs / members[0]}")
+            f"such as {members[0]}")
 
 
 def _torch():  # noqa: ANN202 - torch loads on first use (see the module docstring)

@@ -20,7 +20,7 @@ import torch
 
 from circuits.config import RunConfig, differing_fields, flat_fields
 from circuits.grid import grid_forward, grid_problem, stack_state_dicts
-from circuits.experiments.executors import plan_stacks, train_chunk
+from circuits.experiments.executors import StackJob, plan_stacks, train_chunk
 from circuits.errors import ProtocolError
 from circuits.measures.circuits import circuit_efficiency, part_logit_stats, sum_direction_share
 from circuits.measures.frequencies import key_frequencies, neuron_frequency_fractions
@@ -140,8 +140,6 @@ def run_members(
 
 def _run_elsewhere(executor: Any, chunks: list[list[Member]], paths: dict[str, Path], device: str | None,
                    on_group: Callable[[int, int, int], None] | None) -> None:
-    from circuits.experiments.executors import StackJob
-
     jobs = [StackJob(tuple(m.config for m in chunk), tuple(str(paths[m.name]) for m in chunk),
                      executor.threads, device) for chunk in chunks]
     bad: list[str] = []
